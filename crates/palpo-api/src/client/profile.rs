@@ -1,0 +1,116 @@
+//! User profiles: `/profile/{userId}` and `/profile/{userId}/{keyName}`. A new display name
+//! or avatar is announced in every room the user has joined.
+
+use std::sync::Arc;
+
+use palpo_core::Error;
+use poem::web::Data;
+use poem_openapi::{OpenApi, param::Path, payload::Json};
+
+use crate::{
+    ApiTags, AppState,
+    auth::AccessToken,
+    client::{rooms::JsonObject, session::EmptyResponse},
+    error::ApiResult,
+};
+
+/// Only the user themselves may change their profile.
+fn check_owner(auth: &AccessToken, user_id: &str) -> Result<(), Error> {
+    if auth.0.user_id != user_id {
+        return Err(Error::forbidden("You may only change your own profile"));
+    }
+    Ok(())
+}
+
+pub struct ProfileApi;
+
+#[OpenApi]
+impl ProfileApi {
+    /// Gets a user's profile: `displayname`, `avatar_url` and custom fields (no access token
+    /// needed).
+    #[oai(
+        path = "/_matrix/client/v3/profile/:userId",
+        method = "get",
+        tag = "ApiTags::UserData",
+        operation_id = "getUserProfile"
+    )]
+    async fn profile(
+        &self,
+        state: Data<&Arc<AppState>>,
+        #[oai(name = "userId")] user_id: Path<String>,
+    ) -> ApiResult<Json<JsonObject>> {
+        let profile = state.services.rooms.profile(&user_id.0).await?;
+        Ok(Json(profile.into_iter().collect()))
+    }
+
+    /// Gets one field of a user's profile, as `{keyName: value}` (no access token needed).
+    #[oai(
+        path = "/_matrix/client/v3/profile/:userId/:keyName",
+        method = "get",
+        tag = "ApiTags::UserData",
+        operation_id = "getProfileField"
+    )]
+    async fn profile_field(
+        &self,
+        state: Data<&Arc<AppState>>,
+        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "keyName")] key_name: Path<String>,
+    ) -> ApiResult<Json<JsonObject>> {
+        let mut profile = state.services.rooms.profile(&user_id.0).await?;
+        let value = profile
+            .remove(&key_name.0)
+            .ok_or_else(|| Error::not_found("The user has no such profile field"))?;
+        Ok(Json(JsonObject::from([(key_name.0, value)])))
+    }
+
+    /// Sets one field of the user's own profile; the body is `{keyName: value}`.
+    #[oai(
+        path = "/_matrix/client/v3/profile/:userId/:keyName",
+        method = "put",
+        tag = "ApiTags::UserData",
+        operation_id = "setProfileField"
+    )]
+    async fn set_profile_field(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AccessToken,
+        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "keyName")] key_name: Path<String>,
+        body: Json<JsonObject>,
+    ) -> ApiResult<Json<EmptyResponse>> {
+        check_owner(&auth, &user_id.0)?;
+        let mut body = body.0;
+        let value = body.remove(&key_name.0).ok_or_else(|| {
+            Error::missing_param(format!("The body must have the field {}", key_name.0))
+        })?;
+        state
+            .services
+            .rooms
+            .set_profile_field(&user_id.0, &key_name.0, Some(value))
+            .await?;
+        Ok(Json(EmptyResponse {}))
+    }
+
+    /// Removes one field of the user's own profile.
+    #[oai(
+        path = "/_matrix/client/v3/profile/:userId/:keyName",
+        method = "delete",
+        tag = "ApiTags::UserData",
+        operation_id = "deleteProfileField"
+    )]
+    async fn delete_profile_field(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AccessToken,
+        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "keyName")] key_name: Path<String>,
+    ) -> ApiResult<Json<EmptyResponse>> {
+        check_owner(&auth, &user_id.0)?;
+        state
+            .services
+            .rooms
+            .set_profile_field(&user_id.0, &key_name.0, None)
+            .await?;
+        Ok(Json(EmptyResponse {}))
+    }
+}

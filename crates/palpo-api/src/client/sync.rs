@@ -1,0 +1,383 @@
+//! `GET /_matrix/client/v3/sync`.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use palpo_core::Error;
+use palpo_service::{
+    rooms::{
+        InvitedRoom, JoinedRoom, LeftRoom, SyncRequest, Timeline as RoomTimeline, TimelineFilter,
+    },
+    sync::{SyncOptions, SyncResponse as ServiceResponse},
+};
+use poem::web::Data;
+use poem_openapi::{Object, OpenApi, param::Query, payload::Json};
+use serde_json::Value;
+
+use crate::{
+    ApiTags, AppState,
+    auth::AccessToken,
+    client::rooms::{room_event_filter, string_list},
+    error::ApiResult,
+};
+
+/// Timeline events a sync returns per room when the filter does not say.
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// Most timeline events per room a filter may ask for.
+const MAX_TIMELINE_LIMIT: usize = 500;
+
+/// A list of events.
+#[derive(Debug, Object, Default)]
+pub struct Events {
+    pub events: Vec<Value>,
+}
+
+#[derive(Debug, Object)]
+pub struct Timeline {
+    pub events: Vec<Value>,
+    /// True when events between the previous sync and this timeline were left out.
+    pub limited: bool,
+    /// Token to paginate `/messages` backwards from the start of this timeline.
+    #[oai(skip_serializing_if_is_none)]
+    pub prev_batch: Option<String>,
+}
+
+impl From<RoomTimeline> for Timeline {
+    fn from(t: RoomTimeline) -> Self {
+        Timeline {
+            events: t.events,
+            limited: t.limited,
+            prev_batch: t.prev_batch,
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct RoomSummary {
+    /// Members to name the room after when it has no name.
+    #[oai(rename = "m.heroes")]
+    pub heroes: Vec<String>,
+    #[oai(rename = "m.joined_member_count")]
+    pub joined_member_count: i64,
+    #[oai(rename = "m.invited_member_count")]
+    pub invited_member_count: i64,
+}
+
+#[derive(Debug, Object, Default)]
+pub struct UnreadNotificationCounts {
+    pub highlight_count: i64,
+    pub notification_count: i64,
+}
+
+#[derive(Debug, Object)]
+pub struct JoinedRoomSync {
+    pub summary: RoomSummary,
+    /// State up to the start of the timeline.
+    pub state: Events,
+    pub timeline: Timeline,
+    pub ephemeral: Events,
+    pub account_data: Events,
+    pub unread_notifications: UnreadNotificationCounts,
+}
+
+impl From<JoinedRoom> for JoinedRoomSync {
+    fn from(room: JoinedRoom) -> Self {
+        JoinedRoomSync {
+            summary: RoomSummary {
+                heroes: room.summary.heroes,
+                joined_member_count: room.summary.joined_member_count,
+                invited_member_count: room.summary.invited_member_count,
+            },
+            state: Events { events: room.state },
+            timeline: room.timeline.into(),
+            ephemeral: Events::default(),
+            account_data: Events::default(),
+            unread_notifications: UnreadNotificationCounts::default(),
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct InvitedRoomSync {
+    /// Stripped state of the room, and the invite itself.
+    pub invite_state: Events,
+}
+
+#[derive(Debug, Object)]
+pub struct KnockedRoomSync {
+    /// Stripped state of the room, and the knock itself.
+    pub knock_state: Events,
+}
+
+#[derive(Debug, Object)]
+pub struct LeftRoomSync {
+    pub state: Events,
+    pub timeline: Timeline,
+    pub account_data: Events,
+}
+
+impl From<LeftRoom> for LeftRoomSync {
+    fn from(room: LeftRoom) -> Self {
+        LeftRoomSync {
+            state: Events { events: room.state },
+            timeline: room.timeline.into(),
+            account_data: Events::default(),
+        }
+    }
+}
+
+#[derive(Debug, Object, Default)]
+pub struct Rooms {
+    pub join: BTreeMap<String, JoinedRoomSync>,
+    pub invite: BTreeMap<String, InvitedRoomSync>,
+    pub leave: BTreeMap<String, LeftRoomSync>,
+    pub knock: BTreeMap<String, KnockedRoomSync>,
+}
+
+#[derive(Debug, Object, Default)]
+pub struct DeviceLists {
+    pub changed: Vec<String>,
+    pub left: Vec<String>,
+}
+
+#[derive(Debug, Object)]
+pub struct SyncResponse {
+    /// Token to pass as `since` to the next sync.
+    pub next_batch: String,
+    pub rooms: Rooms,
+    pub account_data: Events,
+    pub presence: Events,
+    pub to_device: Events,
+    pub device_lists: DeviceLists,
+    pub device_one_time_keys_count: BTreeMap<String, i64>,
+    pub device_unused_fallback_key_types: Vec<String>,
+}
+
+impl From<ServiceResponse> for SyncResponse {
+    fn from(response: ServiceResponse) -> Self {
+        let rooms = response.rooms;
+        let mut ephemeral = response.ephemeral;
+        let mut account_data = response.account_data;
+        let invited = |map: BTreeMap<String, InvitedRoom>| {
+            map.into_iter()
+                .map(|(id, room)| (id, room.invite_state))
+                .collect::<BTreeMap<_, _>>()
+        };
+        SyncResponse {
+            next_batch: response.next_batch,
+            rooms: Rooms {
+                join: rooms
+                    .join
+                    .into_iter()
+                    .map(|(id, r)| {
+                        let mut room = JoinedRoomSync::from(r);
+                        room.ephemeral.events = ephemeral.rooms.remove(&id).unwrap_or_default();
+                        room.account_data.events =
+                            account_data.rooms.remove(&id).unwrap_or_default();
+                        if let Some(unread) = ephemeral.unread.remove(&id) {
+                            room.unread_notifications = UnreadNotificationCounts {
+                                highlight_count: unread.highlight_count,
+                                notification_count: unread.notification_count,
+                            };
+                        }
+                        (id, room)
+                    })
+                    .collect(),
+                invite: invited(rooms.invite)
+                    .into_iter()
+                    .map(|(id, events)| {
+                        (
+                            id,
+                            InvitedRoomSync {
+                                invite_state: Events { events },
+                            },
+                        )
+                    })
+                    .collect(),
+                leave: rooms
+                    .leave
+                    .into_iter()
+                    .map(|(id, r)| {
+                        let mut room = LeftRoomSync::from(r);
+                        room.account_data.events =
+                            account_data.rooms.remove(&id).unwrap_or_default();
+                        (id, room)
+                    })
+                    .collect(),
+                knock: invited(rooms.knock)
+                    .into_iter()
+                    .map(|(id, events)| {
+                        (
+                            id,
+                            KnockedRoomSync {
+                                knock_state: Events { events },
+                            },
+                        )
+                    })
+                    .collect(),
+            },
+            account_data: Events {
+                events: account_data.global,
+            },
+            presence: Events {
+                events: ephemeral.presence,
+            },
+            to_device: Events::default(),
+            device_lists: DeviceLists::default(),
+            device_one_time_keys_count: BTreeMap::new(),
+            device_unused_fallback_key_types: Vec::new(),
+        }
+    }
+}
+
+/// What a sync filter may say that this server applies.
+#[derive(Debug, Default)]
+pub(crate) struct SyncFilter {
+    timeline_limit: Option<usize>,
+    include_leave: bool,
+    timeline: TimelineFilter,
+    rooms: Option<Vec<String>>,
+    not_rooms: Vec<String>,
+}
+
+/// Reads an inline JSON filter.
+fn parse_inline_filter(filter: &str) -> Result<SyncFilter, Error> {
+    let value: Value = serde_json::from_str(filter)
+        .map_err(|e| Error::bad_json(format!("filter is not valid JSON: {e}")))?;
+    parse_filter(&value)
+}
+
+/// Reads a filter, inline or stored (`M_BAD_JSON` when what this server applies of it is
+/// malformed). Unknown fields are ignored, as the spec allows.
+pub(crate) fn parse_filter(value: &Value) -> Result<SyncFilter, Error> {
+    if !value.is_object() {
+        return Err(Error::bad_json("filter must be a JSON object"));
+    }
+    let room = &value["room"];
+    let timeline_limit =
+        match &room["timeline"]["limit"] {
+            Value::Null => None,
+            limit => Some(limit.as_u64().ok_or_else(|| {
+                Error::bad_json("room.timeline.limit must be a non-negative integer")
+            })? as usize),
+        };
+    let include_leave = room["include_leave"].as_bool().unwrap_or(false);
+    let timeline = match room["timeline"].as_object() {
+        Some(timeline) => room_event_filter_without_limit(timeline)?,
+        None => TimelineFilter::default(),
+    };
+    let (rooms, not_rooms) = match room.as_object() {
+        Some(room) => (
+            string_list(room, "rooms")?,
+            string_list(room, "not_rooms")?.unwrap_or_default(),
+        ),
+        None => (None, Vec::new()),
+    };
+    Ok(SyncFilter {
+        timeline_limit,
+        include_leave,
+        timeline,
+        rooms,
+        not_rooms,
+    })
+}
+
+/// The event lists of `room.timeline` (its `limit` is read above, where 0 is allowed).
+fn room_event_filter_without_limit(
+    timeline: &serde_json::Map<String, Value>,
+) -> Result<TimelineFilter, Error> {
+    let mut lists = timeline.clone();
+    lists.remove("limit");
+    Ok(room_event_filter(&lists)?.0)
+}
+
+pub struct SyncApi;
+
+#[OpenApi]
+impl SyncApi {
+    /// Synchronises the client's state with the server: the rooms that changed since `since`
+    /// (all of them when absent), waiting up to `timeout` milliseconds for something new.
+    #[oai(
+        path = "/_matrix/client/v3/sync",
+        method = "get",
+        tag = "ApiTags::Sync",
+        operation_id = "sync"
+    )]
+    // poem-openapi takes each query parameter as an argument.
+    #[allow(clippy::too_many_arguments)]
+    async fn sync(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AccessToken,
+        /// A token from a previous sync's `next_batch`.
+        since: Query<Option<String>>,
+        /// Milliseconds to wait for something new (default 0).
+        timeout: Query<Option<u64>>,
+        /// Send the full state of every joined room.
+        #[oai(default)]
+        full_state: Query<bool>,
+        /// `online` (the default) or `unavailable` mark the user so; `offline` leaves their
+        /// presence alone.
+        set_presence: Query<Option<String>>,
+        /// A filter id or an inline JSON filter.
+        filter: Query<Option<String>>,
+    ) -> ApiResult<Json<SyncResponse>> {
+        if let Some(presence) = set_presence.0.as_deref()
+            && !matches!(presence, "online" | "offline" | "unavailable")
+        {
+            return Err(Error::invalid_param(
+                "set_presence must be online, offline or unavailable",
+            )
+            .into());
+        }
+        let filter = match filter.0.as_deref() {
+            Some(inline) if inline.trim_start().starts_with('{') => parse_inline_filter(inline)?,
+            // A stored filter of the user; an unknown id is 400 `M_INVALID_PARAM`.
+            Some(filter_id) => parse_filter(
+                &state
+                    .services
+                    .account_data
+                    .sync_filter(&auth.0.user_id, filter_id)
+                    .await?,
+            )?,
+            None => SyncFilter::default(),
+        };
+        let options = SyncOptions {
+            since: since.0,
+            timeout: Duration::from_millis(timeout.0.unwrap_or(0)),
+            rooms: SyncRequest {
+                full_state: full_state.0,
+                timeline_limit: filter
+                    .timeline_limit
+                    .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+                    .clamp(1, MAX_TIMELINE_LIMIT),
+                include_leave: filter.include_leave,
+                timeline_filter: filter.timeline,
+                rooms: filter.rooms,
+                not_rooms: filter.not_rooms,
+            },
+        };
+        state
+            .services
+            .ephemeral
+            .presence_on_sync(&auth.0.user_id, set_presence.0.as_deref())
+            .await?;
+        let response = state.services.sync.sync(&auth.0.user_id, &options).await?;
+        Ok(Json(response.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_filters_set_the_timeline_limit() {
+        let filter =
+            parse_inline_filter(r#"{"room":{"timeline":{"limit":3},"include_leave":true}}"#)
+                .expect("parses");
+        assert_eq!(filter.timeline_limit, Some(3));
+        assert!(filter.include_leave);
+        assert!(parse_inline_filter("[1]").is_err());
+        assert!(parse_inline_filter(r#"{"room":{"timeline":{"limit":"x"}}}"#).is_err());
+    }
+}

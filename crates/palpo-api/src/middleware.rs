@@ -1,0 +1,171 @@
+//! Request-wide behaviour: body limits and JSON checks, per-request tracing, rate limits.
+
+use std::{
+    num::NonZeroU32,
+    time::{Duration, Instant},
+};
+
+use governor::{
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+use palpo_core::{
+    Error, ErrorCode,
+    config::{RateLimit, RateLimitConfig},
+};
+use poem::{
+    Endpoint, IntoResponse, Request, Response,
+    http::{Method, header},
+};
+use poem_openapi::OperationId;
+use tracing::Instrument;
+
+use crate::error::{MatrixError, render_error};
+
+fn matrix_error_response(err: Error) -> Response {
+    render_error(MatrixError::from(err).into())
+}
+
+/// Enforces the body size limit (413 `M_TOO_LARGE`) and, for Matrix JSON endpoints, that a
+/// non-empty body is JSON (400 `M_NOT_JSON`). A missing `Content-Type` on such a request is
+/// taken as JSON, as many clients and tools omit it.
+pub async fn guard_body<E: Endpoint>(next: E, mut req: Request, max_bytes: usize) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > max_bytes) {
+        return too_large(max_bytes);
+    }
+    let has_body = matches!(
+        *req.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
+    if has_body && req.uri().path().starts_with("/_matrix/") {
+        let bytes = match req.take_body().into_bytes_limit(max_bytes).await {
+            Ok(bytes) => bytes,
+            Err(poem::error::ReadBodyError::PayloadTooLarge) => return too_large(max_bytes),
+            Err(e) => {
+                return matrix_error_response(Error::new(
+                    ErrorCode::BadJson,
+                    format!("Could not read the request body: {e}"),
+                ));
+            }
+        };
+        if !bytes.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+            return matrix_error_response(Error::new(
+                ErrorCode::NotJson,
+                "The request body is not valid JSON",
+            ));
+        }
+        // Matrix bodies are JSON whatever the client labels them (`curl -d` says form data).
+        // Also for an empty body: operations whose body is optional (`DELETE /devices/{id}`,
+        // `/account/deactivate`...) are often called with none, and poem-openapi refuses any
+        // body parameter, even an optional one, without a JSON `Content-Type`.
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        req.set_body(bytes);
+    }
+    match next.call(req).await {
+        Ok(resp) => resp.into_response(),
+        Err(err) => render_error(err),
+    }
+}
+
+fn too_large(max_bytes: usize) -> Response {
+    matrix_error_response(Error::new(
+        ErrorCode::TooLarge,
+        format!("The request body is larger than {max_bytes} bytes"),
+    ))
+}
+
+/// One span per request: method, operation (the path template), status and latency.
+pub async fn trace_request<E: Endpoint>(next: E, req: Request) -> poem::Result<Response> {
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        operation = tracing::field::Empty,
+        status = tracing::field::Empty,
+        latency_ms = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let resp = async { next.call(req).await.map(IntoResponse::into_response) }
+        .instrument(span.clone())
+        .await;
+    let status = match &resp {
+        Ok(resp) => resp.status(),
+        Err(err) => err.status(),
+    };
+    let operation = match &resp {
+        Ok(resp) => resp.data::<OperationId>().map(|op| op.0),
+        Err(err) => err.data::<OperationId>().map(|op| op.0),
+    };
+    span.record("operation", operation.unwrap_or("-"));
+    span.record("status", status.as_u16());
+    span.record("latency_ms", started.elapsed().as_secs_f64() * 1000.0);
+    let _enter = span.enter();
+    if status.is_server_error() {
+        tracing::warn!("request failed");
+    } else {
+        tracing::info!("request");
+    }
+    resp
+}
+
+/// Which limit an operation falls under.
+#[derive(Debug, Clone, Copy)]
+pub enum Limited {
+    Login,
+    Registration,
+}
+
+/// Per-client-address token buckets for the operations the spec marks as rate-limited.
+pub struct RateLimits {
+    login: Option<DefaultKeyedRateLimiter<String>>,
+    registration: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+impl RateLimits {
+    pub fn new(config: &RateLimitConfig) -> Self {
+        let build = |limit: RateLimit| {
+            config.enabled.then(|| {
+                let period = Duration::from_secs_f64(1.0 / limit.per_second);
+                let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
+                let quota = Quota::with_period(period)
+                    .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+                    .allow_burst(burst);
+                RateLimiter::keyed(quota)
+            })
+        };
+        RateLimits {
+            login: build(config.login),
+            registration: build(config.registration),
+        }
+    }
+
+    /// `Err(M_LIMIT_EXCEEDED)` with the wait when `client` has used up its bucket.
+    pub fn check(&self, which: Limited, client: Option<&str>) -> Result<(), Error> {
+        let limiter = match which {
+            Limited::Login => &self.login,
+            Limited::Registration => &self.registration,
+        };
+        let Some(limiter) = limiter else {
+            return Ok(());
+        };
+        let key = client.unwrap_or("unknown").to_owned();
+        match limiter.check_key(&key) {
+            Ok(()) => Ok(()),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                // Forget idle clients now and then, so the map does not grow without bound.
+                if limiter.len() > 10_000 {
+                    limiter.retain_recent();
+                }
+                Err(Error::limit_exceeded(wait.as_millis().max(1) as u64))
+            }
+        }
+    }
+}

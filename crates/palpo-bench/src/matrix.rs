@@ -1,0 +1,254 @@
+//! A minimal Matrix Client-Server API client: just what the benchmark needs.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+/// `M_ROOM_IN_USE` answers to createRoom that were retried.
+pub static ROOM_ID_COLLISIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One logged-in user.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub user_id: String,
+    pub token: String,
+}
+
+/// A homeserver at a base URL such as `http://127.0.0.1:8008`.
+#[derive(Clone)]
+pub struct Homeserver {
+    http: reqwest::Client,
+    base: String,
+}
+
+/// Percent-encodes one path segment or query value (everything but RFC 3986 unreserved).
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Refuses anything but a loopback host: the benchmark only drives local servers.
+pub fn check_loopback(url: &str) -> Result<()> {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.split(':').next().unwrap_or("")
+    };
+    let loopback = host == "localhost"
+        || host == "::1"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        bail!("{url}: only loopback targets (127.0.0.0/8, ::1, localhost) are allowed");
+    }
+    Ok(())
+}
+
+impl Homeserver {
+    pub fn new(base: &str, connections: usize) -> Result<Self> {
+        check_loopback(base)?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections.max(4))
+            .timeout(Duration::from_secs(120))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// Sends one request and returns the status and the JSON body (Null when not JSON).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, value))
+    }
+
+    /// Like [`call`](Self::call) but any non-2xx status is an error.
+    pub async fn ok(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<Value> {
+        let (status, value) = self.call(method, path, token, body).await?;
+        if !(200..300).contains(&status) {
+            return Err(anyhow!("{path}: HTTP {status}: {value}"));
+        }
+        Ok(value)
+    }
+
+    /// `GET /_matrix/client/versions` answered 200.
+    pub async fn versions_ok(&self) -> bool {
+        matches!(
+            self.call(reqwest::Method::GET, "/_matrix/client/versions", None, None)
+                .await,
+            Ok((200, _))
+        )
+    }
+
+    /// Registers `username` with user-interactive auth (`m.login.dummy`, two rounds).
+    pub async fn register(&self, username: &str, password: &str) -> Result<User> {
+        let path = "/_matrix/client/v3/register";
+        let mut body = json!({
+            "username": username,
+            "password": password,
+            "initial_device_display_name": "palpo-bench",
+        });
+        let (status, value) = self
+            .call(reqwest::Method::POST, path, None, Some(&body))
+            .await?;
+        let value = match status {
+            200 => value,
+            401 => {
+                let session = value["session"]
+                    .as_str()
+                    .context("401 without a UIA session")?;
+                body["auth"] = json!({ "type": "m.login.dummy", "session": session });
+                self.ok(reqwest::Method::POST, path, None, Some(&body))
+                    .await?
+            }
+            _ => bail!("register {username}: HTTP {status}: {value}"),
+        };
+        Ok(User {
+            user_id: value["user_id"].as_str().context("no user_id")?.to_owned(),
+            token: value["access_token"]
+                .as_str()
+                .context("no access_token")?
+                .to_owned(),
+        })
+    }
+
+    /// `POST /createRoom`; retries (a bounded number of times) on `M_ROOM_IN_USE`, which a
+    /// server deriving room ids from the create event may answer to two creates by one user in
+    /// the same millisecond; [`ROOM_ID_COLLISIONS`] counts those retries.
+    pub async fn create_room(&self, user: &User, name: &str) -> Result<String> {
+        let body = json!({ "preset": "public_chat", "name": name });
+        let path = "/_matrix/client/v3/createRoom";
+        for _ in 0..5 {
+            let (status, v) = self
+                .call(reqwest::Method::POST, path, Some(&user.token), Some(&body))
+                .await?;
+            if status == 200 {
+                return Ok(v["room_id"]
+                    .as_str()
+                    .context("createRoom without room_id")?
+                    .to_owned());
+            }
+            if v["errcode"] != "M_ROOM_IN_USE" {
+                bail!("{path}: HTTP {status}: {v}");
+            }
+            ROOM_ID_COLLISIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        bail!("{path}: M_ROOM_IN_USE five times in a row")
+    }
+
+    pub async fn join(&self, user: &User, room_id: &str) -> Result<()> {
+        let path = format!("/_matrix/client/v3/join/{}", encode(room_id));
+        self.ok(
+            reqwest::Method::POST,
+            &path,
+            Some(&user.token),
+            Some(&json!({})),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `PUT /rooms/{room}/send/m.room.message/{txn}`; returns the status (error on transport).
+    pub async fn send(
+        &self,
+        user: &User,
+        room_id: &str,
+        txn: &str,
+        content: &Value,
+    ) -> Result<(u16, Value)> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+            encode(room_id),
+            encode(txn)
+        );
+        self.call(
+            reqwest::Method::PUT,
+            &path,
+            Some(&user.token),
+            Some(content),
+        )
+        .await
+    }
+
+    /// `GET /sync` with optional `since`, `timeout` (ms) and inline `filter`.
+    pub async fn sync(
+        &self,
+        user: &User,
+        since: Option<&str>,
+        timeout_ms: u64,
+        filter: Option<&str>,
+    ) -> Result<Value> {
+        let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
+        if let Some(since) = since {
+            path.push_str(&format!("&since={}", encode(since)));
+        }
+        if let Some(filter) = filter {
+            path.push_str(&format!("&filter={}", encode(filter)));
+        }
+        self.ok(reqwest::Method::GET, &path, Some(&user.token), None)
+            .await
+    }
+}
+
+/// The timeline events of every joined room in a sync response.
+pub fn timeline_events(sync: &Value) -> impl Iterator<Item = &Value> {
+    sync["rooms"]["join"]
+        .as_object()
+        .into_iter()
+        .flat_map(|rooms| rooms.values())
+        .filter_map(|room| room["timeline"]["events"].as_array())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_room_ids_and_checks_loopback() {
+        assert_eq!(encode("!a:b.c"), "%21a%3Ab.c");
+        assert!(check_loopback("http://127.0.0.1:8008").is_ok());
+        assert!(check_loopback("http://localhost:8008/").is_ok());
+        assert!(check_loopback("http://[::1]:8008").is_ok());
+        assert!(check_loopback("postgres://postgres@127.0.0.1:5432/x").is_ok());
+        assert!(check_loopback("http://example.org").is_err());
+        assert!(check_loopback("http://10.0.0.1:8008").is_err());
+    }
+}

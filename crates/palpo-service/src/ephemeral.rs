@@ -1,0 +1,867 @@
+//! Typing notifications, receipts (threaded and private), read markers, presence and unread
+//! notification counts, and their part of `/sync`.
+//!
+//! Everything is kept in the database, so every server process sharing it sees it, and every
+//! change takes the next position of the global stream, so one sync token orders it with the
+//! events. After each write the notifier is told, which wakes long-polling syncs (here, and
+//! through it in the other processes).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
+
+use palpo_core::{Error, Result, now_millis};
+use palpo_storage::{
+    Storage, StorageError,
+    model::{EventRecord, PresenceRecord, ReceiptRecord},
+};
+use serde_json::{Map, Value, json};
+
+use crate::{RoomService, notifier::Notifier};
+
+/// Longest a typing notification lasts, whatever the client asks for.
+pub const MAX_TYPING_TIMEOUT_MS: u64 = 30_000;
+/// A user active within this long is `currently_active`.
+const CURRENTLY_ACTIVE_MS: i64 = 5 * 60 * 1000;
+/// Syncs move a user's last active time at most this often (without a stream position).
+const TOUCH_EVERY_MS: i64 = 10_000;
+/// Unread notification counts stop counting here.
+const MAX_UNREAD: i64 = 1000;
+/// Longest thread id a receipt may carry (the database column's size).
+const MAX_THREAD_ID: usize = 200;
+/// What unread notification counts count.
+const NOTIFYING_TYPES: &[&str] = &["m.room.message", "m.room.encrypted"];
+
+pub const PUBLIC_READ: &str = "m.read";
+pub const PRIVATE_READ: &str = "m.read.private";
+pub const FULLY_READ: &str = "m.fully_read";
+
+/// A presence state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceState {
+    Online,
+    Offline,
+    Unavailable,
+}
+
+impl PresenceState {
+    pub fn parse(state: &str) -> Result<Self> {
+        match state {
+            "online" => Ok(PresenceState::Online),
+            "offline" => Ok(PresenceState::Offline),
+            "unavailable" => Ok(PresenceState::Unavailable),
+            other => Err(Error::invalid_param(format!(
+                "presence must be online, offline or unavailable, not {other:?}"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceState::Online => "online",
+            PresenceState::Offline => "offline",
+            PresenceState::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A user's presence as `GET /presence/{userId}/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub presence: String,
+    pub last_active_ago: Option<i64>,
+    pub status_msg: Option<String>,
+    pub currently_active: Option<bool>,
+}
+
+/// Unread notification counts of a joined room.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnreadCounts {
+    pub notification_count: i64,
+    pub highlight_count: i64,
+}
+
+/// The ephemeral part of a sync: per joined room its ephemeral events (`m.typing`,
+/// `m.receipt`) and unread counts, and the presence of the user and their room-mates.
+#[derive(Debug, Clone, Default)]
+pub struct EphemeralSync {
+    pub rooms: BTreeMap<String, Vec<Value>>,
+    pub unread: BTreeMap<String, UnreadCounts>,
+    pub presence: Vec<Value>,
+}
+
+pub struct EphemeralService {
+    storage: Storage,
+    rooms: Arc<RoomService>,
+    notifier: Arc<Notifier>,
+}
+
+fn internal(err: StorageError) -> Error {
+    Error::internal(err)
+}
+
+impl EphemeralService {
+    pub fn new(storage: Storage, rooms: Arc<RoomService>, notifier: Arc<Notifier>) -> Self {
+        EphemeralService {
+            storage,
+            rooms,
+            notifier,
+        }
+    }
+
+    async fn require_joined(&self, user: &str, room_id: &str) -> Result<()> {
+        let membership = self
+            .storage
+            .rooms
+            .membership(room_id, user)
+            .await
+            .map_err(internal)?;
+        if membership.is_some_and(|m| m.membership == "join") {
+            Ok(())
+        } else {
+            Err(Error::forbidden("You are not joined to this room"))
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Typing
+
+    /// `PUT /rooms/{roomId}/typing/{userId}`: `timeout_ms` is capped at
+    /// [`MAX_TYPING_TIMEOUT_MS`] (which is also the default).
+    pub async fn set_typing(
+        &self,
+        user: &str,
+        target: &str,
+        room_id: &str,
+        typing: bool,
+        timeout_ms: Option<u64>,
+    ) -> Result<()> {
+        if user != target {
+            return Err(Error::forbidden("You may only set your own typing state"));
+        }
+        self.require_joined(user, room_id).await?;
+        let now = now_millis();
+        let timeout = timeout_ms
+            .unwrap_or(MAX_TYPING_TIMEOUT_MS)
+            .min(MAX_TYPING_TIMEOUT_MS) as i64;
+        if typing && timeout > 0 {
+            let expires_at = now + timeout;
+            // Already typing: only the expiry moves, the typers did not change.
+            let extended = self
+                .storage
+                .ephemeral
+                .extend_typing(room_id, user, expires_at, now)
+                .await
+                .map_err(internal)?;
+            if !extended {
+                let position = self
+                    .storage
+                    .ephemeral
+                    .set_typing(room_id, user, expires_at)
+                    .await
+                    .map_err(internal)?;
+                self.notifier.stream_advanced(position);
+            }
+            return Ok(());
+        }
+        let rooms = [room_id.to_owned()];
+        let typing_now = self
+            .storage
+            .ephemeral
+            .typing_changed(&rooms, i64::MAX, i64::MAX, now)
+            .await
+            .map_err(internal)?
+            .iter()
+            .any(|row| row.user_id == user);
+        if typing_now {
+            let position = self
+                .storage
+                .ephemeral
+                .set_typing(room_id, user, 0)
+                .await
+                .map_err(internal)?;
+            self.notifier.stream_advanced(position);
+        }
+        Ok(())
+    }
+
+    /// Announces the typing notifications that ran out (one stream position for all).
+    pub async fn expire_typing(&self) -> Result<()> {
+        if let Some(position) = self
+            .storage
+            .ephemeral
+            .expire_typing(now_millis())
+            .await
+            .map_err(internal)?
+        {
+            self.notifier.stream_advanced(position);
+        }
+        Ok(())
+    }
+
+    /// How long until the next typing notification runs out, if one is running.
+    pub async fn until_next_typing_expiry(&self) -> Result<Option<std::time::Duration>> {
+        let next = self
+            .storage
+            .ephemeral
+            .next_typing_expiry()
+            .await
+            .map_err(internal)?;
+        Ok(next.map(|at| std::time::Duration::from_millis((at - now_millis()).max(0) as u64)))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Receipts and read markers
+
+    /// `POST /rooms/{roomId}/receipt/{receiptType}/{eventId}`.
+    pub async fn post_receipt(
+        &self,
+        user: &str,
+        room_id: &str,
+        receipt_type: &str,
+        event_id: &str,
+        thread_id: Option<&str>,
+    ) -> Result<()> {
+        match receipt_type {
+            PUBLIC_READ | PRIVATE_READ => {}
+            FULLY_READ if thread_id.is_some() => {
+                return Err(Error::invalid_param(
+                    "thread_id cannot be used with m.fully_read",
+                ));
+            }
+            FULLY_READ => {}
+            other => {
+                return Err(Error::invalid_param(format!(
+                    "Unknown receipt type {other:?}"
+                )));
+            }
+        }
+        if let Some(thread_id) = thread_id {
+            if thread_id.is_empty() {
+                return Err(Error::invalid_param(
+                    "thread_id field must be a non-empty string",
+                ));
+            }
+            if thread_id.len() > MAX_THREAD_ID {
+                return Err(Error::invalid_param("thread_id is too long"));
+            }
+        }
+        self.require_joined(user, room_id).await?;
+        let event = self.visible_event(user, room_id, event_id).await?;
+        if receipt_type == FULLY_READ {
+            return self.set_fully_read(user, room_id, event_id).await;
+        }
+        self.put_receipt(user, &event, receipt_type, thread_id)
+            .await
+    }
+
+    /// `POST /rooms/{roomId}/read_markers`: any of the fully read marker, the public and the
+    /// private read receipt.
+    pub async fn set_read_markers(
+        &self,
+        user: &str,
+        room_id: &str,
+        fully_read: Option<&str>,
+        read: Option<&str>,
+        read_private: Option<&str>,
+    ) -> Result<()> {
+        self.require_joined(user, room_id).await?;
+        // Every event is checked before anything is written.
+        let mut checked = Vec::new();
+        for (kind, event_id) in [
+            (FULLY_READ, fully_read),
+            (PUBLIC_READ, read),
+            (PRIVATE_READ, read_private),
+        ] {
+            if let Some(event_id) = event_id {
+                let event = self.visible_event(user, room_id, event_id).await?;
+                checked.push((kind, event));
+            }
+        }
+        for (kind, event) in checked {
+            match kind {
+                FULLY_READ => self.set_fully_read(user, room_id, &event.event_id).await?,
+                _ => self.put_receipt(user, &event, kind, None).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The event, when it is in the room and the user may see it; else 404.
+    async fn visible_event(
+        &self,
+        user: &str,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<EventRecord> {
+        // Checks existence, room and history visibility.
+        self.rooms.event(user, room_id, event_id).await?;
+        self.storage
+            .rooms
+            .get_event(event_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::not_found("Event not found"))
+    }
+
+    /// Stores a receipt, unless the user's receipt of that type (and thread) is already at a
+    /// later event: receipts only move forward.
+    async fn put_receipt(
+        &self,
+        user: &str,
+        event: &EventRecord,
+        receipt_type: &str,
+        thread_id: Option<&str>,
+    ) -> Result<()> {
+        let previous = self
+            .storage
+            .ephemeral
+            .get_receipt(&event.room_id, receipt_type, user, thread_id)
+            .await
+            .map_err(internal)?;
+        if let Some(previous) = previous {
+            if previous.event_id == event.event_id {
+                return Ok(());
+            }
+            let previous_at = self
+                .storage
+                .rooms
+                .get_event(&previous.event_id)
+                .await
+                .map_err(internal)?
+                .and_then(|e| e.stream_ordering);
+            if previous_at.is_some_and(|at| Some(at) > event.stream_ordering) {
+                return Ok(());
+            }
+        }
+        let position = self
+            .storage
+            .ephemeral
+            .put_receipt(&ReceiptRecord {
+                room_id: event.room_id.clone(),
+                receipt_type: receipt_type.to_owned(),
+                user_id: user.to_owned(),
+                thread_id: thread_id.map(str::to_owned),
+                event_id: event.event_id.clone(),
+                ts: now_millis(),
+                stream_position: 0,
+            })
+            .await
+            .map_err(internal)?;
+        self.notifier.stream_advanced(position);
+        Ok(())
+    }
+
+    /// The fully read marker: room account data of type `m.fully_read`.
+    async fn set_fully_read(&self, user: &str, room_id: &str, event_id: &str) -> Result<()> {
+        let content = json!({ "event_id": event_id }).to_string();
+        let position = self
+            .storage
+            .account_data
+            .put_account_data(user, Some(room_id), FULLY_READ, &content)
+            .await
+            .map_err(internal)?;
+        self.notifier.stream_advanced(position);
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Presence
+
+    /// `PUT /presence/{userId}/status`.
+    pub async fn set_presence(
+        &self,
+        user: &str,
+        target: &str,
+        state: PresenceState,
+        status_msg: Option<String>,
+    ) -> Result<()> {
+        if user != target {
+            return Err(Error::forbidden("You may only set your own presence"));
+        }
+        let position = self
+            .storage
+            .ephemeral
+            .set_presence(&PresenceRecord {
+                user_id: user.to_owned(),
+                state: state.as_str().to_owned(),
+                status_msg,
+                last_active_ts: now_millis(),
+                stream_position: 0,
+            })
+            .await
+            .map_err(internal)?;
+        self.notifier.stream_advanced(position);
+        Ok(())
+    }
+
+    /// `GET /presence/{userId}/status`: the user's own, or that of a user sharing a joined
+    /// room with them (403 otherwise). A user who never set any is offline.
+    pub async fn presence(&self, user: &str, target: &str) -> Result<Presence> {
+        if user != target && !self.share_a_room(user, target).await? {
+            return Err(Error::forbidden(
+                "You are not allowed to see their presence",
+            ));
+        }
+        let record = self
+            .storage
+            .ephemeral
+            .get_presence(target)
+            .await
+            .map_err(internal)?;
+        Ok(match record {
+            Some(record) => presence_view(&record, now_millis()),
+            None => Presence {
+                presence: PresenceState::Offline.as_str().to_owned(),
+                last_active_ago: None,
+                status_msg: None,
+                currently_active: None,
+            },
+        })
+    }
+
+    async fn share_a_room(&self, a: &str, b: &str) -> Result<bool> {
+        let mine: HashSet<String> = self
+            .storage
+            .rooms
+            .rooms_for_user(a, "join")
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .collect();
+        Ok(self
+            .storage
+            .rooms
+            .rooms_for_user(b, "join")
+            .await
+            .map_err(internal)?
+            .iter()
+            .any(|room| mine.contains(room)))
+    }
+
+    /// The `set_presence` parameter of `/sync`: absent or `online` marks the user online,
+    /// `unavailable` idle, `offline` leaves their presence alone. A change of state takes a
+    /// stream position; otherwise only the last active time moves, at most every few seconds
+    /// and without one, so that syncing does not wake every room-mate's sync.
+    pub async fn presence_on_sync(&self, user: &str, set_presence: Option<&str>) -> Result<()> {
+        let state = match set_presence {
+            None => PresenceState::Online,
+            Some(state) => PresenceState::parse(state)?,
+        };
+        if state == PresenceState::Offline {
+            return Ok(());
+        }
+        let now = now_millis();
+        let current = self
+            .storage
+            .ephemeral
+            .get_presence(user)
+            .await
+            .map_err(internal)?;
+        match current {
+            Some(current) if current.state == state.as_str() => {
+                if now - current.last_active_ts >= TOUCH_EVERY_MS {
+                    self.storage
+                        .ephemeral
+                        .touch_presence(user, now)
+                        .await
+                        .map_err(internal)?;
+                }
+            }
+            current => {
+                let position = self
+                    .storage
+                    .ephemeral
+                    .set_presence(&PresenceRecord {
+                        user_id: user.to_owned(),
+                        state: state.as_str().to_owned(),
+                        status_msg: current.and_then(|c| c.status_msg),
+                        last_active_ts: now,
+                        stream_position: 0,
+                    })
+                    .await
+                    .map_err(internal)?;
+                self.notifier.stream_advanced(position);
+            }
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Sync
+
+    /// The latest committed stream position: where a sync pass reads up to.
+    pub async fn stream_position(&self) -> Result<i64> {
+        self.storage
+            .rooms
+            .max_stream_ordering()
+            .await
+            .map_err(internal)
+    }
+
+    /// The ephemeral part of a sync over `(since, up_to]` (everything current when `since` is
+    /// `None`): `m.typing` for joined rooms whose typers changed (initially: where someone
+    /// types), `m.receipt` with the receipts that changed (initially: all; private receipts
+    /// only the user's own), and the presence of the user and their room-mates. Rooms where
+    /// nothing visible changed are left out. Unread counts are added by
+    /// [`EphemeralService::add_unread_counts`] once the joined rooms are known.
+    pub async fn sync(&self, user: &str, since: Option<i64>, up_to: i64) -> Result<EphemeralSync> {
+        let after = since.unwrap_or(0);
+        let mut out = EphemeralSync::default();
+        if after >= up_to && since.is_some() {
+            return Ok(out);
+        }
+        let joined = self
+            .storage
+            .rooms
+            .rooms_for_user(user, "join")
+            .await
+            .map_err(internal)?;
+        if !joined.is_empty() {
+            self.typing_events(&joined, since, up_to, &mut out).await?;
+            self.receipt_events(user, &joined, after, up_to, &mut out)
+                .await?;
+        }
+        let now = now_millis();
+        out.presence = self
+            .storage
+            .ephemeral
+            .presence_changed(user, after, up_to)
+            .await
+            .map_err(internal)?
+            .iter()
+            .map(|record| presence_event(record, now))
+            .collect();
+        Ok(out)
+    }
+
+    async fn typing_events(
+        &self,
+        joined: &[String],
+        since: Option<i64>,
+        up_to: i64,
+        out: &mut EphemeralSync,
+    ) -> Result<()> {
+        let now = now_millis();
+        let rows = self
+            .storage
+            .ephemeral
+            .typing_changed(joined, since.unwrap_or(0), up_to, now)
+            .await
+            .map_err(internal)?;
+        let mut rooms: BTreeMap<&str, (bool, Vec<&str>)> = BTreeMap::new();
+        for row in &rows {
+            let entry = rooms.entry(row.room_id.as_str()).or_default();
+            let in_range = since.is_none_or(|since| row.stream_position > since)
+                && row.stream_position <= up_to;
+            entry.0 |= in_range;
+            if row.expires_at > now {
+                entry.1.push(row.user_id.as_str());
+            }
+        }
+        for (room_id, (changed, typers)) in rooms {
+            // Initially, only where someone types; later, wherever the typers changed.
+            let send = match since {
+                None => !typers.is_empty(),
+                Some(_) => changed,
+            };
+            if send {
+                out.rooms
+                    .entry(room_id.to_owned())
+                    .or_default()
+                    .push(json!({
+                        "type": "m.typing",
+                        "content": { "user_ids": typers },
+                    }));
+            }
+        }
+        Ok(())
+    }
+
+    async fn receipt_events(
+        &self,
+        user: &str,
+        joined: &[String],
+        after: i64,
+        up_to: i64,
+        out: &mut EphemeralSync,
+    ) -> Result<()> {
+        let receipts = self
+            .storage
+            .ephemeral
+            .receipts_changed(joined, after, up_to)
+            .await
+            .map_err(internal)?;
+        // room → event → receipt type → user → receipt
+        let mut rooms: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+        for receipt in receipts {
+            if receipt.receipt_type == PRIVATE_READ && receipt.user_id != user {
+                continue;
+            }
+            let mut data = Map::new();
+            data.insert("ts".to_owned(), json!(receipt.ts));
+            if let Some(thread_id) = &receipt.thread_id {
+                data.insert("thread_id".to_owned(), json!(thread_id));
+            }
+            let by_event = rooms.entry(receipt.room_id).or_default();
+            let by_type = by_event
+                .entry(receipt.event_id)
+                .or_insert_with(|| json!({}));
+            let by_user = &mut by_type[receipt.receipt_type.as_str()];
+            if !by_user.is_object() {
+                *by_user = json!({});
+            }
+            by_user[receipt.user_id.as_str()] = Value::Object(data);
+        }
+        for (room_id, content) in rooms {
+            out.rooms.entry(room_id).or_default().push(json!({
+                "type": "m.receipt",
+                "content": content,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Adds the unread counts of `rooms` (the joined rooms of the response) as of `up_to`, and
+    /// drops the ephemeral events of rooms that are not among them.
+    pub async fn add_unread_counts<'a>(
+        &self,
+        user: &str,
+        rooms: impl IntoIterator<Item = &'a String>,
+        up_to: i64,
+        out: &mut EphemeralSync,
+    ) -> Result<()> {
+        let rooms: Vec<&String> = rooms.into_iter().collect();
+        let keep: HashSet<&str> = rooms.iter().map(|r| r.as_str()).collect();
+        out.rooms.retain(|room, _| keep.contains(room.as_str()));
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        let mentions = self.mention_names(user).await?;
+        for room_id in rooms {
+            let counts = self.unread_counts(user, room_id, up_to, &mentions).await?;
+            out.unread.insert(room_id.clone(), counts);
+        }
+        Ok(())
+    }
+
+    /// What a message body must contain to mention `user`: their localpart and display name.
+    async fn mention_names(&self, user: &str) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        if let Some(localpart) = user
+            .strip_prefix('@')
+            .and_then(|rest| rest.split(':').next())
+            .filter(|l| !l.is_empty())
+        {
+            names.push(localpart.to_lowercase());
+        }
+        if let Some(name) = self
+            .storage
+            .profiles
+            .get_profile(user)
+            .await
+            .map_err(internal)?
+            .and_then(|p| p.displayname)
+            .filter(|n| !n.trim().is_empty())
+        {
+            names.push(name.to_lowercase());
+        }
+        Ok(names)
+    }
+
+    /// Messages of others the user may see after their latest read receipt (public or
+    /// private, unthreaded or for the main timeline; their join when they sent none), and
+    /// of those the ones that mention them.
+    async fn unread_counts(
+        &self,
+        user: &str,
+        room_id: &str,
+        up_to: i64,
+        mentions: &[String],
+    ) -> Result<UnreadCounts> {
+        let receipts = self
+            .storage
+            .ephemeral
+            .receipts_of_user(room_id, user)
+            .await
+            .map_err(internal)?;
+        let read_ids: Vec<String> = receipts
+            .into_iter()
+            .filter(|r| matches!(r.receipt_type.as_str(), PUBLIC_READ | PRIVATE_READ))
+            .filter(|r| r.thread_id.as_deref().is_none_or(|t| t == "main"))
+            .map(|r| r.event_id)
+            .collect();
+        let read_up_to = if read_ids.is_empty() {
+            None
+        } else {
+            self.storage
+                .rooms
+                .get_events(&read_ids)
+                .await
+                .map_err(internal)?
+                .iter()
+                .filter_map(|e| e.stream_ordering)
+                .max()
+        };
+        let floor = match read_up_to {
+            Some(position) => position,
+            None => self
+                .storage
+                .rooms
+                .membership(room_id, user)
+                .await
+                .map_err(internal)?
+                .map(|m| m.stream_ordering)
+                .unwrap_or(0),
+        };
+        if floor >= up_to {
+            return Ok(UnreadCounts::default());
+        }
+        let candidates = self
+            .storage
+            .ephemeral
+            .unread_candidates(room_id, user, NOTIFYING_TYPES, floor, up_to, MAX_UNREAD)
+            .await
+            .map_err(internal)?;
+        let visible = self.rooms.visible_to_member(user, candidates).await?;
+        let highlights = visible
+            .iter()
+            .filter(|e| mentions_user(e, user, mentions))
+            .count();
+        Ok(UnreadCounts {
+            notification_count: visible.len() as i64,
+            highlight_count: highlights as i64,
+        })
+    }
+}
+
+/// Whether a message mentions `user`: listed in `m.mentions.user_ids` or, when the message
+/// has no `m.mentions`, its body contains one of `names` (lowercase).
+fn mentions_user(event: &EventRecord, user: &str, names: &[String]) -> bool {
+    let Ok(pdu) = serde_json::from_str::<Value>(&event.pdu_json) else {
+        return false;
+    };
+    let content = &pdu["content"];
+    if let Some(mentions) = content.get("m.mentions") {
+        return mentions["user_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id.as_str() == Some(user)));
+    }
+    let Some(body) = content["body"].as_str() else {
+        return false;
+    };
+    let body = body.to_lowercase();
+    names.iter().any(|name| body.contains(name.as_str()))
+}
+
+fn presence_view(record: &PresenceRecord, now: i64) -> Presence {
+    let ago = (now - record.last_active_ts).max(0);
+    Presence {
+        presence: record.state.clone(),
+        last_active_ago: Some(ago),
+        status_msg: record.status_msg.clone(),
+        currently_active: Some(record.state == "online" && ago < CURRENTLY_ACTIVE_MS),
+    }
+}
+
+/// An `m.presence` event of the sync response.
+fn presence_event(record: &PresenceRecord, now: i64) -> Value {
+    let view = presence_view(record, now);
+    let mut content = Map::new();
+    content.insert("presence".to_owned(), json!(view.presence));
+    if let Some(ago) = view.last_active_ago {
+        content.insert("last_active_ago".to_owned(), json!(ago));
+    }
+    if let Some(active) = view.currently_active {
+        content.insert("currently_active".to_owned(), json!(active));
+    }
+    if let Some(status) = view.status_msg {
+        content.insert("status_msg".to_owned(), json!(status));
+    }
+    json!({
+        "type": "m.presence",
+        "sender": record.user_id,
+        "content": content,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(content: Value) -> EventRecord {
+        EventRecord {
+            event_id: "$e".into(),
+            room_id: "!r:x".into(),
+            stream_ordering: Some(1),
+            depth: 1,
+            event_type: "m.room.message".into(),
+            state_key: None,
+            sender: "@a:x".into(),
+            origin_server_ts: 1,
+            state_group: Some(1),
+            outlier: false,
+            soft_failed: false,
+            rejected_reason: None,
+            redacted_by: None,
+            pdu_json: json!({ "content": content }).to_string(),
+        }
+    }
+
+    #[test]
+    fn mentions_by_list_or_by_name() {
+        let names = vec!["bob".to_owned(), "bobby tables".to_owned()];
+        let user = "@bob:x";
+        assert!(mentions_user(
+            &message(json!({"body": "hi", "m.mentions": {"user_ids": ["@bob:x"]}})),
+            user,
+            &names
+        ));
+        assert!(
+            !mentions_user(
+                &message(json!({"body": "hi bob", "m.mentions": {}})),
+                user,
+                &names
+            ),
+            "m.mentions present: the body does not count"
+        );
+        assert!(mentions_user(
+            &message(json!({"body": "Hey BOB!"})),
+            user,
+            &names
+        ));
+        assert!(mentions_user(
+            &message(json!({"body": "ask Bobby Tables"})),
+            user,
+            &names
+        ));
+        assert!(!mentions_user(
+            &message(json!({"body": "hello"})),
+            user,
+            &names
+        ));
+    }
+
+    #[test]
+    fn presence_states_parse() {
+        assert_eq!(
+            PresenceState::parse("unavailable").expect("parses"),
+            PresenceState::Unavailable
+        );
+        assert!(PresenceState::parse("busy").is_err());
+        let record = PresenceRecord {
+            user_id: "@a:x".into(),
+            state: "online".into(),
+            status_msg: Some("here".into()),
+            last_active_ts: 1_000,
+            stream_position: 3,
+        };
+        let event = presence_event(&record, 2_000);
+        assert_eq!(event["content"]["last_active_ago"], 1_000);
+        assert_eq!(event["content"]["currently_active"], true);
+        assert_eq!(event["content"]["status_msg"], "here");
+        let later = presence_view(&record, 1_000 + CURRENTLY_ACTIVE_MS);
+        assert_eq!(later.currently_active, Some(false));
+    }
+}

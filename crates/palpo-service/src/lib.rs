@@ -1,0 +1,77 @@
+//! Palpo's Matrix logic. No HTTP, no SQL: services take plain requests, talk to storage through
+//! the repository traits, and answer with domain values or a [`palpo_core::Error`].
+
+pub mod account_data;
+pub mod accounts;
+pub mod credentials;
+pub mod ephemeral;
+pub mod keys;
+pub mod notifier;
+pub mod rooms;
+pub mod sync;
+pub mod uia;
+
+use std::sync::Arc;
+
+use palpo_core::Config;
+use palpo_storage::Storage;
+
+pub use account_data::AccountDataService;
+pub use accounts::{AccountService, Authed};
+pub use ephemeral::EphemeralService;
+pub use rooms::RoomService;
+pub use sync::SyncService;
+
+/// Every service, wired together. Built once at start-up and shared by the api layer.
+#[derive(Clone)]
+pub struct Services {
+    pub config: Arc<Config>,
+    pub accounts: Arc<AccountService>,
+    pub rooms: Arc<RoomService>,
+    pub sync: Arc<SyncService>,
+    /// Filters, account data and room tags.
+    pub account_data: Arc<AccountDataService>,
+    /// Typing, receipts, read markers, presence.
+    pub ephemeral: Arc<EphemeralService>,
+    /// Wakes long-polling syncs; fed by every service that writes to the stream, and by the
+    /// other processes on the same database (through Redis).
+    pub notifier: Arc<notifier::Notifier>,
+}
+
+impl Services {
+    pub fn new(config: Arc<Config>, storage: Storage) -> Self {
+        let accounts = Arc::new(AccountService::new(config.clone(), storage.clone()));
+        // Other processes on the same database hear of our writes, and we of theirs (a no-op
+        // without Redis).
+        let wakeups = storage.wakeups().clone();
+        let notifier = Arc::new(notifier::Notifier::with_publisher(move |position| {
+            wakeups.publish(position)
+        }));
+        notifier.relay_from(storage.wakeups().subscribe(), storage.rooms.clone());
+        let rooms = Arc::new(RoomService::new(
+            config.clone(),
+            storage.clone(),
+            notifier.clone(),
+        ));
+        let account_data = Arc::new(AccountDataService::new(storage.clone(), notifier.clone()));
+        let ephemeral = Arc::new(EphemeralService::new(
+            storage,
+            rooms.clone(),
+            notifier.clone(),
+        ));
+        let sync = Arc::new(
+            SyncService::new(rooms.clone(), notifier.clone())
+                .with_ephemeral(ephemeral.clone())
+                .with_account_data(account_data.clone()),
+        );
+        Services {
+            config,
+            accounts,
+            rooms,
+            sync,
+            account_data,
+            ephemeral,
+            notifier,
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Rooms: creating and authorizing events, membership, and reading timelines and state with
+//! history visibility enforced.
+//!
+//! Local events are created one at a time per room: an in-process lock per room, and, across
+//! processes sharing a database, an optimistic check of the room's write version inside the
+//! persisting transaction (rebuild and retry on conflict).
+
+mod create;
+mod directory;
+mod membership;
+pub mod pdu;
+mod read;
+mod resolve;
+pub mod sliding;
+mod sync;
+mod timeline;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use palpo_core::{Config, Error, Result};
+use palpo_storage::{Storage, StorageError};
+use ruma::{RoomVersionId, room_version_rules::RoomVersionRules};
+
+pub use create::{CreateRoom, InitialState, Preset};
+pub use palpo_storage::model::Direction;
+pub use read::{MessagesPage, MessagesQuery, TimelineFilter, parse_token, token};
+pub use sync::{InvitedRoom, JoinedRoom, LeftRoom, RoomSummary, SyncRequest, SyncRooms, Timeline};
+pub use timeline::EventDraft;
+
+use crate::{keys::ServerKeys, notifier::Notifier};
+
+/// Room versions this server understands, as `(version, stable)`.
+pub const ROOM_VERSIONS: &[&str] = &[
+    "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12",
+];
+
+pub struct RoomService {
+    config: Arc<Config>,
+    storage: Storage,
+    /// Loaded (or created) on first use; `palpo serve` does that at start-up.
+    keys: tokio::sync::OnceCell<Arc<ServerKeys>>,
+    /// Told of every persisted event, so long-polling syncs wake.
+    notifier: Arc<Notifier>,
+    /// One async lock per room, so local events of a room are built one at a time.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl RoomService {
+    pub fn new(config: Arc<Config>, storage: Storage, notifier: Arc<Notifier>) -> Self {
+        RoomService {
+            config,
+            storage,
+            keys: tokio::sync::OnceCell::new(),
+            notifier,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The server's signing key, generated and stored on first use.
+    pub async fn signing_keys(&self) -> Result<Arc<ServerKeys>> {
+        self.keys
+            .get_or_try_init(|| async {
+                ServerKeys::load_or_create(&self.storage, &self.config.server_name)
+                    .await
+                    .map(Arc::new)
+            })
+            .await
+            .cloned()
+    }
+
+    fn room_lock(&self, room_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = match self.locks.lock() {
+            Ok(locks) => locks,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    pub fn server_name(&self) -> &str {
+        &self.config.server_name
+    }
+
+    /// The version new rooms get.
+    pub fn default_room_version(&self) -> &str {
+        &self.config.rooms.default_version
+    }
+}
+
+/// The rules of a room version this server understands.
+pub fn room_version_rules(version: &str) -> Result<(RoomVersionId, RoomVersionRules)> {
+    let id = RoomVersionId::try_from(version).map_err(|_| unsupported_version(version))?;
+    let rules = id.rules().ok_or_else(|| unsupported_version(version))?;
+    if !ROOM_VERSIONS.contains(&version) {
+        return Err(unsupported_version(version));
+    }
+    Ok((id, rules))
+}
+
+fn unsupported_version(version: &str) -> Error {
+    Error::new(
+        palpo_core::ErrorCode::UnsupportedRoomVersion,
+        format!("Room version {version} is not supported"),
+    )
+}
+
+fn internal(err: StorageError) -> Error {
+    Error::internal(err)
+}

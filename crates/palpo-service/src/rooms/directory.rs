@@ -1,0 +1,230 @@
+//! Room aliases and user profiles. A profile change is announced in every room the user has
+//! joined, as a new `m.room.member` event carrying the new display name and avatar.
+
+use palpo_core::{Error, ErrorCode, Result};
+use palpo_storage::{
+    StorageError,
+    model::{AliasRecord, ProfileRecord},
+};
+use serde_json::{Map, Value};
+
+use super::{RoomService, create::member_draft, internal};
+
+/// Largest size of one profile field value, in bytes of JSON.
+const MAX_PROFILE_FIELD_BYTES: usize = 4096;
+
+impl RoomService {
+    fn check_local_alias(&self, alias: &str) -> Result<()> {
+        let (local, server) = alias
+            .strip_prefix('#')
+            .and_then(|rest| rest.split_once(':'))
+            .ok_or_else(|| Error::invalid_param("Room alias must look like #name:server"))?;
+        if local.is_empty() || alias.len() > 255 {
+            return Err(Error::invalid_param("Invalid room alias"));
+        }
+        if server != self.config.server_name {
+            return Err(Error::invalid_param("Room alias is not on this server"));
+        }
+        Ok(())
+    }
+
+    /// `PUT /directory/room/{roomAlias}`: the creator must be joined to the room.
+    pub async fn create_alias(&self, user: &str, alias: &str, room_id: &str) -> Result<()> {
+        self.check_local_alias(alias)?;
+        let membership = self
+            .storage
+            .rooms
+            .membership(room_id, user)
+            .await
+            .map_err(internal)?;
+        if membership.as_ref().is_none_or(|m| m.membership != "join") {
+            return Err(Error::forbidden(
+                "You must be joined to the room to alias it",
+            ));
+        }
+        self.storage
+            .aliases
+            .create_alias(&AliasRecord {
+                room_alias: alias.to_owned(),
+                room_id: room_id.to_owned(),
+                creator: user.to_owned(),
+            })
+            .await
+            .map_err(|e| match e {
+                StorageError::Conflict(_) => {
+                    Error::with_status(409, ErrorCode::Unknown, "Room alias already exists")
+                }
+                other => internal(other),
+            })
+    }
+
+    /// `GET /directory/room/{roomAlias}`: (room id, servers).
+    pub async fn lookup_alias(&self, alias: &str) -> Result<(String, Vec<String>)> {
+        if !alias.starts_with('#') || !alias.contains(':') {
+            return Err(Error::invalid_param(
+                "Room alias must look like #name:server",
+            ));
+        }
+        let record = self
+            .storage
+            .aliases
+            .get_alias(alias)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        Ok((record.room_id, vec![self.config.server_name.clone()]))
+    }
+
+    /// `DELETE /directory/room/{roomAlias}`: its creator, or someone with power to change the
+    /// room's canonical alias.
+    pub async fn delete_alias(&self, user: &str, alias: &str) -> Result<()> {
+        let record = self
+            .storage
+            .aliases
+            .get_alias(alias)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        if record.creator != user {
+            let power = self.power_of(&record.room_id, user).await?;
+            let needed = self
+                .power_needed(&record.room_id, "state_default", 50)
+                .await?;
+            if power < needed {
+                return Err(Error::forbidden("You may not remove this alias"));
+            }
+        }
+        self.storage
+            .aliases
+            .delete_alias(alias)
+            .await
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    /// `GET /rooms/{roomId}/aliases`: for members, or anyone if the room is world-readable.
+    pub async fn room_aliases(&self, user: &str, room_id: &str) -> Result<Vec<String>> {
+        self.visible_state(user, room_id).await?;
+        self.storage
+            .aliases
+            .aliases_of_room(room_id)
+            .await
+            .map_err(internal)
+    }
+
+    /// `GET /profile/{userId}`: display name, avatar and custom fields, as one JSON object.
+    pub async fn profile(&self, user_id: &str) -> Result<Map<String, Value>> {
+        let known_user = self
+            .storage
+            .users
+            .get_user(user_id)
+            .await
+            .map_err(internal)?;
+        if known_user.is_none() {
+            return Err(Error::not_found("Profile not found"));
+        }
+        let profile = self
+            .storage
+            .profiles
+            .get_profile(user_id)
+            .await
+            .map_err(internal)?
+            .unwrap_or_default();
+        let mut out: Map<String, Value> = serde_json::from_str(&profile.fields).unwrap_or_default();
+        if let Some(name) = profile.displayname {
+            out.insert("displayname".into(), name.into());
+        }
+        if let Some(avatar) = profile.avatar_url {
+            out.insert("avatar_url".into(), avatar.into());
+        }
+        Ok(out)
+    }
+
+    /// `PUT /profile/{userId}/{keyName}` (a `None` value deletes the field). Changes of
+    /// `displayname` and `avatar_url` are sent to every joined room.
+    pub async fn set_profile_field(
+        &self,
+        user_id: &str,
+        key: &str,
+        value: Option<Value>,
+    ) -> Result<()> {
+        if key.is_empty() || key.len() > 255 {
+            return Err(Error::invalid_param("Invalid profile field name"));
+        }
+        if value
+            .as_ref()
+            .is_some_and(|v| v.to_string().len() > MAX_PROFILE_FIELD_BYTES)
+        {
+            return Err(Error::new(
+                ErrorCode::TooLarge,
+                "Profile field value is too large",
+            ));
+        }
+        let mut profile = self
+            .storage
+            .profiles
+            .get_profile(user_id)
+            .await
+            .map_err(internal)?
+            .unwrap_or_else(|| ProfileRecord {
+                fields: "{}".into(),
+                ..ProfileRecord::default()
+            });
+        match key {
+            "displayname" | "avatar_url" => {
+                let text = match value {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(s),
+                    Some(_) => return Err(Error::bad_json(format!("{key} must be a string"))),
+                };
+                if key == "displayname" {
+                    profile.displayname = text;
+                } else {
+                    profile.avatar_url = text;
+                }
+            }
+            _ => {
+                let mut fields: Map<String, Value> =
+                    serde_json::from_str(&profile.fields).unwrap_or_default();
+                match value {
+                    Some(value) => fields.insert(key.to_owned(), value),
+                    None => fields.remove(key),
+                };
+                profile.fields = Value::Object(fields).to_string();
+            }
+        }
+        self.storage
+            .profiles
+            .set_profile(user_id, &profile)
+            .await
+            .map_err(internal)?;
+        if matches!(key, "displayname" | "avatar_url") {
+            self.announce_profile(user_id, &profile).await;
+        }
+        Ok(())
+    }
+
+    /// Sends the new member event into every joined room. A room that refuses it (e.g. the
+    /// user lacks power there) keeps the old profile; the change itself still stands.
+    async fn announce_profile(&self, user_id: &str, profile: &ProfileRecord) {
+        let rooms = match self.storage.rooms.rooms_for_user(user_id, "join").await {
+            Ok(rooms) => rooms,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list rooms to announce a profile change");
+                return;
+            }
+        };
+        for room_id in rooms {
+            let draft = member_draft(
+                user_id,
+                "join",
+                (profile.displayname.clone(), profile.avatar_url.clone()),
+                None,
+                false,
+            );
+            if let Err(e) = self.append(&room_id, user_id, draft, None).await {
+                tracing::warn!(%room_id, error = %e, "profile change not announced in room");
+            }
+        }
+    }
+}

@@ -1,0 +1,734 @@
+//! Reading rooms: state, single events, `/messages`, `/context`, members, with membership and
+//! history visibility enforced on every read.
+
+use std::collections::{BTreeMap, HashMap};
+
+use palpo_core::{Error, Result};
+use palpo_storage::model::{Direction, EventRecord, MembershipRecord, StateMap};
+use ruma::room_version_rules::RedactionRules;
+use serde_json::Value;
+
+use super::{RoomService, internal, pdu::client_event, room_version_rules};
+
+/// A page of `/messages`.
+#[derive(Debug, Clone)]
+pub struct MessagesPage {
+    pub chunk: Vec<Value>,
+    pub start: String,
+    /// Absent when there is nothing further in that direction.
+    pub end: Option<String>,
+}
+
+/// What `/messages` asks for.
+#[derive(Debug, Clone)]
+pub struct MessagesQuery {
+    /// Token to start from; default: the newest event (backward) or the oldest (forward).
+    pub from: Option<String>,
+    /// Token to stop at.
+    pub to: Option<String>,
+    pub dir: Direction,
+    pub limit: i64,
+    pub filter: TimelineFilter,
+}
+
+/// The timeline part of a room event filter.
+#[derive(Debug, Clone, Default)]
+pub struct TimelineFilter {
+    pub types: Option<Vec<String>>,
+    pub not_types: Vec<String>,
+    pub senders: Option<Vec<String>>,
+    pub not_senders: Vec<String>,
+}
+
+impl TimelineFilter {
+    pub(super) fn matches(&self, event: &EventRecord) -> bool {
+        let type_ok =
+            |patterns: &[String]| patterns.iter().any(|p| glob_match(p, &event.event_type));
+        self.types.as_ref().is_none_or(|t| type_ok(t))
+            && !type_ok(&self.not_types)
+            && self
+                .senders
+                .as_ref()
+                .is_none_or(|s| s.contains(&event.sender))
+            && !self.not_senders.contains(&event.sender)
+    }
+}
+
+/// Matrix filter type patterns: `*` matches any run of characters.
+fn glob_match(pattern: &str, value: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == value,
+        Some((prefix, rest)) => {
+            value.starts_with(prefix)
+                && (0..=value.len() - prefix.len()).any(|i| {
+                    value.is_char_boundary(prefix.len() + i)
+                        && glob_match(rest, &value[prefix.len() + i..])
+                })
+        }
+    }
+}
+
+/// Pagination tokens: `s<N>` is the point just after stream position N.
+pub fn parse_token(token: &str) -> Result<i64> {
+    token
+        .strip_prefix('s')
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| Error::invalid_param(format!("Invalid pagination token {token:?}")))
+}
+
+pub fn token(position: i64) -> String {
+    format!("s{position}")
+}
+
+/// How a user may read a room.
+enum Access {
+    /// Currently joined: everything up to now.
+    Joined,
+    /// Was in the room: up to the stream position where they left.
+    Until(i64),
+    /// Not a member, but the room is world-readable.
+    WorldReadable,
+}
+
+/// Memo of which state groups a user may see events in.
+pub(super) struct Visibility<'a> {
+    pub(super) user: &'a str,
+    pub(super) joined_now: bool,
+    pub(super) by_group: HashMap<i64, bool>,
+}
+
+impl RoomService {
+    fn redaction_rules(version: &str) -> Option<RedactionRules> {
+        room_version_rules(version)
+            .ok()
+            .map(|(_, rules)| rules.redaction)
+    }
+
+    pub(super) async fn room_rules(&self, room_id: &str) -> Result<Option<RedactionRules>> {
+        let room = self
+            .storage
+            .rooms
+            .get_room(room_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::forbidden("You are not allowed to see this room"))?;
+        Ok(Self::redaction_rules(&room.room_version))
+    }
+
+    pub(super) fn to_client(rules: Option<&RedactionRules>, event: &EventRecord) -> Value {
+        client_event(
+            &event.event_id,
+            &event.room_id,
+            &event.pdu_json,
+            event.redacted_by.as_deref(),
+            rules,
+        )
+    }
+
+    /// The content of one state event of a state map.
+    pub(super) async fn state_content(
+        &self,
+        state: &StateMap,
+        kind: &str,
+        key: &str,
+    ) -> Result<Option<Value>> {
+        let Some(id) = state.get(&(kind.to_owned(), key.to_owned())) else {
+            return Ok(None);
+        };
+        let event = self.storage.rooms.get_event(id).await.map_err(internal)?;
+        Ok(event.and_then(|e| {
+            serde_json::from_str::<Value>(&e.pdu_json)
+                .ok()
+                .and_then(|mut v| v.get_mut("content").map(Value::take))
+        }))
+    }
+
+    pub(super) async fn history_visibility(&self, state: &StateMap) -> Result<String> {
+        Ok(self
+            .state_content(state, "m.room.history_visibility", "")
+            .await?
+            .and_then(|c| {
+                c.get("history_visibility")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "shared".to_owned()))
+    }
+
+    /// May `user` read `room_id`, and up to where? 403 when not.
+    async fn access(
+        &self,
+        user: &str,
+        room_id: &str,
+    ) -> Result<(Access, Option<MembershipRecord>)> {
+        let membership = self
+            .storage
+            .rooms
+            .membership(room_id, user)
+            .await
+            .map_err(internal)?;
+        match membership.as_ref().map(|m| m.membership.as_str()) {
+            Some("join") => return Ok((Access::Joined, membership)),
+            Some("leave" | "ban") => {
+                let until = membership
+                    .as_ref()
+                    .map(|m| m.stream_ordering)
+                    .unwrap_or_default();
+                return Ok((Access::Until(until), membership));
+            }
+            _ => {}
+        }
+        // Only what decides access: whether the room exists, and its history visibility.
+        let state = self
+            .current_entries(
+                room_id,
+                &[("m.room.create", ""), ("m.room.history_visibility", "")],
+            )
+            .await?;
+        if state.is_empty() {
+            return Err(Error::forbidden("You are not allowed to see this room"));
+        }
+        if self.history_visibility(&state).await? == "world_readable" {
+            return Ok((Access::WorldReadable, membership));
+        }
+        Err(Error::forbidden("You are not a member of this room"))
+    }
+
+    /// The state the user may see: current state, or the state when they left.
+    pub(super) async fn visible_state(&self, user: &str, room_id: &str) -> Result<StateMap> {
+        let (access, membership) = self.access(user, room_id).await?;
+        match access {
+            Access::Joined | Access::WorldReadable => self
+                .storage
+                .rooms
+                .current_state(room_id)
+                .await
+                .map_err(internal),
+            Access::Until(_) => {
+                let event_id = membership.map(|m| m.event_id).unwrap_or_default();
+                let event = self
+                    .storage
+                    .rooms
+                    .get_event(&event_id)
+                    .await
+                    .map_err(internal)?;
+                match event.and_then(|e| e.state_group) {
+                    Some(group) => self
+                        .storage
+                        .rooms
+                        .state_at_group(group)
+                        .await
+                        .map_err(internal),
+                    None => Ok(StateMap::new()),
+                }
+            }
+        }
+    }
+
+    /// `GET /rooms/{roomId}/state`.
+    pub async fn room_state(&self, user: &str, room_id: &str) -> Result<Vec<Value>> {
+        let state = self.visible_state(user, room_id).await?;
+        let rules = self.room_rules(room_id).await?;
+        let ids: Vec<String> = state.values().cloned().collect();
+        let mut events = self
+            .storage
+            .rooms
+            .get_events(&ids)
+            .await
+            .map_err(internal)?;
+        events.sort_by_key(|e| e.stream_ordering);
+        Ok(events
+            .iter()
+            .map(|e| Self::to_client(rules.as_ref(), e))
+            .collect())
+    }
+
+    /// `GET /rooms/{roomId}/state/{eventType}/{stateKey}`: the content.
+    pub async fn state_event_content(
+        &self,
+        user: &str,
+        room_id: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Value> {
+        let mut client = self
+            .state_event(user, room_id, event_type, state_key)
+            .await?;
+        Ok(client
+            .get_mut("content")
+            .map(Value::take)
+            .unwrap_or_default())
+    }
+
+    /// `GET /rooms/{roomId}/state/{eventType}/{stateKey}?format=event`: the whole event.
+    pub async fn state_event(
+        &self,
+        user: &str,
+        room_id: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Value> {
+        let state = self.visible_state(user, room_id).await?;
+        let id = state
+            .get(&(event_type.to_owned(), state_key.to_owned()))
+            .ok_or_else(|| Error::not_found("Event not found"))?;
+        let event = self
+            .storage
+            .rooms
+            .get_event(id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::not_found("Event not found"))?;
+        let rules = self.room_rules(room_id).await?;
+        Ok(Self::to_client(rules.as_ref(), &event))
+    }
+
+    /// Whether `user` may see `event` under the room's history visibility.
+    pub(super) async fn can_see(
+        &self,
+        vis: &mut Visibility<'_>,
+        event: &EventRecord,
+    ) -> Result<bool> {
+        // Users always see their own membership changes.
+        if event.event_type == "m.room.member" && event.state_key.as_deref() == Some(vis.user) {
+            return Ok(true);
+        }
+        let Some(group) = event.state_group else {
+            return Ok(false);
+        };
+        if let Some(seen) = vis.by_group.get(&group) {
+            return Ok(*seen);
+        }
+        let state = self
+            .storage
+            .rooms
+            .state_at_group(group)
+            .await
+            .map_err(internal)?;
+        let visibility = self.history_visibility(&state).await?;
+        let membership = self
+            .state_content(&state, "m.room.member", vis.user)
+            .await?
+            .and_then(|c| {
+                c.get("membership")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "leave".to_owned());
+        let allowed = visibility == "world_readable"
+            || membership == "join"
+            || (visibility == "shared" && vis.joined_now)
+            || (visibility == "invited" && membership == "invite");
+        vis.by_group.insert(group, allowed);
+        Ok(allowed)
+    }
+
+    /// `GET /rooms/{roomId}/event/{eventId}`.
+    pub async fn event(&self, user: &str, room_id: &str, event_id: &str) -> Result<Value> {
+        let (access, _) = self.access(user, room_id).await?;
+        let event = self
+            .storage
+            .rooms
+            .get_event(event_id)
+            .await
+            .map_err(internal)?
+            .filter(|e| e.room_id == room_id && e.rejected_reason.is_none() && !e.soft_failed)
+            .ok_or_else(|| Error::not_found("Event not found"))?;
+        let mut vis = Visibility {
+            user,
+            joined_now: matches!(access, Access::Joined),
+            by_group: HashMap::new(),
+        };
+        let beyond =
+            matches!(access, Access::Until(until) if event.stream_ordering.unwrap_or(0) > until);
+        if beyond || !self.can_see(&mut vis, &event).await? {
+            return Err(Error::not_found("Event not found"));
+        }
+        let rules = self.room_rules(room_id).await?;
+        Ok(Self::to_client(rules.as_ref(), &event))
+    }
+
+    /// `GET /rooms/{roomId}/messages`.
+    pub async fn messages(
+        &self,
+        user: &str,
+        room_id: &str,
+        query: &MessagesQuery,
+    ) -> Result<MessagesPage> {
+        let MessagesQuery {
+            from,
+            to,
+            dir,
+            limit,
+            filter,
+        } = query;
+        let (from, to, dir, limit) = (from.as_deref(), to.as_deref(), *dir, *limit);
+        let (access, _) = self.access(user, room_id).await?;
+        let limit = limit.clamp(1, 1000);
+        let latest = self
+            .storage
+            .rooms
+            .max_stream_ordering()
+            .await
+            .map_err(internal)?;
+        let ceiling = match access {
+            Access::Until(until) => until,
+            _ => latest,
+        };
+        let from = match from {
+            Some(token) => parse_token(token)?,
+            None => match dir {
+                Direction::Backward => ceiling,
+                Direction::Forward => 0,
+            },
+        }
+        .min(ceiling);
+        let to = to.map(parse_token).transpose()?;
+        let mut vis = Visibility {
+            user,
+            joined_now: matches!(access, Access::Joined),
+            by_group: HashMap::new(),
+        };
+        let rules = self.room_rules(room_id).await?;
+        let mut chunk = Vec::new();
+        let mut cursor = from;
+        let mut exhausted = false;
+        // Filtered-out events do not count towards the limit; keep reading a bounded while.
+        for _ in 0..20 {
+            let (after, bound) = match dir {
+                Direction::Backward => (cursor + 1, to),
+                Direction::Forward => {
+                    (cursor, to.map(|t| t.min(ceiling) + 1).or(Some(ceiling + 1)))
+                }
+            };
+            let want = limit - chunk.len() as i64;
+            let events = self
+                .storage
+                .rooms
+                .room_events(room_id, after, bound, dir, want)
+                .await
+                .map_err(internal)?;
+            if (events.len() as i64) < want {
+                exhausted = true;
+            }
+            for event in &events {
+                let position = event.stream_ordering.unwrap_or_default();
+                cursor = match dir {
+                    Direction::Backward => position - 1,
+                    Direction::Forward => position,
+                };
+                if filter.matches(event) && self.can_see(&mut vis, event).await? {
+                    chunk.push(Self::to_client(rules.as_ref(), event));
+                }
+            }
+            if exhausted || chunk.len() as i64 >= limit {
+                break;
+            }
+        }
+        Ok(MessagesPage {
+            chunk,
+            start: token(from),
+            end: (!exhausted).then(|| token(cursor)),
+        })
+    }
+
+    /// `GET /rooms/{roomId}/context/{eventId}`: the event, what surrounds it, and the state.
+    /// Both pages always carry an `end`: the token to go on paginating backwards (events
+    /// before) and forwards (events after) from, also when the page reached an end of the
+    /// timeline.
+    pub async fn context(
+        &self,
+        user: &str,
+        room_id: &str,
+        event_id: &str,
+        limit: i64,
+    ) -> Result<(Value, MessagesPage, MessagesPage, Vec<Value>)> {
+        let event_json = self.event(user, room_id, event_id).await?;
+        let event = self
+            .storage
+            .rooms
+            .get_event(event_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::not_found("Event not found"))?;
+        let position = event.stream_ordering.unwrap_or_default();
+        // Read before the pages: a forward token at this point misses nothing sent meanwhile.
+        let latest = self
+            .storage
+            .rooms
+            .max_stream_ordering()
+            .await
+            .map_err(internal)?;
+        let limit = limit.clamp(0, 100);
+        let half = limit / 2;
+        let mut before = if half > 0 {
+            let query = MessagesQuery {
+                from: Some(token(position - 1)),
+                to: None,
+                dir: Direction::Backward,
+                limit: half,
+                filter: TimelineFilter::default(),
+            };
+            self.messages(user, room_id, &query).await?
+        } else {
+            empty_page(position - 1)
+        };
+        let mut after = if limit - half > 0 {
+            let query = MessagesQuery {
+                from: Some(token(position)),
+                to: None,
+                dir: Direction::Forward,
+                limit: limit - half,
+                filter: TimelineFilter::default(),
+            };
+            self.messages(user, room_id, &query).await?
+        } else {
+            empty_page(position)
+        };
+        before.end.get_or_insert_with(|| token(0));
+        after.end.get_or_insert_with(|| token(latest.max(position)));
+        let state = match event.state_group {
+            Some(group) => self
+                .storage
+                .rooms
+                .state_at_group(group)
+                .await
+                .map_err(internal)?,
+            None => StateMap::new(),
+        };
+        let rules = self.room_rules(room_id).await?;
+        let ids: Vec<String> = state.values().cloned().collect();
+        let state_events = self
+            .storage
+            .rooms
+            .get_events(&ids)
+            .await
+            .map_err(internal)?
+            .iter()
+            .map(|e| Self::to_client(rules.as_ref(), e))
+            .collect();
+        Ok((event_json, before, after, state_events))
+    }
+
+    /// `GET /rooms/{roomId}/members`: member events, current or at a token, filtered.
+    pub async fn members(
+        &self,
+        user: &str,
+        room_id: &str,
+        at: Option<&str>,
+        membership: Option<&str>,
+        not_membership: Option<&str>,
+    ) -> Result<Vec<Value>> {
+        let (access, _) = self.access(user, room_id).await?;
+        let state = match (at, access) {
+            (None, Access::Joined | Access::WorldReadable) => self
+                .storage
+                .rooms
+                .current_state(room_id)
+                .await
+                .map_err(internal)?,
+            (at, access) => {
+                let mut position = at.map(parse_token).transpose()?.unwrap_or(i64::MAX);
+                if let Access::Until(until) = access {
+                    position = position.min(until);
+                }
+                self.state_at_position(room_id, position).await?
+            }
+        };
+        let ids: Vec<String> = state
+            .iter()
+            .filter(|((kind, _), _)| kind == "m.room.member")
+            .map(|(_, id)| id.clone())
+            .collect();
+        let rules = self.room_rules(room_id).await?;
+        let mut events = self
+            .storage
+            .rooms
+            .get_events(&ids)
+            .await
+            .map_err(internal)?;
+        events.sort_by(|a, b| a.state_key.cmp(&b.state_key));
+        Ok(events
+            .iter()
+            .map(|e| Self::to_client(rules.as_ref(), e))
+            .filter(|e| {
+                let m = e["content"]["membership"].as_str().unwrap_or_default();
+                membership.is_none_or(|want| want == m) && not_membership.is_none_or(|not| not != m)
+            })
+            .collect())
+    }
+
+    /// `GET /rooms/{roomId}/joined_members`: user id → (display name, avatar URL).
+    pub async fn joined_members(
+        &self,
+        user: &str,
+        room_id: &str,
+    ) -> Result<BTreeMap<String, (Option<String>, Option<String>)>> {
+        let (access, _) = self.access(user, room_id).await?;
+        if !matches!(access, Access::Joined) {
+            return Err(Error::forbidden("You are not joined to this room"));
+        }
+        let members = self
+            .storage
+            .rooms
+            .room_members(room_id, Some("join"))
+            .await
+            .map_err(internal)?;
+        let ids: Vec<String> = members.iter().map(|m| m.event_id.clone()).collect();
+        let events = self
+            .storage
+            .rooms
+            .get_events(&ids)
+            .await
+            .map_err(internal)?;
+        Ok(events
+            .into_iter()
+            .filter_map(|e| {
+                let content: Value =
+                    serde_json::from_str::<Value>(&e.pdu_json).ok()?["content"].take();
+                let name = content["displayname"].as_str().map(str::to_owned);
+                let avatar = content["avatar_url"].as_str().map(str::to_owned);
+                Some((e.state_key?, (name, avatar)))
+            })
+            .collect())
+    }
+
+    /// `GET /joined_rooms`.
+    pub async fn joined_rooms(&self, user: &str) -> Result<Vec<String>> {
+        self.storage
+            .rooms
+            .rooms_for_user(user, "join")
+            .await
+            .map_err(internal)
+    }
+
+    /// `GET /rooms/{roomId}/timestamp_to_event`: (event id, its timestamp).
+    pub async fn timestamp_to_event(
+        &self,
+        user: &str,
+        room_id: &str,
+        ts: i64,
+        dir: Direction,
+    ) -> Result<(String, i64)> {
+        let (access, _) = self.access(user, room_id).await?;
+        let mut vis = Visibility {
+            user,
+            joined_now: matches!(access, Access::Joined),
+            by_group: HashMap::new(),
+        };
+        let event = self
+            .storage
+            .rooms
+            .event_near_ts(room_id, ts, dir)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::not_found("No event found in that direction"))?;
+        if !self.can_see(&mut vis, &event).await? {
+            return Err(Error::not_found("No event found in that direction"));
+        }
+        Ok((event.event_id, event.origin_server_ts))
+    }
+
+    /// Some entries of the room's current state, without reading the rest.
+    async fn current_entries(&self, room_id: &str, keys: &[(&str, &str)]) -> Result<StateMap> {
+        let keys: Vec<(String, String)> = keys
+            .iter()
+            .map(|(kind, key)| ((*kind).to_owned(), (*key).to_owned()))
+            .collect();
+        self.storage
+            .rooms
+            .current_state_entries(room_id, &keys)
+            .await
+            .map_err(internal)
+    }
+
+    /// The create and power levels entries of the current state.
+    async fn power_state(&self, room_id: &str) -> Result<StateMap> {
+        self.current_entries(
+            room_id,
+            &[("m.room.create", ""), ("m.room.power_levels", "")],
+        )
+        .await
+    }
+
+    /// The power level of `user` in the room's current state. Room creators of versions with
+    /// privileged creators have unlimited power.
+    pub(super) async fn power_of(&self, room_id: &str, user: &str) -> Result<i64> {
+        let state = self.power_state(room_id).await?;
+        let room = self
+            .storage
+            .rooms
+            .get_room(room_id)
+            .await
+            .map_err(internal)?;
+        if let Some(room) = &room
+            && let Ok((_, rules)) = room_version_rules(&room.room_version)
+            && rules.authorization.explicitly_privilege_room_creators
+        {
+            let create = self.state_content(&state, "m.room.create", "").await?;
+            let additional = create
+                .as_ref()
+                .and_then(|c| c.get("additional_creators"))
+                .and_then(Value::as_array)
+                .is_some_and(|list| list.iter().any(|u| u.as_str() == Some(user)));
+            if room.creator == user || additional {
+                return Ok(i64::MAX);
+            }
+        }
+        let Some(levels) = self
+            .state_content(&state, "m.room.power_levels", "")
+            .await?
+        else {
+            // No power levels yet: the creator has 100, everyone else 0.
+            return Ok(if room.is_some_and(|r| r.creator == user) {
+                100
+            } else {
+                0
+            });
+        };
+        Ok(levels["users"][user]
+            .as_i64()
+            .or_else(|| levels["users_default"].as_i64())
+            .unwrap_or(0))
+    }
+
+    /// The level a power-levels key (`redact`, `kick`...) requires.
+    pub(super) async fn power_needed(&self, room_id: &str, key: &str, default: i64) -> Result<i64> {
+        let state = self.power_state(room_id).await?;
+        Ok(self
+            .state_content(&state, "m.room.power_levels", "")
+            .await?
+            .and_then(|levels| levels[key].as_i64())
+            .unwrap_or(default))
+    }
+}
+
+/// A page that read nothing: it ends where it starts.
+fn empty_page(position: i64) -> MessagesPage {
+    MessagesPage {
+        chunk: Vec::new(),
+        start: token(position),
+        end: Some(token(position)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_patterns_glob() {
+        assert!(glob_match("m.room.*", "m.room.message"));
+        assert!(glob_match("*", "anything"));
+        assert!(!glob_match("m.room.*", "m.reaction"));
+        assert!(glob_match("m.room.message", "m.room.message"));
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        assert_eq!(parse_token(&token(42)).expect("parses"), 42);
+        assert!(parse_token("x1").is_err());
+        assert!(parse_token("s-1").is_err());
+    }
+}

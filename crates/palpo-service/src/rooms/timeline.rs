@@ -1,0 +1,377 @@
+//! Creating local events: build the PDU on the room's current state, hash and sign it, run the
+//! authorization rules, persist it with the next stream position.
+
+use std::collections::HashMap;
+
+use palpo_core::{Error, ErrorCode, Result, now_millis};
+use palpo_storage::{
+    StorageError,
+    model::{NewEvent, RoomRecord, StateMap, TxnKey},
+};
+use ruma::{
+    CanonicalJsonObject, OwnedEventId,
+    room_version_rules::{EventIdFormatVersion, RoomVersionRules},
+    state_res,
+};
+use serde_json::{Map, Value, value::RawValue as RawJsonValue};
+
+use super::{RoomService, internal, pdu::Pdu, room_version_rules};
+
+/// Largest PDU the spec allows, in bytes of canonical JSON.
+pub const MAX_PDU_BYTES: usize = 65_536;
+/// Most `prev_events` an event may cite.
+const MAX_PREV_EVENTS: usize = 20;
+/// Largest integer canonical JSON allows (2^53 - 1).
+const MAX_SAFE_INT: i64 = 9_007_199_254_740_991;
+
+/// What a local event says, before it is placed in the room's graph.
+#[derive(Debug, Clone)]
+pub struct EventDraft {
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub content: Value,
+    /// For redactions in room versions before 11 (later ones carry it in the content).
+    pub redacts: Option<String>,
+}
+
+impl EventDraft {
+    pub fn state(event_type: &str, state_key: &str, content: Value) -> Self {
+        EventDraft {
+            event_type: event_type.to_owned(),
+            state_key: Some(state_key.to_owned()),
+            content,
+            redacts: None,
+        }
+    }
+
+    pub fn message(event_type: &str, content: Value) -> Self {
+        EventDraft {
+            event_type: event_type.to_owned(),
+            state_key: None,
+            content,
+            redacts: None,
+        }
+    }
+}
+
+/// A signed PDU ready to persist.
+pub(super) struct BuiltEvent {
+    pub event_id: String,
+    pub json: String,
+    pub pdu: Pdu,
+    pub depth: i64,
+}
+
+/// Checks the limits on what a client may put into an event.
+pub(super) fn check_draft(draft: &EventDraft) -> Result<()> {
+    if draft.event_type.is_empty() || draft.event_type.len() > 255 {
+        return Err(Error::bad_json("Event type must be 1 to 255 bytes"));
+    }
+    if draft.state_key.as_ref().is_some_and(|k| k.len() > 255) {
+        return Err(Error::bad_json("State key must be at most 255 bytes"));
+    }
+    if !draft.content.is_object() {
+        return Err(Error::bad_json("Event content must be a JSON object"));
+    }
+    Ok(())
+}
+
+impl RoomService {
+    /// Builds, signs, authorizes and persists a local event; returns its id. With a
+    /// transaction id, a retry returns the event the first attempt created.
+    pub(crate) async fn append(
+        &self,
+        room_id: &str,
+        sender: &str,
+        draft: EventDraft,
+        txn: Option<TxnKey>,
+    ) -> Result<String> {
+        check_draft(&draft)?;
+        if let Some(txn) = &txn
+            && let Some(event_id) = self.storage.rooms.txn_event(txn).await.map_err(internal)?
+        {
+            return Ok(event_id);
+        }
+        let lock = self.room_lock(room_id);
+        let _guard = lock.lock().await;
+        // Another process may have moved the room on between our read and our write; the
+        // write version check catches it, and we build again on the new state.
+        for _ in 0..16 {
+            let room = self
+                .storage
+                .rooms
+                .get_room(room_id)
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| Error::not_found("Unknown room"))?;
+            let (_, rules) = room_version_rules(&room.room_version)?;
+            // Only the state the auth rules look at, not the whole room state.
+            let state = self.auth_state(room_id, &rules, sender, &draft).await?;
+            let built = self.build_on(&room, &rules, sender, &draft, &state).await?;
+            self.authorize(&rules, &built.pdu, &state).await?;
+            match self.persist(&room, &built, &draft, txn.clone()).await {
+                Ok(_) => return Ok(built.event_id),
+                Err(StorageError::Conflict(what)) if what == "transaction id" => {
+                    if let Some(txn) = &txn
+                        && let Some(id) =
+                            self.storage.rooms.txn_event(txn).await.map_err(internal)?
+                    {
+                        return Ok(id);
+                    }
+                    return Err(Error::internal("transaction id conflict without an event"));
+                }
+                Err(StorageError::Conflict(_)) => continue,
+                Err(e) => return Err(internal(e)),
+            }
+        }
+        Err(Error::internal(format!(
+            "room {room_id} kept changing while sending"
+        )))
+    }
+
+    /// The current state entries an event of `draft` is authorized against (and cites in
+    /// `auth_events`), plus the create event.
+    async fn auth_state(
+        &self,
+        room_id: &str,
+        rules: &RoomVersionRules,
+        sender: &str,
+        draft: &EventDraft,
+    ) -> Result<StateMap> {
+        let content = RawJsonValue::from_string(draft.content.to_string())
+            .map_err(|e| Error::bad_json(e.to_string()))?;
+        let sender = ruma::UserId::parse(sender).map_err(Error::internal)?;
+        let mut keys: Vec<(String, String)> = state_res::auth_types_for_event(
+            &draft.event_type.as_str().into(),
+            &sender,
+            draft.state_key.as_deref(),
+            &content,
+            &rules.authorization,
+        )
+        .map_err(Error::bad_json)?
+        .into_iter()
+        .map(|(kind, key)| (kind.to_string(), key))
+        .collect();
+        keys.push(("m.room.create".into(), String::new()));
+        self.storage
+            .rooms
+            .current_state_entries(room_id, &keys)
+            .await
+            .map_err(internal)
+    }
+
+    /// Persists a built event, expecting the room at `room.write_version`.
+    pub(super) async fn persist(
+        &self,
+        room: &RoomRecord,
+        built: &BuiltEvent,
+        draft: &EventDraft,
+        txn: Option<TxnKey>,
+    ) -> Result<i64, StorageError> {
+        let membership = (draft.event_type == "m.room.member")
+            .then(|| draft.content.get("membership").and_then(Value::as_str))
+            .flatten()
+            .map(str::to_owned);
+        self.storage
+            .rooms
+            .persist_event(&NewEvent {
+                event_id: built.event_id.clone(),
+                room_id: room.room_id.clone(),
+                depth: built.depth,
+                event_type: draft.event_type.clone(),
+                state_key: draft.state_key.clone(),
+                sender: built.pdu.sender.to_string(),
+                origin_server_ts: i64::from(built.pdu.origin_server_ts.0),
+                pdu_json: built.json.clone(),
+                prev_events: built
+                    .pdu
+                    .prev_events
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                outlier: false,
+                soft_failed: false,
+                rejected_reason: None,
+                expected_write_version: room.write_version,
+                membership,
+                redacts: built.pdu.redacts.as_ref().map(ToString::to_string),
+                txn,
+            })
+            .await
+            .map(|persisted| {
+                self.notifier.stream_advanced(persisted.stream_ordering);
+                persisted.stream_ordering
+            })
+    }
+
+    /// Builds an event on top of the room's forward extremities and current state.
+    pub(super) async fn build_on(
+        &self,
+        room: &RoomRecord,
+        rules: &RoomVersionRules,
+        sender: &str,
+        draft: &EventDraft,
+        state: &StateMap,
+    ) -> Result<BuiltEvent> {
+        let content_raw = RawJsonValue::from_string(draft.content.to_string())
+            .map_err(|e| Error::bad_json(e.to_string()))?;
+        let sender_id = ruma::UserId::parse(sender).map_err(Error::internal)?;
+        let auth_types = state_res::auth_types_for_event(
+            &draft.event_type.as_str().into(),
+            &sender_id,
+            draft.state_key.as_deref(),
+            &content_raw,
+            &rules.authorization,
+        )
+        .map_err(Error::bad_json)?;
+        let mut auth_events: Vec<String> = auth_types
+            .iter()
+            .filter_map(|(kind, key)| state.get(&(kind.to_string(), key.clone())).cloned())
+            .collect();
+        auth_events.sort();
+        auth_events.dedup();
+        let mut prev_events = room.forward_extremities.clone();
+        prev_events.truncate(MAX_PREV_EVENTS);
+        let depth = (room.max_depth + 1).min(MAX_SAFE_INT);
+        self.build_pdu(
+            rules,
+            Some(&room.room_id),
+            sender,
+            draft,
+            &prev_events,
+            &auth_events,
+            depth,
+        )
+        .await
+    }
+
+    /// Assembles, hashes and signs a PDU. `room_id` is `None` only for the create event of a
+    /// room version whose room id is derived from that event.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn build_pdu(
+        &self,
+        rules: &RoomVersionRules,
+        room_id: Option<&str>,
+        sender: &str,
+        draft: &EventDraft,
+        prev_events: &[String],
+        auth_events: &[String],
+        depth: i64,
+    ) -> Result<BuiltEvent> {
+        if rules.event_id_format == EventIdFormatVersion::V1 {
+            return Err(Error::new(
+                ErrorCode::UnsupportedRoomVersion,
+                "Events cannot be created in room versions 1 and 2",
+            ));
+        }
+        let mut object = Map::new();
+        if let Some(room_id) = room_id {
+            object.insert("room_id".into(), room_id.into());
+        }
+        object.insert("sender".into(), sender.into());
+        object.insert("type".into(), draft.event_type.clone().into());
+        if let Some(state_key) = &draft.state_key {
+            object.insert("state_key".into(), state_key.clone().into());
+        }
+        object.insert("content".into(), draft.content.clone());
+        object.insert("origin_server_ts".into(), now_millis().into());
+        object.insert("depth".into(), depth.into());
+        object.insert("prev_events".into(), prev_events.to_vec().into());
+        object.insert("auth_events".into(), auth_events.to_vec().into());
+        if let Some(redacts) = &draft.redacts
+            && !rules.redaction.content_field_redacts
+        {
+            object.insert("redacts".into(), redacts.clone().into());
+        }
+        let keys = self.signing_keys().await?;
+        let mut object: CanonicalJsonObject = ruma::canonical_json::try_from_json_map(object)
+            .map_err(|e| Error::bad_json(format!("Event is not canonical JSON: {e}")))?;
+        ruma::signatures::hash_and_sign_event(
+            &self.config.server_name,
+            keys.pair(),
+            &mut object,
+            &rules.redaction,
+        )
+        .map_err(|e| too_large_or_bad(e.to_string()))?;
+        let hash = ruma::signatures::reference_hash(&object, rules)
+            .map_err(|e| too_large_or_bad(e.to_string()))?;
+        let event_id = format!("${hash}");
+        let json = serde_json::to_string(&object).map_err(Error::internal)?;
+        if json.len() > MAX_PDU_BYTES {
+            return Err(Error::new(
+                ErrorCode::TooLarge,
+                format!("Event is larger than {MAX_PDU_BYTES} bytes"),
+            ));
+        }
+        let pdu = Pdu::parse(&event_id, &json, false).map_err(Error::internal)?;
+        Ok(BuiltEvent {
+            event_id,
+            json,
+            pdu,
+            depth,
+        })
+    }
+
+    /// Runs the authorization rules against the room's current state: 403 when they refuse.
+    pub(super) async fn authorize(
+        &self,
+        rules: &RoomVersionRules,
+        pdu: &Pdu,
+        state: &StateMap,
+    ) -> Result<()> {
+        let auth_types = state_res::auth_types_for_event(
+            &pdu.kind,
+            &pdu.sender,
+            pdu.state_key.as_deref(),
+            &pdu.content,
+            &rules.authorization,
+        )
+        .map_err(Error::bad_json)?;
+        let mut wanted: Vec<(String, String)> = auth_types
+            .into_iter()
+            .map(|(kind, key)| (kind.to_string(), key))
+            .collect();
+        wanted.push(("m.room.create".into(), String::new()));
+        let ids: Vec<String> = wanted
+            .iter()
+            .filter_map(|k| state.get(k).cloned())
+            .collect();
+        let records = self
+            .storage
+            .rooms
+            .get_events(&ids)
+            .await
+            .map_err(internal)?;
+        let mut by_id: HashMap<OwnedEventId, Pdu> = HashMap::new();
+        let mut by_state: HashMap<(String, String), Pdu> = HashMap::new();
+        for record in records {
+            let pdu = Pdu::parse(
+                &record.event_id,
+                &record.pdu_json,
+                record.rejected_reason.is_some(),
+            )
+            .map_err(Error::internal)?;
+            if let Some(key) = &record.state_key {
+                by_state.insert((record.event_type.clone(), key.clone()), pdu.clone());
+            }
+            by_id.insert(pdu.event_id.clone(), pdu);
+        }
+        state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
+            by_id.get(id).cloned()
+        })
+        .map_err(|reason| Error::forbidden(format!("Event not authorized: {reason}")))?;
+        state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |kind, key| {
+            by_state.get(&(kind.to_string(), key.to_owned())).cloned()
+        })
+        .map_err(|reason| Error::forbidden(format!("Event not authorized: {reason}")))?;
+        Ok(())
+    }
+}
+
+fn too_large_or_bad(message: String) -> Error {
+    if message.to_lowercase().contains("too large") {
+        Error::new(ErrorCode::TooLarge, message)
+    } else {
+        Error::bad_json(message)
+    }
+}

@@ -1,0 +1,467 @@
+//! The rooms part of `/sync` on every backend: incremental syncs deliver each event exactly
+//! once and in order, limited timelines can be back-filled, leaves and invites show in their
+//! sections, and a long-poll wakes when a message is sent.
+
+use std::time::Duration;
+
+use palpo_service::{
+    Services,
+    rooms::{CreateRoom, Direction, MessagesQuery, Preset, SyncRequest, SyncRooms, TimelineFilter},
+    sync::{SyncOptions, SyncToken},
+};
+use palpo_storage::Storage;
+use serde_json::{Value, json};
+
+mod common;
+use common::{services, user};
+
+fn request(limit: usize) -> SyncRequest {
+    SyncRequest {
+        full_state: false,
+        timeline_limit: limit,
+        include_leave: false,
+        timeline_filter: TimelineFilter::default(),
+        rooms: None,
+        not_rooms: Vec::new(),
+    }
+}
+
+/// One pass of the rooms part of a sync after `since`.
+async fn sync(
+    services: &Services,
+    user: &str,
+    since: Option<&SyncRooms>,
+    limit: usize,
+) -> SyncRooms {
+    services
+        .rooms
+        .sync_rooms(user, since.map(|s| s.position), &request(limit))
+        .await
+        .expect("sync")
+}
+
+fn bodies(rooms: &SyncRooms, room_id: &str) -> Vec<String> {
+    rooms
+        .join
+        .get(room_id)
+        .map(|r| {
+            r.timeline
+                .events
+                .iter()
+                .filter(|e| e["type"] == "m.room.message")
+                .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn send(services: &Services, user: &str, room_id: &str, body: &str) {
+    services
+        .rooms
+        .send_message(
+            user,
+            "DEV",
+            room_id,
+            "m.room.message",
+            body,
+            json!({"msgtype": "m.text", "body": body}),
+        )
+        .await
+        .expect("send");
+}
+
+on_every_backend!(
+    chat_is_delivered_once_in_order,
+    limited_gaps_backfill,
+    leave_and_invite_sections,
+    long_poll_wakes_on_send
+);
+
+async fn chat_is_delivered_once_in_order(storage: Storage) {
+    let services = services(storage);
+    let alice = user(&services, "alice").await;
+    let bob = user(&services, "bob").await;
+    let room_id = services
+        .rooms
+        .create_room(
+            &alice,
+            CreateRoom {
+                preset: Some(Preset::PublicChat),
+                name: Some("chat".into()),
+                ..CreateRoom::default()
+            },
+        )
+        .await
+        .expect("room");
+    services
+        .rooms
+        .join(&bob, &room_id, None)
+        .await
+        .expect("join");
+    let initial = sync(&services, &bob, None, 10).await;
+    let room = initial
+        .join
+        .get(&room_id)
+        .expect("joined room in initial sync");
+    assert!(
+        room.state
+            .iter()
+            .chain(&room.timeline.events)
+            .any(|e| e["type"] == "m.room.create"),
+        "create event present"
+    );
+    assert_eq!(room.summary.joined_member_count, 2);
+    assert_eq!(room.summary.heroes, vec![alice.clone()]);
+
+    let mut received = Vec::new();
+    let mut last = initial;
+    for round in 0..4 {
+        for n in 0..3 {
+            let sender = if n % 2 == 0 { &alice } else { &bob };
+            send(&services, sender, &room_id, &format!("r{round}m{n}")).await;
+        }
+        let next = sync(&services, &bob, Some(&last), 10).await;
+        let room = next.join.get(&room_id).expect("room changed");
+        assert!(!room.timeline.limited);
+        assert!(
+            room.state.is_empty(),
+            "unlimited incremental timelines carry no state"
+        );
+        received.extend(bodies(&next, &room_id));
+        last = next;
+    }
+    let expected: Vec<String> = (0..4)
+        .flat_map(|r| (0..3).map(move |n| format!("r{r}m{n}")))
+        .collect();
+    assert_eq!(received, expected, "every message once, in order");
+    // Nothing new: nothing returned.
+    let quiet = sync(&services, &bob, Some(&last), 10).await;
+    assert!(quiet.is_empty());
+}
+
+async fn limited_gaps_backfill(storage: Storage) {
+    let services = services(storage);
+    let alice = user(&services, "alice").await;
+    let bob = user(&services, "bob").await;
+    let room_id = services
+        .rooms
+        .create_room(
+            &alice,
+            CreateRoom {
+                preset: Some(Preset::PublicChat),
+                ..CreateRoom::default()
+            },
+        )
+        .await
+        .expect("room");
+    services
+        .rooms
+        .join(&bob, &room_id, None)
+        .await
+        .expect("join");
+    let first = sync(&services, &bob, None, 10).await;
+    for n in 0..12 {
+        send(&services, &alice, &room_id, &format!("m{n}")).await;
+    }
+    services
+        .rooms
+        .send_state(
+            &alice,
+            &room_id,
+            "m.room.topic",
+            "",
+            json!({"topic": "new"}),
+        )
+        .await
+        .expect("topic");
+    for n in 12..15 {
+        send(&services, &alice, &room_id, &format!("m{n}")).await;
+    }
+    let next = sync(&services, &bob, Some(&first), 3).await;
+    let room = next.join.get(&room_id).expect("room");
+    assert!(room.timeline.limited);
+    assert_eq!(bodies(&next, &room_id), ["m12", "m13", "m14"]);
+    assert!(
+        room.state
+            .iter()
+            .any(|e| e["type"] == "m.room.topic" && e["content"]["topic"] == "new"),
+        "state delta before the gap"
+    );
+    // Back-fill the gap from prev_batch to the previous sync's position.
+    let page = services
+        .rooms
+        .messages(
+            &bob,
+            &room_id,
+            &MessagesQuery {
+                from: room.timeline.prev_batch.clone(),
+                to: Some(format!("s{}", first.position)),
+                dir: Direction::Backward,
+                limit: 100,
+                filter: TimelineFilter {
+                    types: Some(vec!["m.room.message".into()]),
+                    ..TimelineFilter::default()
+                },
+            },
+        )
+        .await
+        .expect("backfill");
+    let gap: Vec<&str> = page
+        .chunk
+        .iter()
+        .rev()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    let expected: Vec<String> = (0..12).map(|n| format!("m{n}")).collect();
+    assert_eq!(gap, expected);
+}
+
+async fn leave_and_invite_sections(storage: Storage) {
+    let services = services(storage);
+    let alice = user(&services, "alice").await;
+    let bob = user(&services, "bob").await;
+    let room_id = services
+        .rooms
+        .create_room(
+            &alice,
+            CreateRoom {
+                preset: Some(Preset::PrivateChat),
+                name: Some("secret".into()),
+                ..CreateRoom::default()
+            },
+        )
+        .await
+        .expect("room");
+    let before = sync(&services, &bob, None, 10).await;
+    assert!(before.join.is_empty() && before.invite.is_empty());
+    services
+        .rooms
+        .invite(&alice, &room_id, &bob, None)
+        .await
+        .expect("invite");
+    let invited = sync(&services, &bob, Some(&before), 10).await;
+    let invite = invited.invite.get(&room_id).expect("invite section");
+    assert!(
+        invite
+            .invite_state
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "secret")
+    );
+    assert!(
+        invite
+            .invite_state
+            .iter()
+            .any(|e| e["type"] == "m.room.member" && e["state_key"] == bob.as_str())
+    );
+    services
+        .rooms
+        .join(&bob, &room_id, None)
+        .await
+        .expect("join");
+    let joined = sync(&services, &bob, Some(&invited), 10).await;
+    let room = joined.join.get(&room_id).expect("joined section");
+    assert!(
+        room.state
+            .iter()
+            .chain(&room.timeline.events)
+            .any(|e| e["type"] == "m.room.name"),
+        "newly joined room comes whole"
+    );
+    send(&services, &alice, &room_id, "before ban").await;
+    services
+        .rooms
+        .ban(&alice, &room_id, &bob, Some("bye".into()))
+        .await
+        .expect("ban");
+    send(&services, &alice, &room_id, "after ban").await;
+    let banned = sync(&services, &bob, Some(&joined), 10).await;
+    assert!(!banned.join.contains_key(&room_id));
+    let left = banned.leave.get(&room_id).expect("leave section");
+    let seen: Vec<&str> = left
+        .timeline
+        .events
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(seen, ["before ban"], "nothing after the ban");
+    assert_eq!(
+        left.timeline
+            .events
+            .last()
+            .map(|e| e["content"]["membership"].clone()),
+        Some(Value::from("ban"))
+    );
+    send(&services, &alice, &room_id, "later").await;
+    let after = sync(&services, &bob, Some(&banned), 10).await;
+    assert!(after.is_empty(), "a banned user gets nothing more");
+}
+
+async fn long_poll_wakes_on_send(storage: Storage) {
+    let services = services(storage);
+    let alice = user(&services, "alice").await;
+    let bob = user(&services, "bob").await;
+    let room_id = services
+        .rooms
+        .create_room(
+            &alice,
+            CreateRoom {
+                preset: Some(Preset::PublicChat),
+                ..CreateRoom::default()
+            },
+        )
+        .await
+        .expect("room");
+    services
+        .rooms
+        .join(&bob, &room_id, None)
+        .await
+        .expect("join");
+    let first = sync(&services, &bob, None, 10).await;
+    let sync_service = services.sync.clone();
+    let waiting_for = bob.clone();
+    let options = SyncOptions {
+        since: Some(
+            SyncToken {
+                stream: first.position,
+                ephemeral: 0,
+            }
+            .to_string(),
+        ),
+        timeout: Duration::from_secs(20),
+        rooms: request(10),
+    };
+    let started = std::time::Instant::now();
+    let poll = tokio::spawn(async move { sync_service.sync(&waiting_for, &options).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!poll.is_finished(), "nothing to say yet: the sync waits");
+    send(&services, &alice, &room_id, "wake up").await;
+    let woke = poll.await.expect("task").expect("sync").rooms;
+    // Loose bound: the figure that matters is measured by the benchmark.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(bodies(&woke, &room_id), ["wake up"]);
+}
+
+mod sliding {
+    use std::collections::BTreeMap;
+
+    use palpo_service::rooms::sliding::{RoomDetails, SlidingList, SlidingRequest};
+
+    use super::*;
+
+    fn list_request(pos: Option<i64>, end: usize) -> SlidingRequest {
+        let details = RoomDetails {
+            required_state: vec![("m.room.name".into(), String::new())],
+            timeline_limit: 2,
+        };
+        SlidingRequest {
+            pos,
+            conn_id: "main".into(),
+            lists: BTreeMap::from([(
+                "all".to_owned(),
+                SlidingList {
+                    ranges: vec![(0, end)],
+                    details,
+                    is_invite: None,
+                },
+            )]),
+            room_subscriptions: BTreeMap::new(),
+            extensions: Default::default(),
+        }
+    }
+
+    async fn recency_lists_and_updates(storage: Storage) {
+        let services = services(storage);
+        let alice = user(&services, "alice").await;
+        let mut rooms = Vec::new();
+        for n in 0..3 {
+            let room_id = services
+                .rooms
+                .create_room(
+                    &alice,
+                    CreateRoom {
+                        name: Some(format!("room {n}")),
+                        ..CreateRoom::default()
+                    },
+                )
+                .await
+                .expect("room");
+            rooms.push(room_id);
+        }
+        // Room 0 gets the latest message: it sorts first.
+        send(&services, &alice, &rooms[0], "newest").await;
+        let first = services
+            .sync
+            .sliding_sync(&alice, "DEV", &list_request(None, 1), Duration::ZERO)
+            .await
+            .expect("sliding sync")
+            .response;
+        assert_eq!(first.lists["all"], 3);
+        let window: Vec<&String> = first.rooms.keys().collect();
+        assert_eq!(first.rooms.len(), 2, "range [0, 1] holds two rooms");
+        assert!(
+            first.rooms.contains_key(&rooms[0]) && first.rooms.contains_key(&rooms[2]),
+            "{window:?}"
+        );
+        let room0 = &first.rooms[&rooms[0]];
+        assert!(room0.initial);
+        assert_eq!(room0.name.as_deref(), Some("room 0"));
+        assert_eq!(room0.timeline.len(), 2);
+        assert!(room0.limited);
+        assert_eq!(room0.required_state.len(), 1);
+        assert_eq!(
+            room0.timeline.last().map(|e| e["content"]["body"].clone()),
+            Some(json!("newest"))
+        );
+
+        // A message in room 1 moves it to the top; the next response carries only it.
+        send(&services, &alice, &rooms[1], "bump").await;
+        let next = services
+            .sync
+            .sliding_sync(
+                &alice,
+                "DEV",
+                &list_request(Some(first.pos), 1),
+                Duration::ZERO,
+            )
+            .await
+            .expect("sliding sync")
+            .response;
+        assert_eq!(next.rooms.keys().collect::<Vec<_>>(), vec![&rooms[1]]);
+        assert!(
+            next.rooms[&rooms[1]].initial,
+            "first time this connection sees room 1"
+        );
+
+        send(&services, &alice, &rooms[1], "again").await;
+        let third = services
+            .sync
+            .sliding_sync(
+                &alice,
+                "DEV",
+                &list_request(Some(next.pos), 1),
+                Duration::ZERO,
+            )
+            .await
+            .expect("sliding sync")
+            .response;
+        let room1 = &third.rooms[&rooms[1]];
+        assert!(!room1.initial);
+        assert_eq!(room1.timeline.len(), 1, "only what is new");
+        assert!(room1.required_state.is_empty(), "the name did not change");
+
+        // Unknown positions make the client start over.
+        let err = services
+            .sync
+            .sliding_sync(
+                &alice,
+                "OTHER",
+                &list_request(Some(third.pos), 1),
+                Duration::ZERO,
+            )
+            .await
+            .expect_err("unknown connection");
+        assert_eq!(err.code(), palpo_core::ErrorCode::UnknownPos);
+    }
+
+    on_every_backend!(recency_lists_and_updates);
+}

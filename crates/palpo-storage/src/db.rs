@@ -1,0 +1,448 @@
+//! Database connections: one concrete sqlx pool per backend, behind one type.
+//!
+//! Queries are written once, with `?` placeholders, and run on any backend through
+//! [`on_pool!`](crate::on_pool) and [`on_tx!`](crate::on_tx), which expand the same code for
+//! each concrete pool type, so every column type maps natively. For PostgreSQL the `?` become
+//! `$1, $2...`. Where dialects truly differ, repositories branch on [`Backend`].
+
+use std::{borrow::Cow, str::FromStr, time::Duration};
+
+use palpo_core::config::{DatabaseConfig, redact_url};
+use sqlx::{
+    mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions},
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
+};
+
+use crate::{
+    error::{Result, StorageError},
+    replica::ReadRouter,
+};
+
+/// Which database dialect a pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn from_url(url: &str) -> Result<Self> {
+        let scheme = url.split("://").next().unwrap_or_default();
+        match scheme {
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            "mysql" | "mariadb" => Ok(Backend::MySql),
+            "sqlite" => Ok(Backend::Sqlite),
+            _ => Err(StorageError::Connect(format!(
+                "unsupported database URL {}",
+                redact_url(url)
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::MySql => "mysql",
+            Backend::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// A connection pool of one of the three backends.
+#[derive(Debug, Clone)]
+pub enum Pool {
+    Postgres(PgPool),
+    MySql(MySqlPool),
+    Sqlite(SqlitePool),
+}
+
+impl Pool {
+    pub fn backend(&self) -> Backend {
+        match self {
+            Pool::Postgres(_) => Backend::Postgres,
+            Pool::MySql(_) => Backend::MySql,
+            Pool::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Pool::Postgres(p) => p.close().await,
+            Pool::MySql(p) => p.close().await,
+            Pool::Sqlite(p) => p.close().await,
+        }
+    }
+}
+
+/// A transaction on one of the three backends.
+pub enum Tx {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    MySql(sqlx::Transaction<'static, sqlx::MySql>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<()> {
+        match self {
+            Tx::Postgres(tx) => tx.commit().await?,
+            Tx::MySql(tx) => tx.commit().await?,
+            Tx::Sqlite(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+}
+
+/// A text column as read back. Decode string columns into this, not `String`: MySQL flags
+/// columns with a binary collation (`utf8mb4_bin`, which makes our ids case-sensitive) as
+/// BINARY, and sqlx refuses to decode those as `String` ("VARCHAR is not compatible with
+/// VARBINARY"). Identical to `String` on PostgreSQL and SQLite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text(pub String);
+
+impl From<Text> for String {
+    fn from(text: Text) -> Self {
+        text.0
+    }
+}
+
+macro_rules! text_decodes_as_string {
+    ($db:ty, $compatible:ty) => {
+        impl sqlx::Type<$db> for Text {
+            fn type_info() -> <$db as sqlx::Database>::TypeInfo {
+                <String as sqlx::Type<$db>>::type_info()
+            }
+
+            fn compatible(ty: &<$db as sqlx::Database>::TypeInfo) -> bool {
+                <$compatible as sqlx::Type<$db>>::compatible(ty)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, $db> for Text {
+            fn decode(
+                value: <$db as sqlx::Database>::ValueRef<'r>,
+            ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+                // Still checks that the bytes are UTF-8.
+                <String as sqlx::Decode<'r, $db>>::decode(value).map(Text)
+            }
+        }
+    };
+}
+
+text_decodes_as_string!(sqlx::Postgres, String);
+text_decodes_as_string!(sqlx::Sqlite, String);
+// `[u8]` accepts the same column types as `String`, whatever their BINARY flag.
+text_decodes_as_string!(sqlx::MySql, [u8]);
+
+/// Rewrites `?` placeholders to PostgreSQL's `$n`, leaving quoted text alone.
+pub fn postgres_placeholders(sql: &str) -> Cow<'_, str> {
+    if !sql.contains('?') {
+        return Cow::Borrowed(sql);
+    }
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    let mut quote: Option<char> = None;
+    for c in sql.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None if c == '?' => {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+                continue;
+            }
+            None => {}
+        }
+        out.push(c);
+    }
+    Cow::Owned(out)
+}
+
+/// Runs the same sqlx code on whichever pool `$pool` holds.
+///
+/// `on_pool!(pool, "SELECT ... WHERE a = ?", |p, sql| sqlx::query(sql).bind(a).fetch_one(p).await)`
+/// binds `p` to the concrete `&Pool` and `sql` to the query in that backend's placeholder style.
+#[macro_export]
+macro_rules! on_pool {
+    ($pool:expr, $query:expr, |$p:ident, $sql:ident| $body:expr) => {
+        match $pool {
+            // Bodies rustfmt collapses to `{ expr }` are fine here.
+            #[allow(unused_braces)]
+            $crate::db::Pool::Postgres($p) => {
+                let owned = $crate::db::postgres_placeholders($query);
+                let $sql: &str = &owned;
+                $body
+            }
+            #[allow(unused_braces)]
+            $crate::db::Pool::MySql($p) => {
+                let $sql: &str = $query;
+                $body
+            }
+            #[allow(unused_braces)]
+            $crate::db::Pool::Sqlite($p) => {
+                let $sql: &str = $query;
+                $body
+            }
+        }
+    };
+}
+
+/// As [`on_pool!`], inside a transaction: `$c` is the transaction's `&mut` connection.
+#[macro_export]
+macro_rules! on_tx {
+    ($tx:expr, $query:expr, |$c:ident, $sql:ident| $body:expr) => {
+        match $tx {
+            // Bodies rustfmt collapses to `{ expr }` are fine here.
+            #[allow(unused_braces)]
+            $crate::db::Tx::Postgres(tx) => {
+                let $c = &mut **tx;
+                let owned = $crate::db::postgres_placeholders($query);
+                let $sql: &str = &owned;
+                $body
+            }
+            #[allow(unused_braces)]
+            $crate::db::Tx::MySql(tx) => {
+                let $c = &mut **tx;
+                let $sql: &str = $query;
+                $body
+            }
+            #[allow(unused_braces)]
+            $crate::db::Tx::Sqlite(tx) => {
+                let $c = &mut **tx;
+                let $sql: &str = $query;
+                $body
+            }
+        }
+    };
+}
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
+}
+
+/// The embedded migrations of a backend: `(version, description, sql)`.
+pub fn migrations(backend: Backend) -> &'static [(i64, &'static str, &'static str)] {
+    match backend {
+        Backend::Postgres => embedded::POSTGRES,
+        Backend::MySql => embedded::MYSQL,
+        Backend::Sqlite => embedded::SQLITE,
+    }
+}
+
+fn migrator(backend: Backend) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType};
+    let list = migrations(backend)
+        .iter()
+        .map(|(version, description, sql)| {
+            Migration::new(
+                *version,
+                Cow::Borrowed(*description),
+                MigrationType::Simple,
+                Cow::Borrowed(*sql),
+                false,
+            )
+        })
+        .collect::<Vec<_>>();
+    sqlx::migrate::Migrator {
+        migrations: Cow::Owned(list),
+        ignore_missing: false,
+        // An advisory lock (PostgreSQL, MySQL) so several processes can start at once.
+        locking: true,
+        no_tx: false,
+    }
+}
+
+/// The database: the primary pool every write goes to, and the router that picks a pool
+/// for each read.
+pub struct Db {
+    backend: Backend,
+    primary: Pool,
+    reads: ReadRouter,
+}
+
+impl Db {
+    /// Connects to the primary (and any replicas). Does not migrate: call [`Db::migrate`].
+    #[tracing::instrument(skip_all, fields(url = %redact_url(&config.url)))]
+    pub async fn connect(config: &DatabaseConfig) -> Result<Self> {
+        let backend = Backend::from_url(&config.url)?;
+        if backend != Backend::Postgres && !config.replica_urls.is_empty() {
+            // Replica routing reads PostgreSQL WAL positions; a replica pool of another
+            // backend would be handed out for reads of a primary it does not mirror.
+            return Err(StorageError::Connect(
+                "database.replica_urls: replicas are supported with PostgreSQL only".into(),
+            ));
+        }
+        let acquire = Duration::from_secs(config.acquire_timeout_secs);
+        let connect_err =
+            |e: sqlx::Error| StorageError::Connect(format!("{}: {e}", redact_url(&config.url)));
+        let (primary, sqlite_readers) = match backend {
+            Backend::Postgres => {
+                let options = PgConnectOptions::from_str(&config.url).map_err(connect_err)?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(config.max_connections)
+                    .acquire_timeout(acquire)
+                    .connect_with(options)
+                    .await
+                    .map_err(connect_err)?;
+                (Pool::Postgres(pool), None)
+            }
+            Backend::MySql => {
+                let options = MySqlConnectOptions::from_str(&config.url)
+                    .map_err(connect_err)?
+                    .charset("utf8mb4");
+                let pool = MySqlPoolOptions::new()
+                    .max_connections(config.max_connections)
+                    .acquire_timeout(acquire)
+                    .connect_with(options)
+                    .await
+                    .map_err(connect_err)?;
+                (Pool::MySql(pool), None)
+            }
+            Backend::Sqlite => {
+                let (writer, readers) = connect_sqlite(config, acquire).await?;
+                (Pool::Sqlite(writer), Some(readers))
+            }
+        };
+        let mut replicas = Vec::new();
+        for url in &config.replica_urls {
+            let options = PgConnectOptions::from_str(url)
+                .map_err(|e| StorageError::Connect(format!("{}: {e}", redact_url(url))))?;
+            // Lazy: a replica that is down at start must not stop the server.
+            let pool = PgPoolOptions::new()
+                .max_connections(config.max_connections)
+                .acquire_timeout(Duration::from_secs(2))
+                .connect_lazy_with(options);
+            replicas.push(pool);
+        }
+        let reads = ReadRouter::new(primary.clone(), sqlite_readers, replicas);
+        Ok(Db {
+            backend,
+            primary,
+            reads,
+        })
+    }
+
+    /// Applies every pending migration of this backend.
+    pub async fn migrate(&self) -> Result<()> {
+        let migrator = migrator(self.backend);
+        match &self.primary {
+            Pool::Postgres(p) => migrator.run(p).await?,
+            Pool::MySql(p) => migrator.run(p).await?,
+            Pool::Sqlite(p) => migrator.run(p).await?,
+        }
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The pool for writes and for reads that must see every committed write.
+    pub fn primary(&self) -> &Pool {
+        &self.primary
+    }
+
+    /// The read router (replica selection, read-your-writes bookkeeping).
+    pub fn reads(&self) -> &ReadRouter {
+        &self.reads
+    }
+
+    /// A pool for a read on behalf of `user_id`: a replica when it has caught up with that
+    /// user's last write, otherwise the primary.
+    pub async fn read_pool(&self, user_id: &str) -> Pool {
+        self.reads.pool_for(user_id).await
+    }
+
+    /// Records that `user_id` just committed a write, so their next reads see it.
+    pub async fn wrote(&self, user_id: &str) {
+        self.reads.note_write(user_id).await
+    }
+
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(match &self.primary {
+            Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
+            Pool::MySql(p) => Tx::MySql(p.begin().await?),
+            Pool::Sqlite(p) => Tx::Sqlite(p.begin().await?),
+        })
+    }
+
+    pub async fn close(&self) {
+        self.primary.close().await;
+        self.reads.close().await;
+    }
+}
+
+/// SQLite: WAL, one writer connection (SQLite allows one writer at a time; queueing in the
+/// pool is cheaper than busy-waiting), a pool of readers, and a busy timeout for both.
+async fn connect_sqlite(
+    config: &DatabaseConfig,
+    acquire: Duration,
+) -> Result<(SqlitePool, SqlitePool)> {
+    let err = |e: sqlx::Error| StorageError::Connect(format!("{}: {e}", config.url));
+    let options = SqliteConnectOptions::from_str(&config.url)
+        .map_err(err)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    if let Some(parent) = options.get_filename().parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            StorageError::Connect(format!("cannot create {}: {e}", parent.display()))
+        })?;
+    }
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(acquire)
+        .connect_with(options.clone())
+        .await
+        .map_err(err)?;
+    let readers = SqlitePoolOptions::new()
+        .max_connections(config.max_connections.max(2))
+        .acquire_timeout(acquire)
+        .connect_with(options.read_only(true))
+        .await
+        .map_err(err)?;
+    Ok((writer, readers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres() {
+        assert_eq!(
+            postgres_placeholders("SELECT a FROM t WHERE b = ? AND c = ?"),
+            "SELECT a FROM t WHERE b = $1 AND c = $2"
+        );
+        assert_eq!(
+            postgres_placeholders("SELECT '?' FROM t WHERE b = ?"),
+            "SELECT '?' FROM t WHERE b = $1"
+        );
+        assert!(matches!(
+            postgres_placeholders("SELECT 1"),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn every_backend_has_the_same_migration_versions() {
+        let names = |b| {
+            migrations(b)
+                .iter()
+                .map(|(v, d, _)| format!("{v}_{d}"))
+                .collect::<Vec<_>>()
+        };
+        assert!(!names(Backend::Postgres).is_empty());
+        assert_eq!(names(Backend::Postgres), names(Backend::MySql));
+        assert_eq!(names(Backend::Postgres), names(Backend::Sqlite));
+    }
+}

@@ -1,0 +1,31 @@
+use thiserror::Error;
+
+/// A storage failure. Callers branch only on [`StorageError::Conflict`]; the rest are internal.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    /// A unique key already exists (user id taken, device id reused...).
+    #[error("already exists: {0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is malformed: {0}")]
+    Corrupt(String),
+    #[error("cannot open database: {0}")]
+    Connect(String),
+}
+
+impl StorageError {
+    /// Maps a unique-constraint violation to [`StorageError::Conflict`].
+    pub(crate) fn conflict_or(err: sqlx::Error, what: impl Into<String>) -> Self {
+        if let sqlx::Error::Database(db) = &err
+            && db.is_unique_violation()
+        {
+            return StorageError::Conflict(what.into());
+        }
+        StorageError::Database(err)
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

@@ -1,0 +1,282 @@
+//! Repository traits: what the services may ask of storage. One trait per aggregate.
+//!
+//! Implemented by the sqlx backends (`sql`), and decorated by the Redis cache (`cache`).
+//! Services hold `Arc<dyn Trait>`, never a pool.
+
+use async_trait::async_trait;
+
+use crate::{
+    error::Result,
+    model::{
+        AliasRecord, DeviceLogin, DeviceRecord, Direction, EventRecord, MembershipRecord, NewEvent,
+        NewRoom, NewUser, PersistedEvent, ProfileRecord, Removed, RoomRecord, SigningKeyRecord,
+        StateMap, TokenOwner, TxnKey, UiaSession, UserRecord,
+    },
+};
+
+#[async_trait]
+pub trait UserRepo: Send + Sync {
+    /// Creates an account; [`crate::StorageError::Conflict`] when the id is taken.
+    async fn create_user(&self, user: &NewUser) -> Result<()>;
+    async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>>;
+    /// Sets or clears the password hash. Returns false when the user does not exist.
+    async fn set_password_hash(&self, user_id: &str, hash: Option<&str>) -> Result<bool>;
+    /// Marks the account deactivated and clears its password. The id stays reserved forever.
+    async fn deactivate_user(&self, user_id: &str) -> Result<()>;
+    async fn count_users(&self) -> Result<i64>;
+}
+
+#[async_trait]
+pub trait DeviceRepo: Send + Sync {
+    /// Creates the device (or reuses it) and gives it a new access token, replacing any
+    /// previous token of that device, in one transaction. Returns the replaced tokens' hashes.
+    async fn login_device(&self, login: &DeviceLogin) -> Result<Vec<String>>;
+    async fn get_device(&self, user_id: &str, device_id: &str) -> Result<Option<DeviceRecord>>;
+    /// The user's devices, ordered by device id.
+    async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceRecord>>;
+    /// Returns false when the device does not exist.
+    async fn set_device_display_name(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        display_name: Option<&str>,
+    ) -> Result<bool>;
+    /// Deletes the devices and their tokens. Unknown ids are ignored.
+    async fn delete_devices(&self, user_id: &str, device_ids: &[String]) -> Result<Removed>;
+    /// Deletes every device of the user (and their tokens) except `keep`.
+    async fn delete_all_devices(&self, user_id: &str, keep: Option<&str>) -> Result<Removed>;
+    /// Who owns the token with this hash. Always answered from the primary: a token
+    /// that was just revoked must stop working at once.
+    async fn find_token(&self, token_hash: &str) -> Result<Option<TokenOwner>>;
+    /// Records when and from where a device was last used.
+    async fn touch_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        ip: Option<&str>,
+        ts: i64,
+    ) -> Result<()>;
+}
+
+#[async_trait]
+pub trait UiaRepo: Send + Sync {
+    async fn create_session(&self, session: &UiaSession) -> Result<()>;
+    async fn get_session(&self, session_id: &str) -> Result<Option<UiaSession>>;
+    /// Replaces the completed stages and data of a session.
+    async fn update_session(&self, session: &UiaSession) -> Result<()>;
+    async fn delete_session(&self, session_id: &str) -> Result<()>;
+    /// Deletes sessions created before `before`; returns how many.
+    async fn delete_sessions_before(&self, before: i64) -> Result<u64>;
+}
+
+/// Rooms, events, state and membership.
+#[async_trait]
+pub trait RoomRepo: Send + Sync {
+    /// Creates the room row, before its create event is persisted. Conflict when it exists.
+    async fn create_room(&self, room: &NewRoom) -> Result<()>;
+    /// The room as the primary sees it (event creation builds on it).
+    async fn get_room(&self, room_id: &str) -> Result<Option<RoomRecord>>;
+    /// Persists an event and everything it changes (edges, extremities, state group, current
+    /// state, membership, transaction id, redaction mark) in one transaction, and gives it the
+    /// next stream position. Conflict when the room's write version moved (rebuild and retry)
+    /// or when the transaction id was used already.
+    async fn persist_event(&self, event: &NewEvent) -> Result<PersistedEvent>;
+    async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>>;
+    /// The events with these ids that exist, in no particular order.
+    async fn get_events(&self, event_ids: &[String]) -> Result<Vec<EventRecord>>;
+    /// The full state of a state group (parent chain merged).
+    async fn state_at_group(&self, state_group: i64) -> Result<StateMap>;
+    /// The room's current state, from the primary.
+    async fn current_state(&self, room_id: &str) -> Result<StateMap>;
+    /// The current state entries of a room for the given `(type, state key)` pairs only.
+    async fn current_state_entries(
+        &self,
+        room_id: &str,
+        keys: &[(String, String)],
+    ) -> Result<StateMap>;
+    /// Timeline events of a room strictly after `from` (forward) or before it (backward), in
+    /// that direction's order, up to `limit`; `to` bounds the walk (exclusive). Rejected,
+    /// soft-failed and outlier events are never part of the timeline.
+    async fn room_events(
+        &self,
+        room_id: &str,
+        from: i64,
+        to: Option<i64>,
+        dir: Direction,
+        limit: i64,
+    ) -> Result<Vec<EventRecord>>;
+    /// The latest stream position committed.
+    async fn max_stream_ordering(&self) -> Result<i64>;
+    /// The timeline event of a room closest to `ts` in the given direction.
+    async fn event_near_ts(
+        &self,
+        room_id: &str,
+        ts: i64,
+        dir: Direction,
+    ) -> Result<Option<EventRecord>>;
+    async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<MembershipRecord>>;
+    /// Current memberships of a room (all, or only those with `membership`).
+    async fn room_members(
+        &self,
+        room_id: &str,
+        membership: Option<&str>,
+    ) -> Result<Vec<MembershipRecord>>;
+    /// Rooms where the user's current membership is `membership`.
+    async fn rooms_for_user(&self, user_id: &str, membership: &str) -> Result<Vec<String>>;
+    /// Marks a left room as forgotten for the user.
+    async fn forget_room(&self, room_id: &str, user_id: &str) -> Result<bool>;
+    /// The event a client transaction produced, if it ran already.
+    async fn txn_event(&self, txn: &TxnKey) -> Result<Option<String>>;
+    /// Every membership of the user (all states), including forgotten rooms.
+    async fn memberships_of_user(&self, user_id: &str) -> Result<Vec<MembershipRecord>>;
+    /// Rooms that have timeline events with a stream position in `(after, up_to]`. Reads the
+    /// stream index over that range only, so it costs what changed, not the history.
+    async fn rooms_changed_between(&self, after: i64, up_to: i64) -> Result<Vec<String>>;
+    /// The stream position of each room's latest timeline event (rooms with none are absent).
+    async fn latest_positions(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>>;
+}
+
+/// Room aliases.
+#[async_trait]
+pub trait AliasRepo: Send + Sync {
+    /// Conflict when the alias exists.
+    async fn create_alias(&self, alias: &AliasRecord) -> Result<()>;
+    async fn get_alias(&self, room_alias: &str) -> Result<Option<AliasRecord>>;
+    /// Returns false when there was no such alias.
+    async fn delete_alias(&self, room_alias: &str) -> Result<bool>;
+    async fn aliases_of_room(&self, room_id: &str) -> Result<Vec<String>>;
+}
+
+/// User profiles.
+#[async_trait]
+pub trait ProfileRepo: Send + Sync {
+    async fn get_profile(&self, user_id: &str) -> Result<Option<ProfileRecord>>;
+    async fn set_profile(&self, user_id: &str, profile: &ProfileRecord) -> Result<()>;
+}
+
+/// Server signing keys.
+#[async_trait]
+pub trait KeyRepo: Send + Sync {
+    /// This server's signing keys (those with a private key), oldest first.
+    async fn own_signing_keys(&self, server_name: &str) -> Result<Vec<SigningKeyRecord>>;
+    /// Stores a key; Conflict when that key id exists.
+    async fn insert_signing_key(&self, key: &SigningKeyRecord) -> Result<()>;
+}
+
+/// Receipts, typing notifications and presence. Every change takes the next position of the
+/// global stream (the one events use), so one sync token orders everything and every server
+/// process sharing the database sees every change.
+#[async_trait]
+pub trait EphemeralRepo: Send + Sync {
+    /// Stores a receipt, replacing the user's previous one of that type (and thread) in the
+    /// room. Returns its stream position.
+    async fn put_receipt(&self, receipt: &crate::model::ReceiptRecord) -> Result<i64>;
+    /// The user's receipt of `receipt_type` in the room for `thread_id` (`None`: unthreaded).
+    async fn get_receipt(
+        &self,
+        room_id: &str,
+        receipt_type: &str,
+        user_id: &str,
+        thread_id: Option<&str>,
+    ) -> Result<Option<crate::model::ReceiptRecord>>;
+    /// Every receipt of the user in the room (all types and threads).
+    async fn receipts_of_user(
+        &self,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<crate::model::ReceiptRecord>>;
+    /// Receipts of these rooms that changed in `(after, up_to]`.
+    async fn receipts_changed(
+        &self,
+        room_ids: &[String],
+        after: i64,
+        up_to: i64,
+    ) -> Result<Vec<crate::model::ReceiptRecord>>;
+
+    /// Marks the user as typing until `expires_at` (ms), or as not typing with 0. Returns the
+    /// stream position of the change.
+    async fn set_typing(&self, room_id: &str, user_id: &str, expires_at: i64) -> Result<i64>;
+    /// Moves the expiry of a user who is typing (expiry after `now`) without a stream
+    /// position: the typers did not change. False when the user was not typing.
+    async fn extend_typing(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<bool>;
+    /// Typing rows of these rooms that changed in `(after, up_to]`, and those of users typing
+    /// at `now`.
+    async fn typing_changed(
+        &self,
+        room_ids: &[String],
+        after: i64,
+        up_to: i64,
+        now: i64,
+    ) -> Result<Vec<crate::model::TypingRecord>>;
+    /// Ends the typing notifications that ran out by `now`, with one new stream position,
+    /// which is returned (`None` when none ran out).
+    async fn expire_typing(&self, now: i64) -> Result<Option<i64>>;
+    /// When the next typing notification runs out, if any is running.
+    async fn next_typing_expiry(&self) -> Result<Option<i64>>;
+
+    async fn get_presence(&self, user_id: &str) -> Result<Option<crate::model::PresenceRecord>>;
+    /// Stores the user's presence (state, status message, last active time). Returns its
+    /// stream position.
+    async fn set_presence(&self, presence: &crate::model::PresenceRecord) -> Result<i64>;
+    /// Moves the user's last active time without a stream position. False when the user has
+    /// no presence yet.
+    async fn touch_presence(&self, user_id: &str, last_active_ts: i64) -> Result<bool>;
+    /// Presence that changed in `(after, up_to]` of `user_id` and of the users who share a
+    /// joined room with them.
+    async fn presence_changed(
+        &self,
+        user_id: &str,
+        after: i64,
+        up_to: i64,
+    ) -> Result<Vec<crate::model::PresenceRecord>>;
+
+    /// Messages (`event_types`) of a room in `(after, up_to]` not sent by `user_id`, in the
+    /// timeline, oldest first, at most `limit`: what unread notification counts count.
+    async fn unread_candidates(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        event_types: &[&str],
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<crate::model::EventRecord>>;
+}
+
+/// Sync filters and account data (global and per room) of users.
+#[async_trait]
+pub trait AccountDataRepo: Send + Sync {
+    /// Stores a filter and returns its id, the next of the user's ids (`"0"`, `"1"`...).
+    async fn create_filter(&self, user_id: &str, filter_json: &str, now: i64) -> Result<String>;
+    /// The filter JSON, when the user has a filter with that id.
+    async fn get_filter(&self, user_id: &str, filter_id: &str) -> Result<Option<String>>;
+    /// Sets (or replaces) one piece of account data (global when `room_id` is `None`) in one
+    /// transaction, at the next position of the global stream, which it returns.
+    async fn put_account_data(
+        &self,
+        user_id: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+        content: &str,
+    ) -> Result<i64>;
+    async fn get_account_data(
+        &self,
+        user_id: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+    ) -> Result<Option<crate::model::AccountDataRecord>>;
+    /// The user's account data (global and per room) written at a stream position in
+    /// `(after, up_to]`, in stream order. Positions start at 1, so `after = 0` reads all of it.
+    async fn account_data_since(
+        &self,
+        user_id: &str,
+        after: i64,
+        up_to: i64,
+    ) -> Result<Vec<crate::model::AccountDataRecord>>;
+}

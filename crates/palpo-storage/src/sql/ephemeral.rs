@@ -1,0 +1,446 @@
+//! Receipts, typing notifications and presence.
+//!
+//! Every change takes its position from the same `events_stream` counter as events, taken
+//! first in the writing transaction: the counter row stays locked until commit, so positions
+//! commit in order, and two writers of the same row never meet (no lock cycle with event
+//! persistence either, which takes the room lock before the counter and never touches these
+//! tables).
+
+use async_trait::async_trait;
+
+use super::{
+    SqlStore,
+    rooms::{EVENT_COLUMNS, EventRow, next_counter},
+};
+use crate::{
+    db::Text,
+    error::Result,
+    model::{EventRecord, PresenceRecord, ReceiptRecord, TypingRecord},
+    on_pool, on_tx,
+    repo::EphemeralRepo,
+};
+
+/// The stream counter every change takes a position from.
+const STREAM: &str = "events_stream";
+
+/// Rooms per query: bounded IN lists keep every backend within its parameter limits.
+const CHUNK: usize = 200;
+
+/// `?, ?, ?` for `n` parameters.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+const RECEIPT_COLUMNS: &str =
+    "room_id, receipt_type, user_id, thread_id, event_id, ts, stream_position";
+
+#[derive(sqlx::FromRow)]
+struct ReceiptRow {
+    room_id: Text,
+    receipt_type: Text,
+    user_id: Text,
+    thread_id: Text,
+    event_id: Text,
+    ts: i64,
+    stream_position: i64,
+}
+
+impl From<ReceiptRow> for ReceiptRecord {
+    fn from(r: ReceiptRow) -> Self {
+        let thread_id = String::from(r.thread_id);
+        ReceiptRecord {
+            room_id: r.room_id.into(),
+            receipt_type: r.receipt_type.into(),
+            user_id: r.user_id.into(),
+            thread_id: (!thread_id.is_empty()).then_some(thread_id),
+            event_id: r.event_id.into(),
+            ts: r.ts,
+            stream_position: r.stream_position,
+        }
+    }
+}
+
+const TYPING_COLUMNS: &str = "room_id, user_id, expires_at, stream_position";
+
+#[derive(sqlx::FromRow)]
+struct TypingRow {
+    room_id: Text,
+    user_id: Text,
+    expires_at: i64,
+    stream_position: i64,
+}
+
+impl From<TypingRow> for TypingRecord {
+    fn from(r: TypingRow) -> Self {
+        TypingRecord {
+            room_id: r.room_id.into(),
+            user_id: r.user_id.into(),
+            expires_at: r.expires_at,
+            stream_position: r.stream_position,
+        }
+    }
+}
+
+const PRESENCE_COLUMNS: &str = "user_id, state, status_msg, last_active_ts, stream_position";
+
+#[derive(sqlx::FromRow)]
+struct PresenceRow {
+    user_id: Text,
+    state: Text,
+    status_msg: Option<Text>,
+    last_active_ts: i64,
+    stream_position: i64,
+}
+
+impl From<PresenceRow> for PresenceRecord {
+    fn from(r: PresenceRow) -> Self {
+        PresenceRecord {
+            user_id: r.user_id.into(),
+            state: r.state.into(),
+            status_msg: r.status_msg.map(Into::into),
+            last_active_ts: r.last_active_ts,
+            stream_position: r.stream_position,
+        }
+    }
+}
+
+#[async_trait]
+impl EphemeralRepo for SqlStore {
+    async fn put_receipt(&self, receipt: &ReceiptRecord) -> Result<i64> {
+        let thread_id = receipt.thread_id.as_deref().unwrap_or_default();
+        let mut tx = self.db.begin().await?;
+        let position = next_counter(&mut tx, STREAM).await?;
+        on_tx!(
+            &mut tx,
+            "DELETE FROM receipts WHERE room_id = ? AND receipt_type = ? AND user_id = ? AND thread_id = ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(&receipt.room_id)
+                    .bind(&receipt.receipt_type)
+                    .bind(&receipt.user_id)
+                    .bind(thread_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        let insert =
+            format!("INSERT INTO receipts ({RECEIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)");
+        on_tx!(&mut tx, &insert, |c, sql| {
+            sqlx::query(sql)
+                .bind(&receipt.room_id)
+                .bind(&receipt.receipt_type)
+                .bind(&receipt.user_id)
+                .bind(thread_id)
+                .bind(&receipt.event_id)
+                .bind(receipt.ts)
+                .bind(position)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        });
+        tx.commit().await?;
+        Ok(position)
+    }
+
+    async fn get_receipt(
+        &self,
+        room_id: &str,
+        receipt_type: &str,
+        user_id: &str,
+        thread_id: Option<&str>,
+    ) -> Result<Option<ReceiptRecord>> {
+        let query = format!(
+            "SELECT {RECEIPT_COLUMNS} FROM receipts \
+             WHERE room_id = ? AND receipt_type = ? AND user_id = ? AND thread_id = ?"
+        );
+        let row: Option<ReceiptRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            sqlx::query_as(sql)
+                .bind(room_id)
+                .bind(receipt_type)
+                .bind(user_id)
+                .bind(thread_id.unwrap_or_default())
+                .fetch_optional(p)
+                .await?
+        });
+        Ok(row.map(Into::into))
+    }
+
+    async fn receipts_of_user(&self, room_id: &str, user_id: &str) -> Result<Vec<ReceiptRecord>> {
+        let query =
+            format!("SELECT {RECEIPT_COLUMNS} FROM receipts WHERE room_id = ? AND user_id = ?");
+        let rows: Vec<ReceiptRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            sqlx::query_as(sql)
+                .bind(room_id)
+                .bind(user_id)
+                .fetch_all(p)
+                .await?
+        });
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn receipts_changed(
+        &self,
+        room_ids: &[String],
+        after: i64,
+        up_to: i64,
+    ) -> Result<Vec<ReceiptRecord>> {
+        let mut out = Vec::new();
+        for chunk in room_ids.chunks(CHUNK) {
+            let query = format!(
+                "SELECT {RECEIPT_COLUMNS} FROM receipts WHERE room_id IN ({}) \
+                 AND stream_position > ? AND stream_position <= ?",
+                placeholders(chunk.len())
+            );
+            let rows: Vec<ReceiptRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+                let mut q = sqlx::query_as(sql);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                q.bind(after).bind(up_to).fetch_all(p).await?
+            });
+            out.extend(rows.into_iter().map(ReceiptRecord::from));
+        }
+        out.sort_by_key(|r| r.stream_position);
+        Ok(out)
+    }
+
+    async fn set_typing(&self, room_id: &str, user_id: &str, expires_at: i64) -> Result<i64> {
+        let mut tx = self.db.begin().await?;
+        let position = next_counter(&mut tx, STREAM).await?;
+        on_tx!(
+            &mut tx,
+            "DELETE FROM typing WHERE room_id = ? AND user_id = ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(room_id)
+                    .bind(user_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        let insert = format!("INSERT INTO typing ({TYPING_COLUMNS}) VALUES (?, ?, ?, ?)");
+        on_tx!(&mut tx, &insert, |c, sql| {
+            sqlx::query(sql)
+                .bind(room_id)
+                .bind(user_id)
+                .bind(expires_at)
+                .bind(position)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        });
+        tx.commit().await?;
+        Ok(position)
+    }
+
+    async fn extend_typing(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<bool> {
+        let affected = on_pool!(
+            self.db.primary(),
+            "UPDATE typing SET expires_at = ? WHERE room_id = ? AND user_id = ? AND expires_at > ?",
+            |p, sql| {
+                sqlx::query(sql)
+                    .bind(expires_at)
+                    .bind(room_id)
+                    .bind(user_id)
+                    .bind(now)
+                    .execute(p)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        Ok(affected > 0)
+    }
+
+    async fn typing_changed(
+        &self,
+        room_ids: &[String],
+        after: i64,
+        up_to: i64,
+        now: i64,
+    ) -> Result<Vec<TypingRecord>> {
+        let mut out = Vec::new();
+        for chunk in room_ids.chunks(CHUNK) {
+            let query = format!(
+                "SELECT {TYPING_COLUMNS} FROM typing WHERE room_id IN ({}) \
+                 AND (expires_at > ? OR (stream_position > ? AND stream_position <= ?))",
+                placeholders(chunk.len())
+            );
+            let rows: Vec<TypingRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+                let mut q = sqlx::query_as(sql);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                q.bind(now).bind(after).bind(up_to).fetch_all(p).await?
+            });
+            out.extend(rows.into_iter().map(TypingRecord::from));
+        }
+        out.sort_by(|a, b| (&a.room_id, &a.user_id).cmp(&(&b.room_id, &b.user_id)));
+        Ok(out)
+    }
+
+    async fn expire_typing(&self, now: i64) -> Result<Option<i64>> {
+        // A cheap look first: most of the time nothing ran out, and no counter is taken.
+        let due: i64 = on_pool!(
+            self.db.primary(),
+            "SELECT COUNT(*) FROM typing WHERE expires_at > 0 AND expires_at <= ?",
+            |p, sql| { sqlx::query_scalar(sql).bind(now).fetch_one(p).await? }
+        );
+        if due == 0 {
+            return Ok(None);
+        }
+        let mut tx = self.db.begin().await?;
+        let position = next_counter(&mut tx, STREAM).await?;
+        let expired = on_tx!(
+            &mut tx,
+            "UPDATE typing SET expires_at = 0, stream_position = ? WHERE expires_at > 0 AND expires_at <= ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(position)
+                    .bind(now)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        if expired == 0 {
+            // Another process announced them meanwhile; dropping the transaction rolls the
+            // counter back.
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(position))
+    }
+
+    async fn next_typing_expiry(&self) -> Result<Option<i64>> {
+        let next: Option<i64> = on_pool!(
+            self.db.primary(),
+            "SELECT MIN(expires_at) FROM typing WHERE expires_at > 0",
+            |p, sql| { sqlx::query_scalar(sql).fetch_one(p).await? }
+        );
+        Ok(next)
+    }
+
+    async fn get_presence(&self, user_id: &str) -> Result<Option<PresenceRecord>> {
+        let query = format!("SELECT {PRESENCE_COLUMNS} FROM presence WHERE user_id = ?");
+        let row: Option<PresenceRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            sqlx::query_as(sql).bind(user_id).fetch_optional(p).await?
+        });
+        Ok(row.map(Into::into))
+    }
+
+    async fn set_presence(&self, presence: &PresenceRecord) -> Result<i64> {
+        let mut tx = self.db.begin().await?;
+        let position = next_counter(&mut tx, STREAM).await?;
+        on_tx!(
+            &mut tx,
+            "DELETE FROM presence WHERE user_id = ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(&presence.user_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        let insert = format!("INSERT INTO presence ({PRESENCE_COLUMNS}) VALUES (?, ?, ?, ?, ?)");
+        on_tx!(&mut tx, &insert, |c, sql| {
+            sqlx::query(sql)
+                .bind(&presence.user_id)
+                .bind(&presence.state)
+                .bind(&presence.status_msg)
+                .bind(presence.last_active_ts)
+                .bind(position)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        });
+        tx.commit().await?;
+        Ok(position)
+    }
+
+    async fn touch_presence(&self, user_id: &str, last_active_ts: i64) -> Result<bool> {
+        let affected = on_pool!(
+            self.db.primary(),
+            "UPDATE presence SET last_active_ts = ? WHERE user_id = ? AND last_active_ts < ?",
+            |p, sql| {
+                sqlx::query(sql)
+                    .bind(last_active_ts)
+                    .bind(user_id)
+                    .bind(last_active_ts)
+                    .execute(p)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        Ok(affected > 0)
+    }
+
+    async fn presence_changed(
+        &self,
+        user_id: &str,
+        after: i64,
+        up_to: i64,
+    ) -> Result<Vec<PresenceRecord>> {
+        let query = format!(
+            "SELECT {PRESENCE_COLUMNS} FROM presence p \
+             WHERE p.stream_position > ? AND p.stream_position <= ? AND (p.user_id = ? OR EXISTS ( \
+               SELECT 1 FROM room_memberships mine \
+               JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
+               WHERE mine.user_id = ? AND mine.membership = 'join' \
+                 AND theirs.user_id = p.user_id AND theirs.membership = 'join'))"
+        );
+        let rows: Vec<PresenceRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            sqlx::query_as(sql)
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id)
+                .bind(user_id)
+                .fetch_all(p)
+                .await?
+        });
+        let mut out: Vec<PresenceRecord> = rows.into_iter().map(Into::into).collect();
+        out.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        Ok(out)
+    }
+
+    async fn unread_candidates(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        event_types: &[&str],
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRecord>> {
+        if event_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let query = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = ? \
+             AND stream_ordering > ? AND stream_ordering <= ? AND sender <> ? \
+             AND event_type IN ({}) AND outlier = ? AND soft_failed = ? \
+             AND rejected_reason IS NULL ORDER BY stream_ordering ASC LIMIT ?",
+            placeholders(event_types.len())
+        );
+        let rows: Vec<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let mut q = sqlx::query_as(sql)
+                .bind(room_id)
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id);
+            for kind in event_types {
+                q = q.bind(*kind);
+            }
+            q.bind(false).bind(false).bind(limit).fetch_all(p).await?
+        });
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+}

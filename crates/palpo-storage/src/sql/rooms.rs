@@ -1,0 +1,977 @@
+//! Rooms, events, state groups, membership, aliases, profiles and signing keys.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use super::SqlStore;
+use crate::{
+    db::{Backend, Text, Tx},
+    error::{Result, StorageError},
+    model::{
+        AliasRecord, Direction, EventRecord, MembershipRecord, NewEvent, NewRoom, PersistedEvent,
+        ProfileRecord, RoomRecord, SigningKeyRecord, StateMap, TxnKey,
+    },
+    on_pool, on_tx,
+    repo::{AliasRepo, KeyRepo, ProfileRepo, RoomRepo},
+};
+
+/// After this many deltas a state group stores the whole state again, so that reading the
+/// state of any group merges at most this many rows of parents.
+const MAX_STATE_CHAIN: i64 = 50;
+
+pub(crate) const EVENT_COLUMNS: &str = "event_id, room_id, stream_ordering, depth, event_type, state_key, \
+     sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, \
+     pdu_json";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EventRow {
+    event_id: Text,
+    room_id: Text,
+    stream_ordering: Option<i64>,
+    depth: i64,
+    event_type: Text,
+    state_key: Option<Text>,
+    sender: Text,
+    origin_server_ts: i64,
+    state_group: Option<i64>,
+    outlier: bool,
+    soft_failed: bool,
+    rejected_reason: Option<Text>,
+    redacted_by: Option<Text>,
+    pdu_json: Text,
+}
+
+impl From<EventRow> for EventRecord {
+    fn from(r: EventRow) -> Self {
+        EventRecord {
+            event_id: r.event_id.into(),
+            room_id: r.room_id.into(),
+            stream_ordering: r.stream_ordering,
+            depth: r.depth,
+            event_type: r.event_type.into(),
+            state_key: r.state_key.map(Into::into),
+            sender: r.sender.into(),
+            origin_server_ts: r.origin_server_ts,
+            state_group: r.state_group,
+            outlier: r.outlier,
+            soft_failed: r.soft_failed,
+            rejected_reason: r.rejected_reason.map(Into::into),
+            redacted_by: r.redacted_by.map(Into::into),
+            pdu_json: r.pdu_json.into(),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MembershipRow {
+    room_id: Text,
+    user_id: Text,
+    membership: Text,
+    event_id: Text,
+    sender: Text,
+    stream_ordering: i64,
+    forgotten: bool,
+}
+
+impl From<MembershipRow> for MembershipRecord {
+    fn from(r: MembershipRow) -> Self {
+        MembershipRecord {
+            room_id: r.room_id.into(),
+            user_id: r.user_id.into(),
+            membership: r.membership.into(),
+            event_id: r.event_id.into(),
+            sender: r.sender.into(),
+            stream_ordering: r.stream_ordering,
+            forgotten: r.forgotten,
+        }
+    }
+}
+
+const MEMBERSHIP_COLUMNS: &str =
+    "room_id, user_id, membership, event_id, sender, stream_ordering, forgotten";
+
+/// `?, ?, ?` for `n` parameters.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// Row lock for read-modify-write inside a transaction. SQLite has none and needs none: its
+/// single writer connection serializes every write transaction.
+fn for_update(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "",
+        Backend::Postgres | Backend::MySql => " FOR UPDATE",
+    }
+}
+
+/// Takes the next value of a shared counter inside `tx`. The counter row stays locked until
+/// the transaction ends, so values commit in the order they were taken.
+pub(crate) async fn next_counter(tx: &mut Tx, name: &str) -> Result<i64> {
+    on_tx!(
+        tx,
+        "UPDATE id_counters SET counter_value = counter_value + 1 WHERE name = ?",
+        |c, sql| {
+            sqlx::query(sql)
+                .bind(name)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        }
+    );
+    let value: i64 = on_tx!(
+        tx,
+        "SELECT counter_value FROM id_counters WHERE name = ?",
+        |c, sql| {
+            sqlx::query_scalar(sql)
+                .bind(name)
+                .fetch_one(&mut *c)
+                .await?
+        }
+    );
+    Ok(value)
+}
+
+/// Merges a state group's chain: the entry nearest the group (highest chain length) wins.
+fn merge_chain(rows: Vec<(i64, Text, Text, Text)>) -> StateMap {
+    let mut best: BTreeMap<(String, String), (i64, String)> = BTreeMap::new();
+    for (level, event_type, state_key, event_id) in rows {
+        let (event_type, state_key, event_id) = (event_type.0, state_key.0, event_id.0);
+        let key = (event_type, state_key);
+        match best.get(&key) {
+            Some((seen, _)) if *seen >= level => {}
+            _ => {
+                best.insert(key, (level, event_id));
+            }
+        }
+    }
+    best.into_iter().map(|(k, (_, id))| (k, id)).collect()
+}
+
+/// A group's chain back to its full snapshot, with every entry. `chain_length` falls by one
+/// per step towards the snapshot, so the entry with the highest one is the nearest.
+const STATE_CHAIN_SQL: &str = "WITH RECURSIVE chain(state_group, prev_group, chain_length) AS ( \
+       SELECT state_group, prev_group, chain_length FROM state_groups WHERE state_group = ? \
+       UNION ALL \
+       SELECT g.state_group, g.prev_group, g.chain_length FROM state_groups g \
+       JOIN chain c ON g.state_group = c.prev_group \
+     ) \
+     SELECT c.chain_length, e.event_type, e.state_key, e.event_id FROM chain c \
+     JOIN state_group_entries e ON e.state_group = c.state_group";
+
+async fn state_in_tx(tx: &mut Tx, state_group: i64) -> Result<StateMap> {
+    let rows: Vec<(i64, Text, Text, Text)> = on_tx!(tx, STATE_CHAIN_SQL, |c, sql| {
+        sqlx::query_as(sql)
+            .bind(state_group)
+            .fetch_all(&mut *c)
+            .await?
+    });
+    Ok(merge_chain(rows))
+}
+
+impl SqlStore {
+    /// Writes the state group an event creates: parent + one entry, or a full snapshot when
+    /// the chain is long (or there is no parent).
+    async fn write_state_group(
+        &self,
+        tx: &mut Tx,
+        event: &NewEvent,
+        group: i64,
+        parent: Option<i64>,
+    ) -> Result<()> {
+        let state_key = event.state_key.clone().unwrap_or_default();
+        let parent_chain: Option<i64> = match parent {
+            Some(parent) => on_tx!(
+                tx,
+                "SELECT chain_length FROM state_groups WHERE state_group = ?",
+                |c, sql| {
+                    sqlx::query_scalar(sql)
+                        .bind(parent)
+                        .fetch_optional(&mut *c)
+                        .await?
+                }
+            ),
+            None => None,
+        };
+        let (prev_group, chain_length, entries) = match (parent, parent_chain) {
+            (Some(parent), Some(length)) if length + 1 < MAX_STATE_CHAIN => (
+                Some(parent),
+                length + 1,
+                vec![(
+                    (event.event_type.clone(), state_key),
+                    event.event_id.clone(),
+                )],
+            ),
+            (parent, _) => {
+                let mut full = match parent {
+                    Some(parent) => state_in_tx(tx, parent).await?,
+                    None => StateMap::new(),
+                };
+                full.insert(
+                    (event.event_type.clone(), state_key),
+                    event.event_id.clone(),
+                );
+                (None, 0, full.into_iter().collect())
+            }
+        };
+        on_tx!(
+            tx,
+            "INSERT INTO state_groups (state_group, room_id, prev_group, chain_length) VALUES (?, ?, ?, ?)",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(group)
+                    .bind(&event.room_id)
+                    .bind(prev_group)
+                    .bind(chain_length)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        for ((event_type, state_key), event_id) in entries {
+            on_tx!(
+                tx,
+                "INSERT INTO state_group_entries (state_group, event_type, state_key, event_id) VALUES (?, ?, ?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(group)
+                        .bind(&event_type)
+                        .bind(&state_key)
+                        .bind(&event_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl RoomRepo for SqlStore {
+    async fn create_room(&self, room: &NewRoom) -> Result<()> {
+        on_pool!(
+            self.db.primary(),
+            "INSERT INTO rooms (room_id, room_version, creator, is_public, state_group, max_depth, write_version, created_at) VALUES (?, ?, ?, ?, NULL, 0, 0, ?)",
+            |p, sql| {
+                sqlx::query(sql)
+                    .bind(&room.room_id)
+                    .bind(&room.room_version)
+                    .bind(&room.creator)
+                    .bind(room.is_public)
+                    .bind(room.created_at)
+                    .execute(p)
+                    .await
+                    .map_err(|e| StorageError::conflict_or(e, &room.room_id))?
+                    .rows_affected()
+            }
+        );
+        Ok(())
+    }
+
+    async fn get_room(&self, room_id: &str) -> Result<Option<RoomRecord>> {
+        let pool = self.db.primary();
+        let row: Option<(Text, Text, Text, bool, Option<i64>, i64, i64)> = on_pool!(
+            pool,
+            "SELECT room_id, room_version, creator, is_public, state_group, max_depth, write_version FROM rooms WHERE room_id = ?",
+            |p, sql| { sqlx::query_as(sql).bind(room_id).fetch_optional(p).await? }
+        );
+        let Some((
+            room_id,
+            room_version,
+            creator,
+            is_public,
+            state_group,
+            max_depth,
+            write_version,
+        )) = row
+        else {
+            return Ok(None);
+        };
+        let (room_id, room_version, creator) = (room_id.0, room_version.0, creator.0);
+        let extremities: Vec<Text> = on_pool!(
+            pool,
+            "SELECT event_id FROM room_forward_extremities WHERE room_id = ?",
+            |p, sql| { sqlx::query_scalar(sql).bind(&room_id).fetch_all(p).await? }
+        );
+        let mut forward_extremities: Vec<String> =
+            extremities.into_iter().map(String::from).collect();
+        forward_extremities.sort();
+        Ok(Some(RoomRecord {
+            room_id,
+            room_version,
+            creator,
+            is_public,
+            state_group,
+            max_depth,
+            write_version,
+            forward_extremities,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(room_id = %event.room_id, event_id = %event.event_id))]
+    async fn persist_event(&self, event: &NewEvent) -> Result<PersistedEvent> {
+        let backend = self.db.backend();
+        let mut tx = self.db.begin().await?;
+        let lock_sql = format!(
+            "SELECT write_version, state_group FROM rooms WHERE room_id = ?{}",
+            for_update(backend)
+        );
+        let room: Option<(i64, Option<i64>)> = on_tx!(&mut tx, &lock_sql, |c, sql| {
+            sqlx::query_as(sql)
+                .bind(&event.room_id)
+                .fetch_optional(&mut *c)
+                .await?
+        });
+        let Some((write_version, current_group)) = room else {
+            return Err(StorageError::Conflict(format!("no room {}", event.room_id)));
+        };
+        if write_version != event.expected_write_version {
+            return Err(StorageError::Conflict("room changed meanwhile".into()));
+        }
+        if let Some(txn) = &event.txn {
+            on_tx!(
+                &mut tx,
+                "INSERT INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&txn.user_id)
+                        .bind(&txn.device_id)
+                        .bind(&txn.txn_id)
+                        .bind(&event.event_id)
+                        .bind(event.origin_server_ts)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(|e| StorageError::conflict_or(e, "transaction id"))?
+                        .rows_affected()
+                }
+            );
+        }
+        // Taken after the room lock, held until commit: see `id_counters` in the migration.
+        let stream = next_counter(&mut tx, "events_stream").await?;
+        let state_group = if event.changes_state() {
+            self.write_state_group(&mut tx, event, stream, current_group)
+                .await?;
+            let state_key = event.state_key.as_deref().unwrap_or_default();
+            on_tx!(
+                &mut tx,
+                "DELETE FROM room_current_state WHERE room_id = ? AND event_type = ? AND state_key = ?",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&event.room_id)
+                        .bind(&event.event_type)
+                        .bind(state_key)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+            on_tx!(
+                &mut tx,
+                "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES (?, ?, ?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&event.room_id)
+                        .bind(&event.event_type)
+                        .bind(state_key)
+                        .bind(&event.event_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+            Some(stream)
+        } else {
+            current_group
+        };
+        let in_timeline = !event.outlier;
+        on_tx!(
+            &mut tx,
+            "INSERT INTO events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, pdu_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(&event.event_id)
+                    .bind(&event.room_id)
+                    .bind(in_timeline.then_some(stream))
+                    .bind(event.depth)
+                    .bind(&event.event_type)
+                    .bind(&event.state_key)
+                    .bind(&event.sender)
+                    .bind(event.origin_server_ts)
+                    .bind(state_group)
+                    .bind(event.outlier)
+                    .bind(event.soft_failed)
+                    .bind(&event.rejected_reason)
+                    .bind(&event.pdu_json)
+                    .execute(&mut *c)
+                    .await
+                    .map_err(|e| StorageError::conflict_or(e, &event.event_id))?
+                    .rows_affected()
+            }
+        );
+        for prev in &event.prev_events {
+            on_tx!(
+                &mut tx,
+                "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&event.event_id)
+                        .bind(prev)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+        }
+        let accepted = !event.outlier && event.rejected_reason.is_none();
+        if accepted {
+            for prev in &event.prev_events {
+                on_tx!(
+                    &mut tx,
+                    "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id = ?",
+                    |c, sql| {
+                        sqlx::query(sql)
+                            .bind(&event.room_id)
+                            .bind(prev)
+                            .execute(&mut *c)
+                            .await?
+                            .rows_affected()
+                    }
+                );
+            }
+            on_tx!(
+                &mut tx,
+                "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&event.room_id)
+                        .bind(&event.event_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+        }
+        if accepted && !event.soft_failed {
+            if let Some(redacts) = &event.redacts {
+                on_tx!(
+                    &mut tx,
+                    "UPDATE events SET redacted_by = ? WHERE event_id = ? AND room_id = ?",
+                    |c, sql| {
+                        sqlx::query(sql)
+                            .bind(&event.event_id)
+                            .bind(redacts)
+                            .bind(&event.room_id)
+                            .execute(&mut *c)
+                            .await?
+                            .rows_affected()
+                    }
+                );
+            }
+            if let (Some(membership), Some(user_id)) = (&event.membership, &event.state_key) {
+                on_tx!(
+                    &mut tx,
+                    "DELETE FROM room_memberships WHERE room_id = ? AND user_id = ?",
+                    |c, sql| {
+                        sqlx::query(sql)
+                            .bind(&event.room_id)
+                            .bind(user_id)
+                            .execute(&mut *c)
+                            .await?
+                            .rows_affected()
+                    }
+                );
+                on_tx!(
+                    &mut tx,
+                    "INSERT INTO room_memberships (room_id, user_id, membership, event_id, sender, stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    |c, sql| {
+                        sqlx::query(sql)
+                            .bind(&event.room_id)
+                            .bind(user_id)
+                            .bind(membership)
+                            .bind(&event.event_id)
+                            .bind(&event.sender)
+                            .bind(stream)
+                            .bind(false)
+                            .execute(&mut *c)
+                            .await?
+                            .rows_affected()
+                    }
+                );
+            }
+        }
+        on_tx!(
+            &mut tx,
+            "UPDATE rooms SET write_version = write_version + 1, state_group = ?, max_depth = CASE WHEN max_depth < ? THEN ? ELSE max_depth END WHERE room_id = ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(state_group)
+                    .bind(event.depth)
+                    .bind(event.depth)
+                    .bind(&event.room_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        tx.commit().await?;
+        Ok(PersistedEvent {
+            stream_ordering: stream,
+            state_group,
+        })
+    }
+
+    async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>> {
+        let query = format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?");
+        let row: Option<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            sqlx::query_as(sql).bind(event_id).fetch_optional(p).await?
+        });
+        Ok(row.map(Into::into))
+    }
+
+    async fn get_events(&self, event_ids: &[String]) -> Result<Vec<EventRecord>> {
+        let mut out = Vec::with_capacity(event_ids.len());
+        // Bounded IN lists keep every backend within its parameter limits.
+        for chunk in event_ids.chunks(200) {
+            let query = format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({})",
+                placeholders(chunk.len())
+            );
+            let rows: Vec<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+                let mut q = sqlx::query_as(sql);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                q.fetch_all(p).await?
+            });
+            out.extend(rows.into_iter().map(EventRecord::from));
+        }
+        Ok(out)
+    }
+
+    async fn state_at_group(&self, state_group: i64) -> Result<StateMap> {
+        let rows: Vec<(i64, Text, Text, Text)> =
+            on_pool!(self.db.primary(), STATE_CHAIN_SQL, |p, sql| {
+                sqlx::query_as(sql).bind(state_group).fetch_all(p).await?
+            });
+        Ok(merge_chain(rows))
+    }
+
+    async fn current_state(&self, room_id: &str) -> Result<StateMap> {
+        let rows: Vec<(Text, Text, Text)> = on_pool!(
+            self.db.primary(),
+            "SELECT event_type, state_key, event_id FROM room_current_state WHERE room_id = ?",
+            |p, sql| { sqlx::query_as(sql).bind(room_id).fetch_all(p).await? }
+        );
+        Ok(rows
+            .into_iter()
+            .map(|(t, k, id)| ((t.0, k.0), id.0))
+            .collect())
+    }
+
+    async fn current_state_entries(
+        &self,
+        room_id: &str,
+        keys: &[(String, String)],
+    ) -> Result<StateMap> {
+        if keys.is_empty() {
+            return Ok(StateMap::new());
+        }
+        let pairs = vec!["(event_type = ? AND state_key = ?)"; keys.len()].join(" OR ");
+        let query = format!(
+            "SELECT event_type, state_key, event_id FROM room_current_state \
+             WHERE room_id = ? AND ({pairs})"
+        );
+        let rows: Vec<(Text, Text, Text)> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let mut q = sqlx::query_as(sql).bind(room_id);
+            for (kind, key) in keys {
+                q = q.bind(kind).bind(key);
+            }
+            q.fetch_all(p).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(t, k, id)| ((t.0, k.0), id.0))
+            .collect())
+    }
+
+    async fn room_events(
+        &self,
+        room_id: &str,
+        from: i64,
+        to: Option<i64>,
+        dir: Direction,
+        limit: i64,
+    ) -> Result<Vec<EventRecord>> {
+        let (cmp, to_cmp, order) = match dir {
+            Direction::Forward => (">", "<", "ASC"),
+            Direction::Backward => ("<", ">", "DESC"),
+        };
+        let to_clause = if to.is_some() {
+            format!(" AND stream_ordering {to_cmp} ?")
+        } else {
+            String::new()
+        };
+        let query = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = ? AND stream_ordering {cmp} ?{to_clause} \
+             AND outlier = ? AND soft_failed = ? AND rejected_reason IS NULL \
+             ORDER BY stream_ordering {order} LIMIT ?"
+        );
+        let rows: Vec<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let mut q = sqlx::query_as(sql).bind(room_id).bind(from);
+            if let Some(to) = to {
+                q = q.bind(to);
+            }
+            q.bind(false).bind(false).bind(limit).fetch_all(p).await?
+        });
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn max_stream_ordering(&self) -> Result<i64> {
+        Ok(on_pool!(
+            self.db.primary(),
+            "SELECT counter_value FROM id_counters WHERE name = ?",
+            |p, sql| {
+                sqlx::query_scalar(sql)
+                    .bind("events_stream")
+                    .fetch_one(p)
+                    .await?
+            }
+        ))
+    }
+
+    async fn event_near_ts(
+        &self,
+        room_id: &str,
+        ts: i64,
+        dir: Direction,
+    ) -> Result<Option<EventRecord>> {
+        let (cmp, order) = match dir {
+            Direction::Forward => (">=", "ASC"),
+            Direction::Backward => ("<=", "DESC"),
+        };
+        let query = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = ? AND origin_server_ts {cmp} ? \
+             AND stream_ordering IS NOT NULL AND outlier = ? AND soft_failed = ? AND rejected_reason IS NULL \
+             ORDER BY origin_server_ts {order}, stream_ordering {order} LIMIT 1"
+        );
+        let row: Option<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            sqlx::query_as(sql)
+                .bind(room_id)
+                .bind(ts)
+                .bind(false)
+                .bind(false)
+                .fetch_optional(p)
+                .await?
+        });
+        Ok(row.map(Into::into))
+    }
+
+    async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<MembershipRecord>> {
+        let query = format!(
+            "SELECT {MEMBERSHIP_COLUMNS} FROM room_memberships WHERE room_id = ? AND user_id = ?"
+        );
+        let row: Option<MembershipRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            sqlx::query_as(sql)
+                .bind(room_id)
+                .bind(user_id)
+                .fetch_optional(p)
+                .await?
+        });
+        Ok(row.map(Into::into))
+    }
+
+    async fn room_members(
+        &self,
+        room_id: &str,
+        membership: Option<&str>,
+    ) -> Result<Vec<MembershipRecord>> {
+        let filter = if membership.is_some() {
+            " AND membership = ?"
+        } else {
+            ""
+        };
+        let query =
+            format!("SELECT {MEMBERSHIP_COLUMNS} FROM room_memberships WHERE room_id = ?{filter}");
+        let rows: Vec<MembershipRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let mut q = sqlx::query_as(sql).bind(room_id);
+            if let Some(membership) = membership {
+                q = q.bind(membership);
+            }
+            q.fetch_all(p).await?
+        });
+        // Sorted here, bytewise, so the order does not depend on a backend's collation.
+        let mut members: Vec<MembershipRecord> = rows.into_iter().map(Into::into).collect();
+        members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        Ok(members)
+    }
+
+    async fn rooms_for_user(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {
+        let rooms: Vec<Text> = on_pool!(
+            self.db.primary(),
+            "SELECT room_id FROM room_memberships WHERE user_id = ? AND membership = ?",
+            |p, sql| {
+                sqlx::query_scalar(sql)
+                    .bind(user_id)
+                    .bind(membership)
+                    .fetch_all(p)
+                    .await?
+            }
+        );
+        let mut rooms: Vec<String> = rooms.into_iter().map(String::from).collect();
+        rooms.sort();
+        Ok(rooms)
+    }
+
+    async fn forget_room(&self, room_id: &str, user_id: &str) -> Result<bool> {
+        let affected = on_pool!(
+            self.db.primary(),
+            "UPDATE room_memberships SET forgotten = ? WHERE room_id = ? AND user_id = ? AND membership IN ('leave', 'ban')",
+            |p, sql| {
+                sqlx::query(sql)
+                    .bind(true)
+                    .bind(room_id)
+                    .bind(user_id)
+                    .execute(p)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        Ok(affected > 0)
+    }
+
+    async fn txn_event(&self, txn: &TxnKey) -> Result<Option<String>> {
+        let id: Option<Text> = on_pool!(
+            self.db.primary(),
+            "SELECT event_id FROM event_transactions WHERE user_id = ? AND device_id = ? AND txn_id = ?",
+            |p, sql| {
+                sqlx::query_scalar(sql)
+                    .bind(&txn.user_id)
+                    .bind(&txn.device_id)
+                    .bind(&txn.txn_id)
+                    .fetch_optional(p)
+                    .await?
+            }
+        );
+        Ok(id.map(String::from))
+    }
+
+    async fn memberships_of_user(&self, user_id: &str) -> Result<Vec<MembershipRecord>> {
+        let query = format!("SELECT {MEMBERSHIP_COLUMNS} FROM room_memberships WHERE user_id = ?");
+        let rows: Vec<MembershipRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            sqlx::query_as(sql).bind(user_id).fetch_all(p).await?
+        });
+        let mut memberships: Vec<MembershipRecord> = rows.into_iter().map(Into::into).collect();
+        memberships.sort_by(|a, b| a.room_id.cmp(&b.room_id));
+        Ok(memberships)
+    }
+
+    async fn rooms_changed_between(&self, after: i64, up_to: i64) -> Result<Vec<String>> {
+        let rooms: Vec<Text> = on_pool!(
+            self.db.primary(),
+            "SELECT DISTINCT room_id FROM events WHERE stream_ordering > ? AND stream_ordering <= ?",
+            |p, sql| {
+                sqlx::query_scalar(sql)
+                    .bind(after)
+                    .bind(up_to)
+                    .fetch_all(p)
+                    .await?
+            }
+        );
+        Ok(rooms.into_iter().map(String::from).collect())
+    }
+
+    async fn latest_positions(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>> {
+        let mut out = Vec::with_capacity(room_ids.len());
+        for chunk in room_ids.chunks(200) {
+            let query = format!(
+                "SELECT room_id, MAX(stream_ordering) FROM events WHERE room_id IN ({}) \
+                 AND stream_ordering IS NOT NULL GROUP BY room_id",
+                placeholders(chunk.len())
+            );
+            let rows: Vec<(Text, Option<i64>)> = on_pool!(self.db.primary(), &query, |p, sql| {
+                let mut q = sqlx::query_as(sql);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                q.fetch_all(p).await?
+            });
+            out.extend(
+                rows.into_iter()
+                    .filter_map(|(room, pos)| Some((room.0, pos?))),
+            );
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl AliasRepo for SqlStore {
+    async fn create_alias(&self, alias: &AliasRecord) -> Result<()> {
+        on_pool!(
+            self.db.primary(),
+            "INSERT INTO room_aliases (room_alias, room_id, creator, created_at) VALUES (?, ?, ?, ?)",
+            |p, sql| {
+                sqlx::query(sql)
+                    .bind(&alias.room_alias)
+                    .bind(&alias.room_id)
+                    .bind(&alias.creator)
+                    .bind(palpo_core::now_millis())
+                    .execute(p)
+                    .await
+                    .map_err(|e| StorageError::conflict_or(e, &alias.room_alias))?
+                    .rows_affected()
+            }
+        );
+        Ok(())
+    }
+
+    async fn get_alias(&self, room_alias: &str) -> Result<Option<AliasRecord>> {
+        let row: Option<(Text, Text, Text)> = on_pool!(
+            self.db.primary(),
+            "SELECT room_alias, room_id, creator FROM room_aliases WHERE room_alias = ?",
+            |p, sql| {
+                sqlx::query_as(sql)
+                    .bind(room_alias)
+                    .fetch_optional(p)
+                    .await?
+            }
+        );
+        Ok(row.map(|(room_alias, room_id, creator)| AliasRecord {
+            room_alias: room_alias.0,
+            room_id: room_id.0,
+            creator: creator.0,
+        }))
+    }
+
+    async fn delete_alias(&self, room_alias: &str) -> Result<bool> {
+        let affected = on_pool!(
+            self.db.primary(),
+            "DELETE FROM room_aliases WHERE room_alias = ?",
+            |p, sql| {
+                sqlx::query(sql)
+                    .bind(room_alias)
+                    .execute(p)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        Ok(affected > 0)
+    }
+
+    async fn aliases_of_room(&self, room_id: &str) -> Result<Vec<String>> {
+        let aliases: Vec<Text> = on_pool!(
+            self.db.primary(),
+            "SELECT room_alias FROM room_aliases WHERE room_id = ?",
+            |p, sql| { sqlx::query_scalar(sql).bind(room_id).fetch_all(p).await? }
+        );
+        let mut aliases: Vec<String> = aliases.into_iter().map(String::from).collect();
+        aliases.sort();
+        Ok(aliases)
+    }
+}
+
+#[async_trait]
+impl ProfileRepo for SqlStore {
+    async fn get_profile(&self, user_id: &str) -> Result<Option<ProfileRecord>> {
+        let row: Option<(Option<Text>, Option<Text>, Text)> = on_pool!(
+            self.db.primary(),
+            "SELECT displayname, avatar_url, fields FROM profiles WHERE user_id = ?",
+            |p, sql| { sqlx::query_as(sql).bind(user_id).fetch_optional(p).await? }
+        );
+        Ok(row.map(|(displayname, avatar_url, fields)| ProfileRecord {
+            displayname: displayname.map(String::from),
+            avatar_url: avatar_url.map(String::from),
+            fields: fields.0,
+        }))
+    }
+
+    async fn set_profile(&self, user_id: &str, profile: &ProfileRecord) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        on_tx!(
+            &mut tx,
+            "DELETE FROM profiles WHERE user_id = ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(user_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        on_tx!(
+            &mut tx,
+            "INSERT INTO profiles (user_id, displayname, avatar_url, fields) VALUES (?, ?, ?, ?)",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(user_id)
+                    .bind(&profile.displayname)
+                    .bind(&profile.avatar_url)
+                    .bind(&profile.fields)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl KeyRepo for SqlStore {
+    async fn own_signing_keys(&self, server_name: &str) -> Result<Vec<SigningKeyRecord>> {
+        let rows: Vec<(Text, Text, Text, Option<Text>, i64, Option<i64>, i64)> = on_pool!(
+            self.db.primary(),
+            "SELECT server_name, key_id, public_key, private_key, valid_until_ts, expired_ts, created_at FROM server_signing_keys WHERE server_name = ? AND private_key IS NOT NULL ORDER BY created_at, key_id",
+            |p, sql| { sqlx::query_as(sql).bind(server_name).fetch_all(p).await? }
+        );
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    server_name,
+                    key_id,
+                    public_key,
+                    private_key,
+                    valid_until_ts,
+                    expired_ts,
+                    created_at,
+                )| {
+                    SigningKeyRecord {
+                        server_name: server_name.0,
+                        key_id: key_id.0,
+                        public_key: public_key.0,
+                        private_key: private_key.map(String::from),
+                        valid_until_ts,
+                        expired_ts,
+                        created_at,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    async fn insert_signing_key(&self, key: &SigningKeyRecord) -> Result<()> {
+        on_pool!(
+            self.db.primary(),
+            "INSERT INTO server_signing_keys (server_name, key_id, public_key, private_key, valid_until_ts, expired_ts, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            |p, sql| {
+                sqlx::query(sql)
+                    .bind(&key.server_name)
+                    .bind(&key.key_id)
+                    .bind(&key.public_key)
+                    .bind(&key.private_key)
+                    .bind(key.valid_until_ts)
+                    .bind(key.expired_ts)
+                    .bind(key.created_at)
+                    .execute(p)
+                    .await
+                    .map_err(|e| StorageError::conflict_or(e, &key.key_id))?
+                    .rows_affected()
+            }
+        );
+        Ok(())
+    }
+}
