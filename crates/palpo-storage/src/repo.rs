@@ -6,6 +6,7 @@
 use async_trait::async_trait;
 
 use crate::{
+    db::RoomWriteLock,
     error::Result,
     model::{
         AliasRecord, DeviceLogin, DeviceRecord, Direction, EventRecord, MembershipRecord, NewEvent,
@@ -76,6 +77,9 @@ pub trait RoomRepo: Send + Sync {
     async fn create_room(&self, room: &NewRoom) -> Result<()>;
     /// The room as the primary sees it (event creation builds on it).
     async fn get_room(&self, room_id: &str) -> Result<Option<RoomRecord>>;
+    /// Takes the room's write lock, which every process on the database honours: hold it
+    /// from reading the room to persisting the event built on it.
+    async fn lock_room_writes(&self, room_id: &str) -> Result<RoomWriteLock>;
     /// Persists an event and everything it changes (edges, extremities, state group, current
     /// state, membership, transaction id, redaction mark) in one transaction, and gives it the
     /// next stream position. Conflict when the room's write version moved (rebuild and retry)

@@ -94,8 +94,26 @@ impl RoomService {
         }
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
-        // Another process may have moved the room on between our read and our write; the
-        // write version check catches it, and we build again on the new state.
+        // Other processes on the database take the same lock, so the room cannot move on
+        // between our read and our write; the write version check stays as the safety net.
+        let db_lock = self
+            .storage
+            .rooms
+            .lock_room_writes(room_id)
+            .await
+            .map_err(internal)?;
+        let result = self.append_locked(room_id, sender, &draft, txn).await;
+        db_lock.release().await.map_err(internal)?;
+        result
+    }
+
+    async fn append_locked(
+        &self,
+        room_id: &str,
+        sender: &str,
+        draft: &EventDraft,
+        txn: Option<TxnKey>,
+    ) -> Result<String> {
         for _ in 0..16 {
             let room = self
                 .storage
@@ -106,10 +124,10 @@ impl RoomService {
                 .ok_or_else(|| Error::not_found("Unknown room"))?;
             let (_, rules) = room_version_rules(&room.room_version)?;
             // Only the state the auth rules look at, not the whole room state.
-            let state = self.auth_state(room_id, &rules, sender, &draft).await?;
-            let built = self.build_on(&room, &rules, sender, &draft, &state).await?;
+            let state = self.auth_state(room_id, &rules, sender, draft).await?;
+            let built = self.build_on(&room, &rules, sender, draft, &state).await?;
             self.authorize(&rules, &built.pdu, &state).await?;
-            match self.persist(&room, &built, &draft, txn.clone()).await {
+            match self.persist(&room, &built, draft, txn.clone()).await {
                 Ok(_) => return Ok(built.event_id),
                 Err(StorageError::Conflict(what)) if what == "transaction id" => {
                     if let Some(txn) = &txn

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use super::SqlStore;
 use crate::{
-    db::{Backend, Text, Tx},
+    db::{Backend, RoomWriteLock, Text, Tx},
     error::{Result, StorageError},
     model::{
         AliasRecord, Direction, EventRecord, MembershipRecord, NewEvent, NewRoom, PersistedEvent,
@@ -308,6 +308,10 @@ impl RoomRepo for SqlStore {
             write_version,
             forward_extremities,
         }))
+    }
+
+    async fn lock_room_writes(&self, room_id: &str) -> Result<RoomWriteLock> {
+        RoomWriteLock::acquire(self.db.primary(), room_id).await
     }
 
     #[tracing::instrument(skip_all, fields(room_id = %event.room_id, event_id = %event.event_id))]
