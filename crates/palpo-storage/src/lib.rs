@@ -29,7 +29,8 @@ pub use db::{Backend, Db, RoomWriteLock};
 pub use error::{Result, StorageError};
 pub use repo::EphemeralRepo;
 pub use repo::{
-    AccountDataRepo, AliasRepo, DeviceRepo, KeyRepo, ProfileRepo, RoomRepo, UiaRepo, UserRepo,
+    AccountDataRepo, AliasRepo, DeviceRepo, E2eeRepo, KeyRepo, ProfileRepo, RoomRepo, UiaRepo,
+    UserRepo,
 };
 pub use wakeups::{Subscription, Wakeup, Wakeups};
 
@@ -46,6 +47,9 @@ pub struct Storage {
     /// Receipts, typing and presence; not cached (sync reads them by stream position).
     pub ephemeral: Arc<dyn EphemeralRepo>,
     pub account_data: Arc<dyn AccountDataRepo>,
+    /// Device keys, one-time keys, device-list changes, to-device messages; not cached (sync
+    /// reads them by stream position, and claims must see every write).
+    pub e2ee: Arc<dyn E2eeRepo>,
     db: Arc<Db>,
     wakeups: Wakeups,
 }
@@ -96,7 +100,8 @@ impl Storage {
             profiles: sql.clone(),
             keys: sql.clone(),
             // Not cached: sync reads it by stream position, which must match the database.
-            account_data: sql,
+            account_data: sql.clone(),
+            e2ee: sql,
             db,
             wakeups: Wakeups::default(),
         }
@@ -114,7 +119,8 @@ impl Storage {
             aliases: store.clone(),
             profiles: store.clone(),
             keys: store.clone(),
-            account_data: store,
+            account_data: store.clone(),
+            e2ee: store,
             db,
             wakeups: Wakeups::default(),
         }

@@ -3,9 +3,11 @@
 use serde::{Deserialize, Serialize};
 
 mod account_data;
+mod e2ee;
 mod ephemeral;
 mod rooms;
 pub use account_data::*;
+pub use e2ee::*;
 pub use ephemeral::*;
 pub use rooms::*;
 

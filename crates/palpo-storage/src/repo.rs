@@ -284,3 +284,87 @@ pub trait AccountDataRepo: Send + Sync {
         up_to: i64,
     ) -> Result<Vec<crate::model::AccountDataRecord>>;
 }
+
+/// End-to-end encryption: device identity keys, one-time and fallback keys, the device-list
+/// change stream and the to-device inbox. Device-list changes and to-device messages take the
+/// next position of the global stream, so one sync token orders them with everything else.
+#[async_trait]
+pub trait E2eeRepo: Send + Sync {
+    /// Stores what one `/keys/upload` brings, in one transaction: the identity keys (a
+    /// device-list change when they are new or differ), one-time keys (one already stored
+    /// with the same id and content is kept; with other content the whole upload fails with
+    /// [`crate::StorageError::Conflict`]), and fallback keys (each replaces the device's key of
+    /// its algorithm, unused, unless it is the same key).
+    async fn upload_keys(
+        &self,
+        upload: &crate::model::KeyUpload,
+    ) -> Result<crate::model::KeyUploadOutcome>;
+    /// The identity keys of the user's existing devices (all of them when `device_ids` is
+    /// empty), ordered by device id.
+    async fn device_keys(
+        &self,
+        user_id: &str,
+        device_ids: &[String],
+    ) -> Result<Vec<crate::model::DeviceKeysRecord>>;
+    /// The device's unclaimed one-time keys, counted per algorithm.
+    async fn one_time_key_counts(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<Vec<(String, i64)>>;
+    /// Claims a key of `algorithm` of the device: its oldest one-time key, which is deleted
+    /// (two claims never get the same key), or, when none is left, its fallback key, which is
+    /// marked used and stays. `None` when the device has neither.
+    async fn claim_key(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        algorithm: &str,
+    ) -> Result<Option<crate::model::ClaimedKey>>;
+    /// The algorithms of the device's fallback keys that no claim has used yet.
+    async fn unused_fallback_key_types(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<Vec<String>>;
+    /// Forgets the keys, fallback keys, one-time keys, to-device inbox and to-device
+    /// transaction ids of the devices, and records a device-list change of the user. Returns
+    /// the change's stream position (`None` when `device_ids` is empty).
+    async fn delete_device_keys(&self, user_id: &str, device_ids: &[String])
+    -> Result<Option<i64>>;
+    /// Users whose device list changed in `(after, up_to]` who are `user_id` or share a
+    /// joined room with them, and users who started sharing a joined room with them in that
+    /// range (they joined one of the user's rooms, or the user joined one of theirs). Sorted.
+    async fn device_lists_changed(
+        &self,
+        user_id: &str,
+        after: i64,
+        up_to: i64,
+    ) -> Result<Vec<String>>;
+    /// Users who stopped sharing any joined room with `user_id` in `(after, up_to]`: their
+    /// membership in one of the user's rooms became leave or ban, or the user left a room
+    /// they are in, and no joined room is shared now. Sorted.
+    async fn device_lists_left(&self, user_id: &str, after: i64, up_to: i64)
+    -> Result<Vec<String>>;
+    /// Stores the messages of a `/sendToDevice` at the next stream position, which it returns;
+    /// `None` when the sender's device already used the transaction id (nothing is stored).
+    /// Messages to devices (or users) that do not exist are dropped.
+    async fn send_to_device(&self, batch: &crate::model::ToDeviceBatch) -> Result<Option<i64>>;
+    /// The device's messages with a position in `(after, up_to]`, oldest first, at most
+    /// `limit`.
+    async fn to_device_messages(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<crate::model::ToDeviceRecord>>;
+    /// Deletes the device's messages with a position up to `up_to` (the client has them).
+    async fn delete_to_device_messages(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        up_to: i64,
+    ) -> Result<u64>;
+}

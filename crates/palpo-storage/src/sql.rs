@@ -2,6 +2,7 @@
 
 mod account_data;
 mod accounts;
+mod e2ee;
 mod ephemeral;
 mod rooms;
 
