@@ -94,6 +94,15 @@ impl Tx {
         }
         Ok(())
     }
+
+    pub async fn rollback(self) -> Result<()> {
+        match self {
+            Tx::Postgres(tx) => tx.rollback().await?,
+            Tx::MySql(tx) => tx.rollback().await?,
+            Tx::Sqlite(tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
 }
 
 /// A text column as read back. Decode string columns into this, not `String`: MySQL flags
@@ -413,6 +422,53 @@ async fn connect_sqlite(
     Ok((writer, readers))
 }
 
+/// A room's write lock, shared by every process on the database: held from reading the room
+/// to persisting the event built on it, so that processes take turns instead of racing (racing
+/// lets one process starve another). It is an open transaction holding the room's row
+/// (`SELECT ... FOR UPDATE`); [`RoomRepo::persist_event`](crate::RoomRepo::persist_event)
+/// writes the event in that same transaction and commits it. Dropping the lock rolls back.
+pub struct RoomWriteLock {
+    /// `None` on SQLite: it serves one process, whose in-process room lock suffices, and its
+    /// single writer connection must not be held while an event is built.
+    pub(crate) held: Option<HeldRoom>,
+}
+
+pub(crate) struct HeldRoom {
+    pub tx: Tx,
+    /// The room's write version and state group as locked; `None` when the room is unknown.
+    pub room: Option<(i64, Option<i64>)>,
+}
+
+impl RoomWriteLock {
+    pub(crate) async fn acquire(db: &Db, room_id: &str) -> Result<Self> {
+        if db.backend() == Backend::Sqlite {
+            return Ok(RoomWriteLock { held: None });
+        }
+        let mut tx = db.begin().await?;
+        let room: Option<(i64, Option<i64>)> = crate::on_tx!(
+            &mut tx,
+            "SELECT write_version, state_group FROM rooms WHERE room_id = ? FOR UPDATE",
+            |c, sql| {
+                sqlx::query_as(sql)
+                    .bind(room_id)
+                    .fetch_optional(&mut *c)
+                    .await?
+            }
+        );
+        Ok(RoomWriteLock {
+            held: Some(HeldRoom { tx, room }),
+        })
+    }
+
+    /// Releases the lock without writing.
+    pub async fn release(self) -> Result<()> {
+        if let Some(held) = self.held {
+            held.tx.rollback().await?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,98 +500,5 @@ mod tests {
         assert!(!names(Backend::Postgres).is_empty());
         assert_eq!(names(Backend::Postgres), names(Backend::MySql));
         assert_eq!(names(Backend::Postgres), names(Backend::Sqlite));
-    }
-}
-
-/// How long a writer waits for another process to finish writing to the same room.
-const ROOM_LOCK_TIMEOUT_SECS: i64 = 30;
-
-/// A room's write lock, shared by every process on the database: held while an event is built
-/// on the room's current state and persisted, so that processes take turns instead of racing
-/// (racing lets one process starve another). Release it with [`RoomWriteLock::release`];
-/// dropping it also releases it (PostgreSQL rolls the holding transaction back, MySQL closes the
-/// holding connection).
-pub struct RoomWriteLock {
-    held: HeldLock,
-}
-
-enum HeldLock {
-    /// SQLite serves one process; the in-process room lock is the only one needed.
-    None,
-    /// `pg_advisory_xact_lock`, held until this transaction ends.
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
-    /// `GET_LOCK` is held by the session, so by this connection, until `RELEASE_LOCK`
-    /// (the lock is named after the room id's SHA-1: names are limited to 64 characters).
-    MySql(Option<sqlx::pool::PoolConnection<sqlx::MySql>>, String),
-}
-
-impl RoomWriteLock {
-    pub(crate) async fn acquire(pool: &Pool, room_id: &str) -> Result<Self> {
-        use sqlx::Connection;
-        let held = match pool {
-            Pool::Sqlite(_) => HeldLock::None,
-            Pool::Postgres(p) => {
-                let mut tx = p.begin().await?;
-                sqlx::query(&format!(
-                    "SET LOCAL lock_timeout = '{ROOM_LOCK_TIMEOUT_SECS}s'"
-                ))
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                    .bind(room_id)
-                    .execute(&mut *tx)
-                    .await?;
-                HeldLock::Postgres(tx)
-            }
-            Pool::MySql(p) => {
-                let mut conn = p.acquire().await?;
-                let got: Option<i64> = sqlx::query_scalar(
-                    "SELECT CAST(GET_LOCK(CONCAT('palpo_room:', SHA1(?)), ?) AS SIGNED)",
-                )
-                .bind(room_id)
-                .bind(ROOM_LOCK_TIMEOUT_SECS)
-                .fetch_one(&mut *conn)
-                .await?;
-                if got != Some(1) {
-                    // Never leave a half-acquired session lock behind in the pool.
-                    let _ = conn.detach().close().await;
-                    return Err(StorageError::Conflict(format!(
-                        "room {room_id} is being written by another process"
-                    )));
-                }
-                HeldLock::MySql(Some(conn), room_id.to_owned())
-            }
-        };
-        Ok(RoomWriteLock { held })
-    }
-
-    /// Releases the lock now.
-    pub async fn release(mut self) -> Result<()> {
-        match std::mem::replace(&mut self.held, HeldLock::None) {
-            HeldLock::None => {}
-            HeldLock::Postgres(tx) => tx.rollback().await?,
-            HeldLock::MySql(conn, room_id) => {
-                if let Some(mut conn) = conn {
-                    sqlx::query("SELECT RELEASE_LOCK(CONCAT('palpo_room:', SHA1(?)))")
-                        .bind(&room_id)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for RoomWriteLock {
-    fn drop(&mut self) {
-        // Dropped without `release` (an error or a cancelled request): a MySQL connection must
-        // not go back to the pool still holding the lock, so it is closed, which ends the
-        // session and its locks. A PostgreSQL transaction rolls back on its own.
-        if let HeldLock::MySql(conn, _) = &mut self.held
-            && let Some(conn) = conn.take()
-        {
-            drop(conn.detach());
-        }
     }
 }

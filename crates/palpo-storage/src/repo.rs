@@ -77,14 +77,23 @@ pub trait RoomRepo: Send + Sync {
     async fn create_room(&self, room: &NewRoom) -> Result<()>;
     /// The room as the primary sees it (event creation builds on it).
     async fn get_room(&self, room_id: &str) -> Result<Option<RoomRecord>>;
-    /// Takes the room's write lock, which every process on the database honours: hold it
-    /// from reading the room to persisting the event built on it.
+    /// Takes the room's write lock, which every process on the database honours: take it
+    /// before reading the room to build an event, and hand it to
+    /// [`RoomRepo::persist_event_locked`].
     async fn lock_room_writes(&self, room_id: &str) -> Result<RoomWriteLock>;
     /// Persists an event and everything it changes (edges, extremities, state group, current
     /// state, membership, transaction id, redaction mark) in one transaction, and gives it the
     /// next stream position. Conflict when the room's write version moved (rebuild and retry)
     /// or when the transaction id was used already.
-    async fn persist_event(&self, event: &NewEvent) -> Result<PersistedEvent>;
+    async fn persist_event(&self, event: &NewEvent) -> Result<PersistedEvent> {
+        self.persist_event_locked(event, None).await
+    }
+    /// As [`RoomRepo::persist_event`], in the transaction of the room's write `lock`.
+    async fn persist_event_locked(
+        &self,
+        event: &NewEvent,
+        lock: Option<RoomWriteLock>,
+    ) -> Result<PersistedEvent>;
     async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>>;
     /// The events with these ids that exist, in no particular order.
     async fn get_events(&self, event_ids: &[String]) -> Result<Vec<EventRecord>>;

@@ -1,14 +1,31 @@
 //! The room write lock is held across processes (two pools on one database), released by
-//! `release` and by drop, and independent between rooms.
+//! `release` and by drop, and independent between rooms. The lock is the room's row, so the
+//! rooms exist first.
 
 use std::time::Duration;
 
-use palpo_storage::{Backend, testing::with_database};
+use palpo_storage::{Backend, Storage, model::NewRoom, testing::with_database};
+
+async fn create_room(storage: &Storage, room_id: &str) {
+    storage
+        .rooms
+        .create_room(&NewRoom {
+            room_id: room_id.to_owned(),
+            room_version: "12".to_owned(),
+            creator: "@a:test.local".to_owned(),
+            is_public: false,
+            created_at: 0,
+        })
+        .await
+        .expect("room");
+}
 
 async fn room_lock_excludes_other_processes(backend: Backend) {
     with_database(backend, |db| async move {
         let process_a = db.storage().await;
         let process_b = db.storage().await;
+        create_room(&process_a, "!room:test.local").await;
+        create_room(&process_a, "!other:test.local").await;
         let held = process_a
             .rooms
             .lock_room_writes("!room:test.local")

@@ -146,7 +146,7 @@ impl RoomService {
             .await
             .map_err(internal)?
             .ok_or_else(|| Error::internal("room vanished after creation"))?;
-        self.persist(&room, &built, &create, None)
+        self.persist(&room, &built, &create, None, None)
             .await
             .map_err(internal)?;
 

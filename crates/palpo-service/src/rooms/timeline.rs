@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use palpo_core::{Error, ErrorCode, Result, now_millis};
 use palpo_storage::{
-    StorageError,
+    RoomWriteLock, StorageError,
     model::{NewEvent, RoomRecord, StateMap, TxnKey},
 };
 use ruma::{
@@ -94,27 +94,16 @@ impl RoomService {
         }
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
-        // Other processes on the database take the same lock, so the room cannot move on
-        // between our read and our write; the write version check stays as the safety net.
-        let db_lock = self
-            .storage
-            .rooms
-            .lock_room_writes(room_id)
-            .await
-            .map_err(internal)?;
-        let result = self.append_locked(room_id, sender, &draft, txn).await;
-        db_lock.release().await.map_err(internal)?;
-        result
-    }
-
-    async fn append_locked(
-        &self,
-        room_id: &str,
-        sender: &str,
-        draft: &EventDraft,
-        txn: Option<TxnKey>,
-    ) -> Result<String> {
+        // Other processes on the database take the room's write lock too, so the room cannot
+        // move on between our read and our write; the write version check is the safety net
+        // (SQLite has no cross-process lock: it serves one process).
         for _ in 0..16 {
+            let db_lock = self
+                .storage
+                .rooms
+                .lock_room_writes(room_id)
+                .await
+                .map_err(internal)?;
             let room = self
                 .storage
                 .rooms
@@ -124,10 +113,13 @@ impl RoomService {
                 .ok_or_else(|| Error::not_found("Unknown room"))?;
             let (_, rules) = room_version_rules(&room.room_version)?;
             // Only the state the auth rules look at, not the whole room state.
-            let state = self.auth_state(room_id, &rules, sender, draft).await?;
-            let built = self.build_on(&room, &rules, sender, draft, &state).await?;
+            let state = self.auth_state(room_id, &rules, sender, &draft).await?;
+            let built = self.build_on(&room, &rules, sender, &draft, &state).await?;
             self.authorize(&rules, &built.pdu, &state).await?;
-            match self.persist(&room, &built, draft, txn.clone()).await {
+            match self
+                .persist(&room, &built, &draft, txn.clone(), Some(db_lock))
+                .await
+            {
                 Ok(_) => return Ok(built.event_id),
                 Err(StorageError::Conflict(what)) if what == "transaction id" => {
                     if let Some(txn) = &txn
@@ -185,6 +177,7 @@ impl RoomService {
         built: &BuiltEvent,
         draft: &EventDraft,
         txn: Option<TxnKey>,
+        lock: Option<RoomWriteLock>,
     ) -> Result<i64, StorageError> {
         let membership = (draft.event_type == "m.room.member")
             .then(|| draft.content.get("membership").and_then(Value::as_str))
@@ -192,29 +185,32 @@ impl RoomService {
             .map(str::to_owned);
         self.storage
             .rooms
-            .persist_event(&NewEvent {
-                event_id: built.event_id.clone(),
-                room_id: room.room_id.clone(),
-                depth: built.depth,
-                event_type: draft.event_type.clone(),
-                state_key: draft.state_key.clone(),
-                sender: built.pdu.sender.to_string(),
-                origin_server_ts: i64::from(built.pdu.origin_server_ts.0),
-                pdu_json: built.json.clone(),
-                prev_events: built
-                    .pdu
-                    .prev_events
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-                outlier: false,
-                soft_failed: false,
-                rejected_reason: None,
-                expected_write_version: room.write_version,
-                membership,
-                redacts: built.pdu.redacts.as_ref().map(ToString::to_string),
-                txn,
-            })
+            .persist_event_locked(
+                &NewEvent {
+                    event_id: built.event_id.clone(),
+                    room_id: room.room_id.clone(),
+                    depth: built.depth,
+                    event_type: draft.event_type.clone(),
+                    state_key: draft.state_key.clone(),
+                    sender: built.pdu.sender.to_string(),
+                    origin_server_ts: i64::from(built.pdu.origin_server_ts.0),
+                    pdu_json: built.json.clone(),
+                    prev_events: built
+                        .pdu
+                        .prev_events
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                    outlier: false,
+                    soft_failed: false,
+                    rejected_reason: None,
+                    expected_write_version: room.write_version,
+                    membership,
+                    redacts: built.pdu.redacts.as_ref().map(ToString::to_string),
+                    txn,
+                },
+                lock,
+            )
             .await
             .map(|persisted| {
                 self.notifier.stream_advanced(persisted.stream_ordering);

@@ -106,30 +106,48 @@ fn for_update(backend: Backend) -> &'static str {
 }
 
 /// Takes the next value of a shared counter inside `tx`. The counter row stays locked until
-/// the transaction ends, so values commit in the order they were taken.
+/// the transaction ends, so values commit in the order they were taken. One statement: MySQL
+/// has no `UPDATE ... RETURNING`, but hands back `LAST_INSERT_ID(expr)` with the result.
 pub(crate) async fn next_counter(tx: &mut Tx, name: &str) -> Result<i64> {
+    const RETURNING: &str = "UPDATE id_counters SET counter_value = counter_value + 1 WHERE name = ? RETURNING counter_value";
+    const MYSQL: &str =
+        "UPDATE id_counters SET counter_value = LAST_INSERT_ID(counter_value + 1) WHERE name = ?";
+    let value = match tx {
+        Tx::MySql(tx) => {
+            let done = sqlx::query(MYSQL).bind(name).execute(&mut **tx).await?;
+            if done.rows_affected() != 1 {
+                return Err(StorageError::Corrupt(format!("no counter {name}")));
+            }
+            i64::try_from(done.last_insert_id())
+                .map_err(|_| StorageError::Corrupt(format!("counter {name} overflowed")))?
+        }
+        tx => on_tx!(tx, RETURNING, |c, sql| {
+            sqlx::query_scalar(sql)
+                .bind(name)
+                .fetch_one(&mut *c)
+                .await?
+        }),
+    };
+    Ok(value)
+}
+
+/// Moves the room on past `event`: next write version, its state group, its depth.
+async fn update_room(tx: &mut Tx, event: &NewEvent, state_group: Option<i64>) -> Result<()> {
     on_tx!(
         tx,
-        "UPDATE id_counters SET counter_value = counter_value + 1 WHERE name = ?",
+        "UPDATE rooms SET write_version = write_version + 1, state_group = ?, max_depth = CASE WHEN max_depth < ? THEN ? ELSE max_depth END WHERE room_id = ?",
         |c, sql| {
             sqlx::query(sql)
-                .bind(name)
+                .bind(state_group)
+                .bind(event.depth)
+                .bind(event.depth)
+                .bind(&event.room_id)
                 .execute(&mut *c)
                 .await?
                 .rows_affected()
         }
     );
-    let value: i64 = on_tx!(
-        tx,
-        "SELECT counter_value FROM id_counters WHERE name = ?",
-        |c, sql| {
-            sqlx::query_scalar(sql)
-                .bind(name)
-                .fetch_one(&mut *c)
-                .await?
-        }
-    );
-    Ok(value)
+    Ok(())
 }
 
 /// Merges a state group's chain: the entry nearest the group (highest chain length) wins.
@@ -311,23 +329,35 @@ impl RoomRepo for SqlStore {
     }
 
     async fn lock_room_writes(&self, room_id: &str) -> Result<RoomWriteLock> {
-        RoomWriteLock::acquire(self.db.primary(), room_id).await
+        RoomWriteLock::acquire(&self.db, room_id).await
     }
 
+    // Statement order matters for throughput: the global stream counter row stays locked from
+    // the moment it is taken until commit, serializing every writer of every room, so it is
+    // taken last, followed only by the writes that need the position.
     #[tracing::instrument(skip_all, fields(room_id = %event.room_id, event_id = %event.event_id))]
-    async fn persist_event(&self, event: &NewEvent) -> Result<PersistedEvent> {
-        let backend = self.db.backend();
-        let mut tx = self.db.begin().await?;
-        let lock_sql = format!(
-            "SELECT write_version, state_group FROM rooms WHERE room_id = ?{}",
-            for_update(backend)
-        );
-        let room: Option<(i64, Option<i64>)> = on_tx!(&mut tx, &lock_sql, |c, sql| {
-            sqlx::query_as(sql)
-                .bind(&event.room_id)
-                .fetch_optional(&mut *c)
-                .await?
-        });
+    async fn persist_event_locked(
+        &self,
+        event: &NewEvent,
+        lock: Option<RoomWriteLock>,
+    ) -> Result<PersistedEvent> {
+        let (mut tx, room) = match lock.and_then(|lock| lock.held) {
+            Some(held) => (held.tx, held.room),
+            None => {
+                let mut tx = self.db.begin().await?;
+                let lock_sql = format!(
+                    "SELECT write_version, state_group FROM rooms WHERE room_id = ?{}",
+                    for_update(self.db.backend())
+                );
+                let room: Option<(i64, Option<i64>)> = on_tx!(&mut tx, &lock_sql, |c, sql| {
+                    sqlx::query_as(sql)
+                        .bind(&event.room_id)
+                        .fetch_optional(&mut *c)
+                        .await?
+                });
+                (tx, room)
+            }
+        };
         let Some((write_version, current_group)) = room else {
             return Err(StorageError::Conflict(format!("no room {}", event.room_id)));
         };
@@ -352,11 +382,66 @@ impl RoomRepo for SqlStore {
                 }
             );
         }
-        // Taken after the room lock, held until commit: see `id_counters` in the migration.
-        let stream = next_counter(&mut tx, "events_stream").await?;
-        let state_group = if event.changes_state() {
-            self.write_state_group(&mut tx, event, stream, current_group)
-                .await?;
+        for prev in &event.prev_events {
+            on_tx!(
+                &mut tx,
+                "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&event.event_id)
+                        .bind(prev)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+        }
+        let accepted = !event.outlier && event.rejected_reason.is_none();
+        if accepted {
+            let delete_sql = format!(
+                "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id IN ({})",
+                placeholders(event.prev_events.len().max(1))
+            );
+            on_tx!(&mut tx, &delete_sql, |c, sql| {
+                let mut query = sqlx::query(sql).bind(&event.room_id);
+                if event.prev_events.is_empty() {
+                    query = query.bind("");
+                }
+                for prev in &event.prev_events {
+                    query = query.bind(prev);
+                }
+                query.execute(&mut *c).await?.rows_affected()
+            });
+            on_tx!(
+                &mut tx,
+                "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&event.room_id)
+                        .bind(&event.event_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+        }
+        let applies = accepted && !event.soft_failed;
+        if applies && let Some(redacts) = &event.redacts {
+            on_tx!(
+                &mut tx,
+                "UPDATE events SET redacted_by = ? WHERE event_id = ? AND room_id = ?",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&event.event_id)
+                        .bind(redacts)
+                        .bind(&event.room_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+        }
+        if event.changes_state() {
             let state_key = event.state_key.as_deref().unwrap_or_default();
             on_tx!(
                 &mut tx,
@@ -385,11 +470,25 @@ impl RoomRepo for SqlStore {
                         .rows_affected()
                 }
             );
+        }
+
+        if !event.changes_state() {
+            update_room(&mut tx, event, current_group).await?;
+        }
+
+        // From here on the stream counter is held.
+        let stream = next_counter(&mut tx, "events_stream").await?;
+        // A state event's group is numbered by its stream position (unique, increasing).
+        let state_group = if event.changes_state() {
+            self.write_state_group(&mut tx, event, stream, current_group)
+                .await?;
             Some(stream)
         } else {
             current_group
         };
-        let in_timeline = !event.outlier;
+        if event.changes_state() {
+            update_room(&mut tx, event, state_group).await?;
+        }
         on_tx!(
             &mut tx,
             "INSERT INTO events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, pdu_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
@@ -397,7 +496,7 @@ impl RoomRepo for SqlStore {
                 sqlx::query(sql)
                     .bind(&event.event_id)
                     .bind(&event.room_id)
-                    .bind(in_timeline.then_some(stream))
+                    .bind((!event.outlier).then_some(stream))
                     .bind(event.depth)
                     .bind(&event.event_type)
                     .bind(&event.state_key)
@@ -414,111 +513,38 @@ impl RoomRepo for SqlStore {
                     .rows_affected()
             }
         );
-        for prev in &event.prev_events {
+        if applies && let (Some(membership), Some(user_id)) = (&event.membership, &event.state_key)
+        {
             on_tx!(
                 &mut tx,
-                "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(&event.event_id)
-                        .bind(prev)
-                        .execute(&mut *c)
-                        .await?
-                        .rows_affected()
-                }
-            );
-        }
-        let accepted = !event.outlier && event.rejected_reason.is_none();
-        if accepted {
-            for prev in &event.prev_events {
-                on_tx!(
-                    &mut tx,
-                    "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id = ?",
-                    |c, sql| {
-                        sqlx::query(sql)
-                            .bind(&event.room_id)
-                            .bind(prev)
-                            .execute(&mut *c)
-                            .await?
-                            .rows_affected()
-                    }
-                );
-            }
-            on_tx!(
-                &mut tx,
-                "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)",
+                "DELETE FROM room_memberships WHERE room_id = ? AND user_id = ?",
                 |c, sql| {
                     sqlx::query(sql)
                         .bind(&event.room_id)
+                        .bind(user_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+            on_tx!(
+                &mut tx,
+                "INSERT INTO room_memberships (room_id, user_id, membership, event_id, sender, stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&event.room_id)
+                        .bind(user_id)
+                        .bind(membership)
                         .bind(&event.event_id)
+                        .bind(&event.sender)
+                        .bind(stream)
+                        .bind(false)
                         .execute(&mut *c)
                         .await?
                         .rows_affected()
                 }
             );
         }
-        if accepted && !event.soft_failed {
-            if let Some(redacts) = &event.redacts {
-                on_tx!(
-                    &mut tx,
-                    "UPDATE events SET redacted_by = ? WHERE event_id = ? AND room_id = ?",
-                    |c, sql| {
-                        sqlx::query(sql)
-                            .bind(&event.event_id)
-                            .bind(redacts)
-                            .bind(&event.room_id)
-                            .execute(&mut *c)
-                            .await?
-                            .rows_affected()
-                    }
-                );
-            }
-            if let (Some(membership), Some(user_id)) = (&event.membership, &event.state_key) {
-                on_tx!(
-                    &mut tx,
-                    "DELETE FROM room_memberships WHERE room_id = ? AND user_id = ?",
-                    |c, sql| {
-                        sqlx::query(sql)
-                            .bind(&event.room_id)
-                            .bind(user_id)
-                            .execute(&mut *c)
-                            .await?
-                            .rows_affected()
-                    }
-                );
-                on_tx!(
-                    &mut tx,
-                    "INSERT INTO room_memberships (room_id, user_id, membership, event_id, sender, stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    |c, sql| {
-                        sqlx::query(sql)
-                            .bind(&event.room_id)
-                            .bind(user_id)
-                            .bind(membership)
-                            .bind(&event.event_id)
-                            .bind(&event.sender)
-                            .bind(stream)
-                            .bind(false)
-                            .execute(&mut *c)
-                            .await?
-                            .rows_affected()
-                    }
-                );
-            }
-        }
-        on_tx!(
-            &mut tx,
-            "UPDATE rooms SET write_version = write_version + 1, state_group = ?, max_depth = CASE WHEN max_depth < ? THEN ? ELSE max_depth END WHERE room_id = ?",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(state_group)
-                    .bind(event.depth)
-                    .bind(event.depth)
-                    .bind(&event.room_id)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
-            }
-        );
         tx.commit().await?;
         Ok(PersistedEvent {
             stream_ordering: stream,
