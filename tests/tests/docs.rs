@@ -116,6 +116,11 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/_matrix/client/v3/rooms/{roomId}/read_markers"),
     ("get", "/_matrix/client/v3/presence/{userId}/status"),
     ("put", "/_matrix/client/v3/presence/{userId}/status"),
+    ("post", "/_matrix/client/v3/keys/upload"),
+    ("post", "/_matrix/client/v3/keys/query"),
+    ("post", "/_matrix/client/v3/keys/claim"),
+    ("get", "/_matrix/client/v3/keys/changes"),
+    ("put", "/_matrix/client/v3/sendToDevice/{eventType}/{txnId}"),
 ];
 
 fn documented_operations(spec: &Value) -> Vec<(String, String)> {

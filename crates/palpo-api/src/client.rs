@@ -6,6 +6,7 @@ pub mod devices;
 pub mod directory;
 pub mod discovery;
 pub mod ephemeral;
+pub mod keys;
 pub mod membership;
 pub mod profile;
 pub mod rooms;

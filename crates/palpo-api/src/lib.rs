@@ -21,6 +21,7 @@ use poem::{Endpoint, EndpointExt, Route, endpoint::BoxEndpoint, http::Method, mi
 use poem_openapi::{OpenApiService, Tags};
 
 use crate::client::ephemeral::EphemeralApi;
+use crate::client::keys::KeysApi;
 use crate::client::user_data::UserDataApi;
 use crate::{
     client::{
@@ -62,6 +63,10 @@ pub enum ApiTags {
     Presence,
     /// Synchronising: `/sync`.
     Sync,
+    /// End-to-end encryption: device keys, one-time and fallback keys, key changes.
+    EndToEndEncryption,
+    /// Send-to-device messaging.
+    SendToDevice,
 }
 
 /// What every operation shares.
@@ -88,6 +93,7 @@ type ClientApis = (
     EphemeralApi,
     SyncApi,
     SlidingSyncApi,
+    KeysApi,
 );
 
 /// The client-server API. Operations find the shared [`AppState`] in the request data, so the
@@ -107,6 +113,7 @@ fn client_service() -> OpenApiService<ClientApis, ()> {
         EphemeralApi,
         SyncApi,
         SlidingSyncApi,
+        KeysApi,
     );
     OpenApiService::new(apis, "Palpo Client-Server API", env!("CARGO_PKG_VERSION"))
         .description(

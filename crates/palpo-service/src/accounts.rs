@@ -12,11 +12,12 @@ use palpo_core::{Config, Error, ErrorCode, Result, now_millis};
 pub use palpo_storage::model::DeviceRecord;
 use palpo_storage::{
     Storage, StorageError,
-    model::{DeviceLogin, NewUser, ProfileRecord},
+    model::{DeviceLogin, NewUser, ProfileRecord, Removed},
 };
 use serde_json::Value;
 
 use crate::{
+    E2eeService,
     credentials::{
         hash_password, new_access_token, new_device_id, random_string, token_hash, verify_password,
     },
@@ -72,6 +73,8 @@ pub struct AccountService {
     uia: Uia,
     /// When each device's "last seen" was last written, so that not every request writes.
     touched: Mutex<HashMap<(String, String), Instant>>,
+    /// Told of deleted devices, whose keys and to-device inboxes go with them.
+    e2ee: Option<Arc<E2eeService>>,
 }
 
 impl AccountService {
@@ -86,6 +89,24 @@ impl AccountService {
             storage,
             uia,
             touched: Mutex::new(HashMap::new()),
+            e2ee: None,
+        }
+    }
+
+    /// Deleting a device also deletes its end-to-end encryption keys and to-device inbox, and
+    /// records a device-list change.
+    pub fn with_e2ee(mut self, e2ee: Arc<E2eeService>) -> Self {
+        self.e2ee = Some(e2ee);
+        self
+    }
+
+    /// Forgets the keys and inboxes of devices that were just deleted.
+    async fn devices_deleted(&self, user_id: &str, removed: &Removed) -> Result<()> {
+        match &self.e2ee {
+            Some(e2ee) if !removed.device_ids.is_empty() => {
+                e2ee.devices_deleted(user_id, &removed.device_ids).await
+            }
+            _ => Ok(()),
         }
     }
 
@@ -380,22 +401,24 @@ impl AccountService {
 
     /// `POST /logout`: this device and its token go.
     pub async fn logout(&self, authed: &Authed) -> Result<()> {
-        self.storage
+        let removed = self
+            .storage
             .devices
             .delete_devices(&authed.user_id, std::slice::from_ref(&authed.device_id))
             .await
             .map_err(internal)?;
-        Ok(())
+        self.devices_deleted(&authed.user_id, &removed).await
     }
 
     /// `POST /logout/all`: every device of the user goes.
     pub async fn logout_all(&self, authed: &Authed) -> Result<()> {
-        self.storage
+        let removed = self
+            .storage
             .devices
             .delete_all_devices(&authed.user_id, None)
             .await
             .map_err(internal)?;
-        Ok(())
+        self.devices_deleted(&authed.user_id, &removed).await
     }
 
     fn password_flows() -> Vec<Vec<&'static str>> {
@@ -426,11 +449,13 @@ impl AccountService {
             .await
             .map_err(internal)?;
         if logout_devices {
-            self.storage
+            let removed = self
+                .storage
                 .devices
                 .delete_all_devices(&authed.user_id, Some(&authed.device_id))
                 .await
                 .map_err(internal)?;
+            self.devices_deleted(&authed.user_id, &removed).await?;
         }
         Ok(())
     }
@@ -450,11 +475,13 @@ impl AccountService {
             .deactivate_user(&authed.user_id)
             .await
             .map_err(internal)?;
-        self.storage
+        let removed = self
+            .storage
             .devices
             .delete_all_devices(&authed.user_id, None)
             .await
             .map_err(internal)?;
+        self.devices_deleted(&authed.user_id, &removed).await?;
         tracing::info!(user_id = %authed.user_id, "deactivated");
         Ok(())
     }
@@ -516,12 +543,13 @@ impl AccountService {
                 auth,
             })
             .await?;
-        self.storage
+        let removed = self
+            .storage
             .devices
             .delete_devices(&authed.user_id, device_ids)
             .await
             .map_err(internal)?;
-        Ok(())
+        self.devices_deleted(&authed.user_id, &removed).await
     }
 }
 

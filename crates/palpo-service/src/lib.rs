@@ -4,6 +4,7 @@
 pub mod account_data;
 pub mod accounts;
 pub mod credentials;
+pub mod e2ee;
 pub mod ephemeral;
 pub mod keys;
 pub mod notifier;
@@ -18,6 +19,7 @@ use palpo_storage::Storage;
 
 pub use account_data::AccountDataService;
 pub use accounts::{AccountService, Authed};
+pub use e2ee::E2eeService;
 pub use ephemeral::EphemeralService;
 pub use rooms::RoomService;
 pub use sync::SyncService;
@@ -33,6 +35,8 @@ pub struct Services {
     pub account_data: Arc<AccountDataService>,
     /// Typing, receipts, read markers, presence.
     pub ephemeral: Arc<EphemeralService>,
+    /// Device keys, one-time keys, to-device messages.
+    pub e2ee: Arc<E2eeService>,
     /// Wakes long-polling syncs; fed by every service that writes to the stream, and by the
     /// other processes on the same database (through Redis).
     pub notifier: Arc<notifier::Notifier>,
@@ -40,7 +44,6 @@ pub struct Services {
 
 impl Services {
     pub fn new(config: Arc<Config>, storage: Storage) -> Self {
-        let accounts = Arc::new(AccountService::new(config.clone(), storage.clone()));
         // Other processes on the same database hear of our writes, and we of theirs (a no-op
         // without Redis).
         let wakeups = storage.wakeups().clone();
@@ -48,6 +51,13 @@ impl Services {
             wakeups.publish(position)
         }));
         notifier.relay_from(storage.wakeups().subscribe(), storage.rooms.clone());
+        let e2ee = Arc::new(E2eeService::new(
+            config.clone(),
+            storage.clone(),
+            notifier.clone(),
+        ));
+        let accounts =
+            Arc::new(AccountService::new(config.clone(), storage.clone()).with_e2ee(e2ee.clone()));
         let rooms = Arc::new(RoomService::new(
             config.clone(),
             storage.clone(),
@@ -62,7 +72,8 @@ impl Services {
         let sync = Arc::new(
             SyncService::new(rooms.clone(), notifier.clone())
                 .with_ephemeral(ephemeral.clone())
-                .with_account_data(account_data.clone()),
+                .with_account_data(account_data.clone())
+                .with_e2ee(e2ee.clone()),
         );
         Services {
             config,
@@ -71,6 +82,7 @@ impl Services {
             sync,
             account_data,
             ephemeral,
+            e2ee,
             notifier,
         }
     }

@@ -1,7 +1,10 @@
 //! `/sync`: assembles the sections of a sync response and long-polls until something changes.
 //!
 //! The token (`next_batch`, `since`) is `s<P>_<E>`: `P` the global stream position the answer
-//! is complete up to, `E` the ephemeral serial (typing) of this process it has seen.
+//! is complete up to, `E` the ephemeral serial (typing) of this process it has seen. When a
+//! device has more to-device messages waiting than one answer hands out, the token is
+//! `s<P>_<E>_<D>`: its to-device messages are delivered up to `D` only (`D < P`), and the next
+//! sync continues from there.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,6 +17,7 @@ use serde_json::Value;
 
 use crate::{
     account_data::{AccountDataService, AccountDataSync},
+    e2ee::{DeviceLists, E2eeService, E2eeSync, ToDeviceSync},
     ephemeral::{EphemeralService, EphemeralSync},
     notifier::Notifier,
     rooms::{
@@ -37,32 +41,56 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct SyncToken {
     pub stream: i64,
     pub ephemeral: u64,
+    /// Where the device's to-device messages were delivered up to, when short of `stream`.
+    pub to_device: Option<i64>,
 }
 
 impl SyncToken {
     pub fn parse(token: &str) -> Result<Self> {
         let invalid = || Error::invalid_param(format!("Invalid sync token {token:?}"));
         let rest = token.strip_prefix('s').ok_or_else(invalid)?;
-        let (stream, ephemeral) = match rest.split_once('_') {
-            Some((stream, ephemeral)) => (stream, Some(ephemeral)),
-            None => (rest, None),
-        };
-        let stream = stream
-            .parse::<i64>()
-            .ok()
+        let mut parts = rest.split('_');
+        let stream = parts
+            .next()
+            .and_then(|p| p.parse::<i64>().ok())
             .filter(|p| *p >= 0)
             .ok_or_else(invalid)?;
-        let ephemeral = match ephemeral {
+        let ephemeral = match parts.next() {
             Some(e) => e.parse::<u64>().map_err(|_| invalid())?,
             None => 0,
         };
-        Ok(SyncToken { stream, ephemeral })
+        let to_device = match parts.next() {
+            Some(d) => Some(
+                d.parse::<i64>()
+                    .ok()
+                    .filter(|d| (0..=stream).contains(d))
+                    .ok_or_else(invalid)?,
+            ),
+            None => None,
+        };
+        if parts.next().is_some() {
+            return Err(invalid());
+        }
+        Ok(SyncToken {
+            stream,
+            ephemeral,
+            to_device,
+        })
+    }
+
+    /// Where the device's to-device messages were delivered up to.
+    pub fn to_device_position(&self) -> i64 {
+        self.to_device.unwrap_or(self.stream)
     }
 }
 
 impl std::fmt::Display for SyncToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "s{}_{}", self.stream, self.ephemeral)
+        write!(f, "s{}_{}", self.stream, self.ephemeral)?;
+        match self.to_device {
+            Some(d) if d < self.stream => write!(f, "_{d}"),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -81,11 +109,16 @@ pub struct SyncResponse {
     pub ephemeral: EphemeralSync,
     /// Global account data, and that of the rooms in `rooms`.
     pub account_data: AccountDataSync,
+    /// To-device messages, device-list changes and key counts of the syncing device.
+    pub e2ee: E2eeSync,
 }
 
 impl SyncResponse {
     fn is_empty(&self) -> bool {
-        self.rooms.is_empty() && self.ephemeral.presence.is_empty() && self.account_data.is_empty()
+        self.rooms.is_empty()
+            && self.ephemeral.presence.is_empty()
+            && self.account_data.is_empty()
+            && self.e2ee.is_empty()
     }
 }
 
@@ -99,6 +132,19 @@ pub struct SlidingSync {
     pub receipts: BTreeMap<String, Value>,
     /// Room id → `m.typing` event, for rooms whose typing changed since `pos`.
     pub typing: BTreeMap<String, Value>,
+    /// The `to_device` extension: the device's messages after its `since`; `upto` is its
+    /// `next_batch`.
+    pub to_device: Option<ToDeviceSync>,
+    /// The `e2ee` extension: device-list changes since `pos`, the device's key counts.
+    pub e2ee: Option<SlidingE2ee>,
+}
+
+/// The `e2ee` extension of a sliding sync.
+#[derive(Debug, Clone, Default)]
+pub struct SlidingE2ee {
+    pub device_lists: DeviceLists,
+    pub one_time_keys_count: BTreeMap<String, i64>,
+    pub unused_fallback_key_types: Vec<String>,
 }
 
 impl SlidingSync {
@@ -110,6 +156,8 @@ impl SlidingSync {
                 .is_none_or(AccountDataSync::is_empty)
             && self.receipts.is_empty()
             && self.typing.is_empty()
+            && self.to_device.as_ref().is_none_or(|t| t.events.is_empty())
+            && self.e2ee.as_ref().is_none_or(|e| e.device_lists.is_empty())
     }
 }
 
@@ -123,6 +171,8 @@ pub struct SyncService {
     ephemeral: Option<Arc<EphemeralService>>,
     /// Account data; without it a sync has none.
     account_data: Option<Arc<AccountDataService>>,
+    /// To-device messages, device lists and key counts; without it a sync has none.
+    e2ee: Option<Arc<E2eeService>>,
 }
 
 impl SyncService {
@@ -133,6 +183,43 @@ impl SyncService {
             connections: Mutex::new(HashMap::new()),
             ephemeral: None,
             account_data: None,
+            e2ee: None,
+        }
+    }
+
+    /// Adds to-device messages, device-list changes and key counts to `/sync`.
+    pub fn with_e2ee(mut self, e2ee: Arc<E2eeService>) -> Self {
+        self.e2ee = Some(e2ee);
+        self
+    }
+
+    /// The end-to-end encryption part of a sync of `device` up to `upto` (nothing without a
+    /// device or the service).
+    async fn e2ee_pass(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        since: Option<SyncToken>,
+        upto: i64,
+    ) -> Result<E2eeSync> {
+        match (&self.e2ee, device) {
+            (Some(e2ee), Some(device)) => {
+                e2ee.sync(
+                    user,
+                    device,
+                    since.map(|s| s.stream),
+                    since.map(|s| s.to_device_position()),
+                    upto,
+                )
+                .await
+            }
+            _ => Ok(E2eeSync {
+                to_device: ToDeviceSync {
+                    events: Vec::new(),
+                    upto,
+                },
+                ..E2eeSync::default()
+            }),
         }
     }
 
@@ -267,7 +354,9 @@ impl SyncService {
                 service.expire_typing().await?;
             }
             let response = self.rooms.sliding_sync(user, request, &mut state).await?;
-            let answer = self.sliding_extensions(user, request, response).await?;
+            let answer = self
+                .sliding_extensions(user, device, request, response)
+                .await?;
             let now = tokio::time::Instant::now();
             if request.pos.is_none() || !answer.is_empty() || now >= deadline {
                 return Ok(answer);
@@ -283,6 +372,7 @@ impl SyncService {
     async fn sliding_extensions(
         &self,
         user: &str,
+        device: &str,
         request: &SlidingRequest,
         response: SlidingResponse,
     ) -> Result<SlidingSync> {
@@ -292,6 +382,8 @@ impl SyncService {
             ..SlidingSync::default()
         };
         let wanted = request.extensions;
+        self.sliding_e2ee(user, device, request, &mut answer)
+            .await?;
         if wanted.account_data {
             answer.account_data = Some(self.account_data_pass(user, request.pos, upto).await?);
         }
@@ -316,8 +408,57 @@ impl SyncService {
         Ok(answer)
     }
 
+    /// The `to_device` and `e2ee` extensions of a sliding sync, read up to `answer`'s `pos`.
+    async fn sliding_e2ee(
+        &self,
+        user: &str,
+        device: &str,
+        request: &SlidingRequest,
+        answer: &mut SlidingSync,
+    ) -> Result<()> {
+        let Some(e2ee) = &self.e2ee else {
+            return Ok(());
+        };
+        let wanted = request.extensions;
+        let upto = answer.response.pos;
+        if wanted.to_device {
+            answer.to_device = Some(
+                e2ee.to_device(
+                    user,
+                    device,
+                    wanted.to_device_since,
+                    upto,
+                    wanted.to_device_limit,
+                )
+                .await?,
+            );
+        }
+        if wanted.e2ee {
+            let (device_lists, one_time_keys_count, unused_fallback_key_types) =
+                e2ee.keys_sync(user, device, request.pos, upto).await?;
+            answer.e2ee = Some(SlidingE2ee {
+                device_lists,
+                one_time_keys_count,
+                unused_fallback_key_types,
+            });
+        }
+        Ok(())
+    }
+
     #[tracing::instrument(skip_all, fields(user = %user))]
     pub async fn sync(&self, user: &str, options: &SyncOptions) -> Result<SyncResponse> {
+        self.sync_device(user, None, options).await
+    }
+
+    /// `/sync` for a device: as [`SyncService::sync`], with the device's to-device messages,
+    /// device-list changes and key counts.
+    #[tracing::instrument(skip_all, fields(user = %user))]
+    pub async fn sync_device(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        options: &SyncOptions,
+    ) -> Result<SyncResponse> {
         let since = options.since.as_deref().map(SyncToken::parse).transpose()?;
         let deadline = tokio::time::Instant::now() + options.timeout.min(MAX_TIMEOUT);
         loop {
@@ -326,15 +467,18 @@ impl SyncService {
             let (rooms, extra, account_data) = self
                 .sync_pass(user, since.map(|s| s.stream), &options.rooms)
                 .await?;
+            let e2ee = self.e2ee_pass(user, device, since, rooms.position).await?;
             let response = SyncResponse {
                 next_batch: SyncToken {
                     stream: rooms.position,
                     ephemeral,
+                    to_device: Some(e2ee.to_device.upto),
                 }
                 .to_string(),
                 rooms,
                 ephemeral: extra,
                 account_data,
+                e2ee,
             };
             let now = tokio::time::Instant::now();
             if since.is_none()
@@ -363,17 +507,39 @@ mod tests {
         let token = SyncToken {
             stream: 42,
             ephemeral: 7,
+            to_device: None,
         };
+        assert_eq!(token.to_string(), "s42_7");
         assert_eq!(SyncToken::parse(&token.to_string()).expect("parses"), token);
         assert_eq!(
             SyncToken::parse("s5").expect("parses"),
             SyncToken {
                 stream: 5,
-                ephemeral: 0
+                ephemeral: 0,
+                to_device: None,
             }
         );
         assert!(SyncToken::parse("x5").is_err());
         assert!(SyncToken::parse("s-1_0").is_err());
         assert!(SyncToken::parse("s1_x").is_err());
+        // To-device messages delivered short of the stream position.
+        let short = SyncToken {
+            stream: 42,
+            ephemeral: 7,
+            to_device: Some(40),
+        };
+        assert_eq!(short.to_string(), "s42_7_40");
+        assert_eq!(SyncToken::parse("s42_7_40").expect("parses"), short);
+        assert_eq!(short.to_device_position(), 40);
+        assert_eq!(token.to_device_position(), 42);
+        // Delivered up to the stream position is the plain form.
+        let full = SyncToken {
+            to_device: Some(42),
+            ..token
+        };
+        assert_eq!(full.to_string(), "s42_7");
+        assert!(SyncToken::parse("s42_7_43").is_err(), "past the stream");
+        assert!(SyncToken::parse("s42_7_x").is_err());
+        assert!(SyncToken::parse("s42_7_40_1").is_err());
     }
 }

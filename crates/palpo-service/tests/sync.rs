@@ -324,6 +324,7 @@ async fn long_poll_wakes_on_send(storage: Storage) {
             SyncToken {
                 stream: first.position,
                 ephemeral: 0,
+                to_device: None,
             }
             .to_string(),
         ),

@@ -59,8 +59,9 @@ pub struct SlidingSyncRequest {
     #[oai(default)]
     pub room_subscriptions: BTreeMap<String, RoomSubscriptionRequest>,
     /// Extension requests by name, each `{"enabled": bool, ...}`: `account_data`, `receipts`,
-    /// `typing` and `e2ee` (empty device lists until encryption arrives) are answered;
-    /// `to_device` is not implemented yet.
+    /// `typing`, `e2ee` (device-list changes since `pos`, one-time key counts, unused fallback
+    /// key types) and `to_device` (`since`: the previous `next_batch`, which acknowledges the
+    /// messages up to it; `limit`: most messages to return).
     pub extensions: Option<BTreeMap<String, Value>>,
 }
 
@@ -200,11 +201,33 @@ fn to_request(body: SlidingSyncRequest, pos: Option<i64>) -> Result<SlidingReque
             .and_then(|e| e["enabled"].as_bool())
             .unwrap_or(false)
     };
+    let to_device = body.extensions.as_ref().and_then(|e| e.get("to_device"));
+    let to_device_since = match to_device.map(|t| &t["since"]) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(since)) => Some(
+            since
+                .parse::<i64>()
+                .ok()
+                .filter(|p| *p >= 0)
+                .ok_or_else(|| Error::invalid_param("Invalid to_device.since"))?,
+        ),
+        Some(_) => return Err(Error::bad_json("to_device.since must be a string")),
+    };
+    let to_device_limit = match to_device.map(|t| &t["limit"]) {
+        None | Some(Value::Null) => 0,
+        Some(limit) => limit
+            .as_u64()
+            .ok_or_else(|| Error::bad_json("to_device.limit must be a non-negative integer"))?
+            .min(usize::MAX as u64) as usize,
+    };
     let extensions = SlidingExtensions {
         account_data: enabled("account_data"),
         receipts: enabled("receipts"),
         typing: enabled("typing"),
         e2ee: enabled("e2ee"),
+        to_device: enabled("to_device"),
+        to_device_since,
+        to_device_limit,
     };
     Ok(SlidingRequest {
         pos,
@@ -230,12 +253,25 @@ fn extensions_json(wanted: SlidingExtensions, answer: &SlidingSync) -> BTreeMap<
     if wanted.typing {
         out.insert("typing".to_owned(), json!({ "rooms": answer.typing }));
     }
-    if wanted.e2ee {
+    if let Some(e2ee) = &answer.e2ee {
         out.insert(
             "e2ee".to_owned(),
             json!({
-                "device_lists": { "changed": [], "left": [] },
-                "device_one_time_keys_count": {},
+                "device_lists": {
+                    "changed": e2ee.device_lists.changed,
+                    "left": e2ee.device_lists.left,
+                },
+                "device_one_time_keys_count": e2ee.one_time_keys_count,
+                "device_unused_fallback_key_types": e2ee.unused_fallback_key_types,
+            }),
+        );
+    }
+    if let Some(to_device) = &answer.to_device {
+        out.insert(
+            "to_device".to_owned(),
+            json!({
+                "next_batch": to_device.upto.to_string(),
+                "events": to_device.events,
             }),
         );
     }

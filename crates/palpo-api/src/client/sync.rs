@@ -221,10 +221,15 @@ impl From<ServiceResponse> for SyncResponse {
             presence: Events {
                 events: ephemeral.presence,
             },
-            to_device: Events::default(),
-            device_lists: DeviceLists::default(),
-            device_one_time_keys_count: BTreeMap::new(),
-            device_unused_fallback_key_types: Vec::new(),
+            to_device: Events {
+                events: response.e2ee.to_device.events,
+            },
+            device_lists: DeviceLists {
+                changed: response.e2ee.device_lists.changed,
+                left: response.e2ee.device_lists.left,
+            },
+            device_one_time_keys_count: response.e2ee.one_time_keys_count,
+            device_unused_fallback_key_types: response.e2ee.unused_fallback_key_types,
         }
     }
 }
@@ -361,7 +366,11 @@ impl SyncApi {
             .ephemeral
             .presence_on_sync(&auth.0.user_id, set_presence.0.as_deref())
             .await?;
-        let response = state.services.sync.sync(&auth.0.user_id, &options).await?;
+        let response = state
+            .services
+            .sync
+            .sync_device(&auth.0.user_id, Some(&auth.0.device_id), &options)
+            .await?;
         Ok(Json(response.into()))
     }
 }

@@ -34,8 +34,15 @@ pub struct SlidingExtensions {
     pub account_data: bool,
     pub receipts: bool,
     pub typing: bool,
-    /// Answered with empty device lists until end-to-end encryption arrives.
+    /// Device-list changes since `pos`, one-time key counts, unused fallback key types.
     pub e2ee: bool,
+    /// The device's to-device messages after `to_device_since`.
+    pub to_device: bool,
+    /// The `next_batch` of the previous `to_device` extension answer: messages up to it are
+    /// acknowledged (deleted).
+    pub to_device_since: Option<i64>,
+    /// Most to-device messages to hand out (the server's own limit when 0 or above it).
+    pub to_device_limit: usize,
 }
 
 #[derive(Debug, Clone, Default)]
