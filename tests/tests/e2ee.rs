@@ -1027,3 +1027,128 @@ async fn ruma_round_trip() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// More to-device messages than one sync hands out: the token says where the next continues
+/// (`s<P>_<E>_<D>`), and nothing is lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn to_device_backlog_spans_syncs() {
+    run(Backend::Sqlite, false, async |app: &TestApp| {
+        let alice = app.register("alice", "pw").await;
+        let bob = app.register("bob", "pw").await;
+        let since = next_batch(&sync(app, &bob.access_token, None, 0).await);
+        // Two messages per request for Bob's device: `*` and the device itself.
+        for n in 0..60 {
+            send_to_device(
+                app,
+                &alice,
+                &format!("backlog{n}"),
+                json!({bob.user_id.clone(): {
+                    "*": {"body": format!("{n:02} all")},
+                    bob.device_id.clone(): {"body": format!("{n:02} one")},
+                }}),
+            )
+            .await;
+        }
+        let first = sync(app, &bob.access_token, Some(&since), 0).await;
+        let got = bodies(&first);
+        assert_eq!(got.len(), 100, "one sync hands out 100");
+        let token = next_batch(&first);
+        assert_eq!(
+            token.matches('_').count(),
+            2,
+            "the token marks the to-device backlog: {token}"
+        );
+        // Retried with the same token: the same messages again.
+        assert_eq!(
+            bodies(&sync(app, &bob.access_token, Some(&since), 0).await),
+            got
+        );
+        let second = sync(app, &bob.access_token, Some(&token), 0).await;
+        let rest = bodies(&second);
+        assert_eq!(rest.len(), 20);
+        let mut all: Vec<String> = got.into_iter().chain(rest).collect();
+        let sent = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), sent, "none twice");
+        assert_eq!(sent, 120, "none lost");
+        let token = next_batch(&second);
+        assert_eq!(token.matches('_').count(), 1, "caught up: {token}");
+        let third = sync(app, &bob.access_token, Some(&token), 0).await;
+        assert!(bodies(&third).is_empty());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+mod to_device_wakes_another_process {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::to_device_wakes_another_process(super::Backend::Postgres).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql() {
+        super::to_device_wakes_another_process(super::Backend::MySql).await;
+    }
+}
+
+/// Bob long-polls on one process; Alice's to-device message and key upload go through another
+/// process on the same database: each wakes the poll at once, through Redis.
+async fn to_device_wakes_another_process(backend: Backend) {
+    run(backend, true, async |a: &TestApp| {
+        let b = a.spawn_peer(|_| {}).await;
+        let result = std::panic::AssertUnwindSafe(async {
+            let alice = b.register("alice", "pw").await;
+            let bob = a.register("bob", "pw").await;
+            let room_id = b
+                .create_room(&alice.access_token, json!({"preset": "public_chat"}))
+                .await;
+            a.join_room(&bob.access_token, &room_id).await;
+            let since = next_batch(&sync(a, &bob.access_token, None, 0).await);
+
+            let poll = long_poll(a, &bob.access_token, &since, 20_000);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!poll.is_finished(), "waits while nothing changes");
+            send_to_device(
+                &b,
+                &alice,
+                "across",
+                json!({bob.user_id.clone(): {bob.device_id.clone(): {"body": "across"}}}),
+            )
+            .await;
+            let sent = std::time::Instant::now();
+            let woke = poll.await.expect("task");
+            assert!(
+                sent.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                sent.elapsed()
+            );
+            assert_eq!(bodies(&woke), ["across"]);
+
+            let poll = long_poll(a, &bob.access_token, &next_batch(&woke), 20_000);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!poll.is_finished(), "waits while nothing changes");
+            upload(&b, &alice, json!({"device_keys": device_keys(&alice, "c")})).await;
+            let sent = std::time::Instant::now();
+            let woke = poll.await.expect("task");
+            assert!(
+                sent.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                sent.elapsed()
+            );
+            assert_eq!(
+                strings(&woke["device_lists"]["changed"]),
+                [alice.user_id.as_str()]
+            );
+        });
+        let result = futures::FutureExt::catch_unwind(result).await;
+        b.teardown().await;
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    })
+    .await;
+}
