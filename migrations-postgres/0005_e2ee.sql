@@ -50,6 +50,9 @@ CREATE TABLE device_list_changes (
     stream_position BIGINT NOT NULL
 );
 CREATE INDEX device_list_changes_stream ON device_list_changes (stream_position);
+-- Memberships that changed in a range of the stream: who started or stopped sharing a room
+-- with a user since a sync token, without reading every member of the user's rooms.
+CREATE INDEX room_memberships_stream ON room_memberships (stream_ordering);
 
 -- To-device messages waiting for their device. All the messages of one /sendToDevice share
 -- its `events_stream` position; `seq` orders them within it (a `*` and an explicit device of

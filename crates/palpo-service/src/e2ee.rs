@@ -372,6 +372,10 @@ impl E2eeService {
     }
 
     async fn device_lists(&self, user: &str, after: i64, upto: i64) -> Result<DeviceLists> {
+        if upto <= after {
+            // Nothing happened since the token (a long-poll passing again, most often).
+            return Ok(DeviceLists::default());
+        }
         let changed = self
             .storage
             .e2ee

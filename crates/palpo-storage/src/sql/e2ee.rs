@@ -569,33 +569,49 @@ impl E2eeRepo for SqlStore {
                 .fetch_all(p)
                 .await?
         });
-        // Who started sharing a joined room: they joined one of the user's rooms, or the user
-        // joined theirs. (A join that only changed a profile counts too: reporting a user
-        // whose keys did not change costs the client one key query, missing one costs it
-        // the ability to encrypt for them.)
-        let joined: Vec<Text> = on_pool!(
+        // Who started sharing a joined room: they joined one of the user's rooms (read from
+        // the memberships that changed in the range), or the user joined theirs (every member
+        // of the rooms the user joined in the range). A join that only changed a profile
+        // counts too: reporting a user whose keys did not change costs the client one key
+        // query, missing one costs it the ability to encrypt for them.
+        let they_joined: Vec<Text> = on_pool!(
+            self.db.primary(),
+            "SELECT DISTINCT theirs.user_id FROM room_memberships theirs \
+             JOIN room_memberships mine ON mine.room_id = theirs.room_id \
+             WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
+               AND theirs.membership = 'join' AND theirs.user_id <> ? \
+               AND mine.user_id = ? AND mine.membership = 'join'",
+            |p, sql| {
+                sqlx::query_scalar(sql)
+                    .bind(after)
+                    .bind(up_to)
+                    .bind(user_id)
+                    .bind(user_id)
+                    .fetch_all(p)
+                    .await?
+            }
+        );
+        let i_joined: Vec<Text> = on_pool!(
             self.db.primary(),
             "SELECT DISTINCT theirs.user_id FROM room_memberships mine \
              JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
              WHERE mine.user_id = ? AND mine.membership = 'join' \
-               AND theirs.membership = 'join' AND theirs.user_id <> ? \
-               AND ((theirs.stream_ordering > ? AND theirs.stream_ordering <= ?) \
-                 OR (mine.stream_ordering > ? AND mine.stream_ordering <= ?))",
+               AND mine.stream_ordering > ? AND mine.stream_ordering <= ? \
+               AND theirs.membership = 'join' AND theirs.user_id <> ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
                     .bind(user_id)
+                    .bind(after)
+                    .bind(up_to)
                     .bind(user_id)
-                    .bind(after)
-                    .bind(up_to)
-                    .bind(after)
-                    .bind(up_to)
                     .fetch_all(p)
                     .await?
             }
         );
         let users: BTreeSet<String> = changed
             .into_iter()
-            .chain(joined)
+            .chain(they_joined)
+            .chain(i_joined)
             .map(String::from)
             .collect();
         Ok(users.into_iter().collect())
@@ -607,29 +623,49 @@ impl E2eeRepo for SqlStore {
         after: i64,
         up_to: i64,
     ) -> Result<Vec<String>> {
+        // They left one of the user's rooms (from the memberships that changed in the range).
         let query = format!(
-            "SELECT DISTINCT theirs.user_id FROM room_memberships mine \
-             JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
-             WHERE mine.user_id = ? AND theirs.user_id <> ? \
-               AND ((mine.membership = 'join' AND theirs.membership IN ('leave', 'ban') \
-                     AND theirs.stream_ordering > ? AND theirs.stream_ordering <= ?) \
-                 OR (mine.membership IN ('leave', 'ban') AND theirs.membership = 'join' \
-                     AND mine.stream_ordering > ? AND mine.stream_ordering <= ?)) \
+            "SELECT DISTINCT theirs.user_id FROM room_memberships theirs \
+             JOIN room_memberships mine ON mine.room_id = theirs.room_id \
+             WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
+               AND theirs.membership IN ('leave', 'ban') AND theirs.user_id <> ? \
+               AND mine.user_id = ? AND mine.membership = 'join' \
                AND theirs.user_id NOT IN ({SHARES_A_ROOM})"
         );
-        let left: Vec<Text> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let they_left: Vec<Text> = on_pool!(self.db.primary(), &query, |p, sql| {
             sqlx::query_scalar(sql)
-                .bind(user_id)
-                .bind(user_id)
                 .bind(after)
                 .bind(up_to)
-                .bind(after)
-                .bind(up_to)
+                .bind(user_id)
+                .bind(user_id)
                 .bind(user_id)
                 .fetch_all(p)
                 .await?
         });
-        let users: BTreeSet<String> = left.into_iter().map(String::from).collect();
+        // The user left their rooms (the members of the rooms the user left in the range).
+        let query = format!(
+            "SELECT DISTINCT theirs.user_id FROM room_memberships mine \
+             JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
+             WHERE mine.user_id = ? AND mine.membership IN ('leave', 'ban') \
+               AND mine.stream_ordering > ? AND mine.stream_ordering <= ? \
+               AND theirs.membership = 'join' AND theirs.user_id <> ? \
+               AND theirs.user_id NOT IN ({SHARES_A_ROOM})"
+        );
+        let i_left: Vec<Text> = on_pool!(self.db.primary(), &query, |p, sql| {
+            sqlx::query_scalar(sql)
+                .bind(user_id)
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id)
+                .bind(user_id)
+                .fetch_all(p)
+                .await?
+        });
+        let users: BTreeSet<String> = they_left
+            .into_iter()
+            .chain(i_left)
+            .map(String::from)
+            .collect();
         Ok(users.into_iter().collect())
     }
 
