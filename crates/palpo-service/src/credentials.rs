@@ -1,7 +1,9 @@
 //! Secrets: password hashing (argon2), access tokens and ids (random, stored only as hashes).
 
+use std::sync::LazyLock;
+
 use argon2::{
-    Argon2, PasswordHash, PasswordHasher, PasswordVerifier,
+    Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version,
     password_hash::{SaltString, rand_core::OsRng},
 };
 use base64::Engine;
@@ -9,11 +11,28 @@ use palpo_core::{Error, Result};
 use rand::{Rng, distributions::Alphanumeric};
 use sha2::{Digest, Sha256};
 
+/// argon2id with 7 MiB of memory and 5 passes: one of OWASP's equivalent recommended settings,
+/// chosen over the crate's default (19 MiB, 2 passes) because every hash in flight holds its
+/// memory. Stored hashes carry their parameters, so hashes made with other settings still verify.
+fn hasher() -> Result<Argon2<'static>> {
+    let params = Params::new(7 * 1024, 5, 1, None).map_err(Error::internal)?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+/// Hashes and verifications running at once, at most one per core: more would not finish
+/// sooner, and each holds the hash's memory (a burst of registrations or logins otherwise
+/// multiplies the server's peak memory).
+static HASHING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    tokio::sync::Semaphore::new(cores)
+});
+
 /// Hashes a password with argon2id. Runs on the blocking pool: it costs tens of milliseconds.
 pub async fn hash_password(password: String) -> Result<String> {
+    let _permit = HASHING.acquire().await.map_err(Error::internal)?;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
+        hasher()?
             .hash_password(password.as_bytes(), &salt)
             .map(|hash| hash.to_string())
             .map_err(Error::internal)
@@ -24,6 +43,7 @@ pub async fn hash_password(password: String) -> Result<String> {
 
 /// Checks a password against a stored argon2 hash. A malformed hash never matches.
 pub async fn verify_password(password: String, hash: String) -> Result<bool> {
+    let _permit = HASHING.acquire().await.map_err(Error::internal)?;
     tokio::task::spawn_blocking(move || {
         let Ok(parsed) = PasswordHash::new(&hash) else {
             tracing::error!("stored password hash is malformed");
@@ -81,7 +101,7 @@ mod tests {
     #[tokio::test]
     async fn passwords_verify_only_against_their_hash() {
         let hash = hash_password("correct horse".into()).await.expect("hash");
-        assert!(hash.starts_with("$argon2id$"));
+        assert!(hash.starts_with("$argon2id$v=19$m=7168,t=5,p=1$"), "{hash}");
         assert!(
             verify_password("correct horse".into(), hash.clone())
                 .await
@@ -93,6 +113,23 @@ mod tests {
                 .await
                 .expect("verify")
         );
+    }
+
+    #[tokio::test]
+    async fn hashes_made_with_other_parameters_still_verify() {
+        // The argon2 crate's defaults (m=19456, t=2), as earlier versions stored them.
+        let salt = SaltString::generate(&mut OsRng);
+        let old = Argon2::default()
+            .hash_password(b"pw", &salt)
+            .expect("hash")
+            .to_string();
+        assert!(old.contains("m=19456,t=2"));
+        assert!(
+            verify_password("pw".into(), old.clone())
+                .await
+                .expect("verify")
+        );
+        assert!(!verify_password("no".into(), old).await.expect("verify"));
     }
 
     #[test]

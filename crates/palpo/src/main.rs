@@ -14,6 +14,12 @@ use palpo_core::Config;
 
 use crate::cli::{Cli, Command, UserCommand};
 
+// glibc's malloc keeps freed memory in per-thread arenas and raises its mmap threshold after
+// large frees, so bursts (password hashing, big sync responses) left the RSS high for good.
+// mimalloc hands freed pages back to the OS.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A configuration problem: reported in one line, exit status 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
