@@ -42,8 +42,29 @@ CREATE TABLE e2e_fallback_keys (
     PRIMARY KEY (user_id, device_id, algorithm)
 );
 
+-- Cross-signing keys of each user: `master`, `self_signing`, `user_signing`, as uploaded.
+CREATE TABLE e2e_cross_signing_keys (
+    user_id VARCHAR(255) NOT NULL,
+    key_type VARCHAR(32) NOT NULL,
+    key_json TEXT NOT NULL,
+    PRIMARY KEY (user_id, key_type)
+);
+
+-- Signatures uploaded through /keys/signatures/upload, added to the signed key when it is
+-- read: of a device (`target_key_id` the device id) or a master key (its public key) of
+-- `target_user_id`, by `signer_key_id` (`ed25519:...`) of `signer_user_id`. A signature by
+-- another user is shown to that user only.
+CREATE TABLE e2e_key_signatures (
+    target_user_id VARCHAR(255) NOT NULL,
+    target_key_id VARCHAR(128) NOT NULL,
+    signer_user_id VARCHAR(255) NOT NULL,
+    signer_key_id VARCHAR(128) NOT NULL,
+    signature TEXT NOT NULL,
+    PRIMARY KEY (target_user_id, target_key_id, signer_user_id, signer_key_id)
+);
+
 -- The latest change of each user's device list (identity keys uploaded or changed, a device
--- deleted), at an `events_stream` position: /sync and /keys/changes report the users whose
+-- deleted, cross-signing keys or signatures uploaded), at an `events_stream` position: /sync and /keys/changes report the users whose
 -- latest change is after the client's token. One row per user, so it does not grow.
 CREATE TABLE device_list_changes (
     user_id VARCHAR(255) NOT NULL PRIMARY KEY,

@@ -120,6 +120,8 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/_matrix/client/v3/keys/query"),
     ("post", "/_matrix/client/v3/keys/claim"),
     ("get", "/_matrix/client/v3/keys/changes"),
+    ("post", "/_matrix/client/v3/keys/device_signing/upload"),
+    ("post", "/_matrix/client/v3/keys/signatures/upload"),
     ("put", "/_matrix/client/v3/sendToDevice/{eventType}/{txnId}"),
 ];
 

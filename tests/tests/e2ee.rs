@@ -1152,3 +1152,362 @@ async fn to_device_wakes_another_process(backend: Backend) {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cross-signing
+
+const DEVICE_SIGNING: &str = "/_matrix/client/v3/keys/device_signing/upload";
+const SIGNATURES: &str = "/_matrix/client/v3/keys/signatures/upload";
+
+/// An ed25519 key pair whose key id is `ed25519:<name>` (a device id, or the public key).
+struct Signer {
+    pair: ruma::signatures::Ed25519KeyPair,
+    public: String,
+}
+
+impl Signer {
+    /// A cross-signing key pair: named after its public key.
+    fn cross_signing() -> Signer {
+        let der = ruma::signatures::Ed25519KeyPair::generate();
+        let probe = ruma::signatures::Ed25519KeyPair::from_der(&der, "probe".into()).expect("key");
+        let public = ruma::serde::Base64::<ruma::serde::base64::Standard, _>::new(
+            probe.public_key().to_vec(),
+        )
+        .encode();
+        let pair = ruma::signatures::Ed25519KeyPair::from_der(&der, public.clone()).expect("key");
+        Signer { pair, public }
+    }
+
+    /// A device's key pair: named after the device.
+    fn device(device_id: &str) -> Signer {
+        let der = ruma::signatures::Ed25519KeyPair::generate();
+        let pair =
+            ruma::signatures::Ed25519KeyPair::from_der(&der, device_id.to_owned()).expect("key");
+        let public = ruma::serde::Base64::<ruma::serde::base64::Standard, _>::new(
+            pair.public_key().to_vec(),
+        )
+        .encode();
+        Signer { pair, public }
+    }
+
+    fn key_id(&self) -> String {
+        format!("ed25519:{}", self.public)
+    }
+
+    /// `value` signed by this key as `user`.
+    fn sign(&self, user: &str, value: &Value) -> Value {
+        let mut object: ruma::CanonicalJsonObject =
+            serde_json::from_value(value.clone()).expect("canonical JSON");
+        ruma::signatures::sign_json(user, &self.pair, &mut object).expect("sign");
+        serde_json::to_value(object).expect("JSON")
+    }
+}
+
+fn cross_signing_key(user: &str, usage: &str, key: &Signer) -> Value {
+    json!({"user_id": user, "usage": [usage], "keys": {key.key_id(): key.public}})
+}
+
+/// A user's three cross-signing keys, and the upload body (the others signed by the master).
+struct CrossSigning {
+    master: Signer,
+    self_signing: Signer,
+    user_signing: Signer,
+    body: Value,
+}
+
+fn cross_signing(user: &str) -> CrossSigning {
+    let (master, self_signing, user_signing) = (
+        Signer::cross_signing(),
+        Signer::cross_signing(),
+        Signer::cross_signing(),
+    );
+    let body = json!({
+        "master_key": cross_signing_key(user, "master", &master),
+        "self_signing_key": master.sign(user, &cross_signing_key(user, "self_signing", &self_signing)),
+        "user_signing_key": master.sign(user, &cross_signing_key(user, "user_signing", &user_signing)),
+    });
+    CrossSigning {
+        master,
+        self_signing,
+        user_signing,
+        body,
+    }
+}
+
+/// Device keys signed by the device's own ed25519 key, as clients upload them.
+fn signed_device_keys(session: &Session, device: &Signer) -> Value {
+    let keys = json!({
+        "user_id": session.user_id,
+        "device_id": session.device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{}", session.device_id): "Y3VydmU",
+            format!("ed25519:{}", session.device_id): device.public,
+        },
+    });
+    device.sign(&session.user_id, &keys)
+}
+
+async fn query_one(app: &TestApp, viewer: &Session, of: &Session) -> Value {
+    app.post(
+        QUERY,
+        Some(&viewer.access_token),
+        json!({"device_keys": {of.user_id.clone(): []}}),
+    )
+    .await
+    .expect_ok()
+    .clone()
+}
+
+backend_matrix!(cross_signing_keys, cross_signing_scenario);
+
+async fn cross_signing_scenario(app: &TestApp) {
+    let (alice, bob, _room) = two_in_a_room(app).await;
+    let alice_device = Signer::device(&alice.device_id);
+    let alice_keys = signed_device_keys(&alice, &alice_device);
+    upload(app, &alice, json!({"device_keys": alice_keys})).await;
+    let bob_since = next_batch(&sync(app, &bob.access_token, None, 0).await);
+
+    // Alice's first cross-signing keys need no authentication; the same again neither.
+    let alice_cs = cross_signing(&alice.user_id);
+    for _ in 0..2 {
+        app.post(
+            DEVICE_SIGNING,
+            Some(&alice.access_token),
+            alice_cs.body.clone(),
+        )
+        .await
+        .expect_ok();
+    }
+    let response = sync(app, &bob.access_token, Some(&bob_since), 0).await;
+    assert_eq!(
+        strings(&response["device_lists"]["changed"]),
+        [alice.user_id.as_str()],
+        "new cross-signing keys are a device-list change"
+    );
+    let bob_since = next_batch(&response);
+
+    // Everyone sees Alice's master and self-signing keys; only she her user-signing key.
+    let seen = query_one(app, &bob, &alice).await;
+    assert_eq!(
+        seen["master_keys"][&alice.user_id],
+        alice_cs.body["master_key"]
+    );
+    assert_eq!(
+        seen["self_signing_keys"][&alice.user_id],
+        alice_cs.body["self_signing_key"]
+    );
+    assert_eq!(seen["user_signing_keys"], json!({}));
+    let own = query_one(app, &alice, &alice).await;
+    assert_eq!(
+        own["user_signing_keys"][&alice.user_id],
+        alice_cs.body["user_signing_key"]
+    );
+
+    // Alice signs her device with her self-signing key, and her master key with her device.
+    let device_signed = alice_cs.self_signing.sign(&alice.user_id, &alice_keys);
+    let master_signed = alice_device.sign(&alice.user_id, &alice_cs.body["master_key"]);
+    let uploaded = app
+        .post(
+            SIGNATURES,
+            Some(&alice.access_token),
+            json!({alice.user_id.clone(): {
+                alice.device_id.clone(): device_signed,
+                alice_cs.master.public.clone(): master_signed,
+            }}),
+        )
+        .await;
+    assert_eq!(
+        uploaded.expect_ok()["failures"],
+        json!({}),
+        "{}",
+        uploaded.text
+    );
+    let seen = query_one(app, &bob, &alice).await;
+    let signatures =
+        &seen["device_keys"][&alice.user_id][&alice.device_id]["signatures"][&alice.user_id];
+    assert!(
+        signatures[alice_cs.self_signing.key_id()].is_string()
+            && signatures[format!("ed25519:{}", alice.device_id)].is_string(),
+        "the device keys carry the new signature beside their own: {seen}"
+    );
+    assert!(
+        seen["master_keys"][&alice.user_id]["signatures"][&alice.user_id]
+            [format!("ed25519:{}", alice.device_id)]
+        .is_string(),
+        "{seen}"
+    );
+    let response = sync(app, &bob.access_token, Some(&bob_since), 0).await;
+    assert_eq!(
+        strings(&response["device_lists"]["changed"]),
+        [alice.user_id.as_str()],
+        "new signatures are a device-list change"
+    );
+
+    // Bob verifies Alice: his user-signing key signs her master key; only he sees it.
+    let bob_cs = cross_signing(&bob.user_id);
+    app.post(DEVICE_SIGNING, Some(&bob.access_token), bob_cs.body.clone())
+        .await
+        .expect_ok();
+    let verified = bob_cs
+        .user_signing
+        .sign(&bob.user_id, &alice_cs.body["master_key"]);
+    let uploaded = app
+        .post(
+            SIGNATURES,
+            Some(&bob.access_token),
+            json!({alice.user_id.clone(): {alice_cs.master.public.clone(): verified}}),
+        )
+        .await;
+    assert_eq!(
+        uploaded.expect_ok()["failures"],
+        json!({}),
+        "{}",
+        uploaded.text
+    );
+    let by_bob = &query_one(app, &bob, &alice).await["master_keys"][&alice.user_id]["signatures"];
+    assert!(
+        by_bob[&bob.user_id][bob_cs.user_signing.key_id()].is_string(),
+        "{by_bob}"
+    );
+    let by_alice =
+        &query_one(app, &alice, &alice).await["master_keys"][&alice.user_id]["signatures"];
+    assert!(by_alice.get(&bob.user_id).is_none(), "{by_alice}");
+
+    // Signatures that do not verify, or of keys that do not match, are failures.
+    let forged = Signer::cross_signing();
+    let mut bad = alice_cs.self_signing.sign(&alice.user_id, &alice_keys);
+    bad["signatures"][&alice.user_id][alice_cs.self_signing.key_id()] = forged
+        .sign(&alice.user_id, &alice_keys)["signatures"][&alice.user_id][forged.key_id()]
+    .clone();
+    let mut altered = alice_keys.clone();
+    altered["algorithms"] = json!(["m.megolm.v1.aes-sha2"]);
+    let altered = alice_cs.self_signing.sign(&alice.user_id, &altered);
+    let refused = app
+        .post(
+            SIGNATURES,
+            Some(&alice.access_token),
+            json!({alice.user_id.clone(): {alice.device_id.clone(): bad}}),
+        )
+        .await;
+    assert_eq!(
+        refused.expect_ok()["failures"][&alice.user_id][&alice.device_id]["errcode"],
+        "M_INVALID_SIGNATURE"
+    );
+    let refused = app
+        .post(
+            SIGNATURES,
+            Some(&alice.access_token),
+            json!({alice.user_id.clone(): {alice.device_id.clone(): altered, "NOSUCHKEY": {"signatures": {}}}}),
+        )
+        .await;
+    let failures = &refused.expect_ok()["failures"][&alice.user_id];
+    assert!(
+        failures[&alice.device_id]["errcode"].is_string(),
+        "{failures}"
+    );
+    assert_eq!(failures["NOSUCHKEY"]["errcode"], "M_NOT_FOUND");
+
+    // Replacing keys needs the password.
+    let replacement = cross_signing(&alice.user_id);
+    let session = app
+        .post(
+            DEVICE_SIGNING,
+            Some(&alice.access_token),
+            replacement.body.clone(),
+        )
+        .await
+        .expect_uia(&[&["m.login.password"]]);
+    let mut with_auth = replacement.body.clone();
+    with_auth["auth"] = json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": alice.user_id},
+        "password": "pw",
+        "session": session,
+    });
+    app.post(DEVICE_SIGNING, Some(&alice.access_token), with_auth)
+        .await
+        .expect_ok();
+    let seen = query_one(app, &bob, &alice).await;
+    assert_eq!(
+        seen["master_keys"][&alice.user_id]["keys"],
+        replacement.body["master_key"]["keys"]
+    );
+}
+
+/// Cross-signing keys that are malformed or not signed by the master key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cross_signing_keys_are_refused() {
+    run(Backend::Sqlite, false, async |app: &TestApp| {
+        let alice = app.register("alice", "pw").await;
+        let token = Some(alice.access_token.as_str());
+        let cs = cross_signing(&alice.user_id);
+
+        // No master key anywhere.
+        app.post(
+            DEVICE_SIGNING,
+            token,
+            json!({"self_signing_key": cs.body["self_signing_key"]}),
+        )
+        .await
+        .expect_error(400, "M_MISSING_PARAM");
+        // Not signed by the master key.
+        let unsigned = json!({
+            "master_key": cs.body["master_key"],
+            "self_signing_key": cross_signing_key(&alice.user_id, "self_signing", &cs.self_signing),
+        });
+        app.post(DEVICE_SIGNING, token, unsigned)
+            .await
+            .expect_error(400, "M_INVALID_SIGNATURE");
+        // Someone else's, the wrong usage, two keys, not an object.
+        let mut other = cs.body.clone();
+        other["master_key"]["user_id"] = json!("@bob:test.local");
+        app.post(DEVICE_SIGNING, token, other)
+            .await
+            .expect_error(400, "M_INVALID_PARAM");
+        let mut usage = cs.body.clone();
+        usage["master_key"]["usage"] = json!(["self_signing"]);
+        app.post(DEVICE_SIGNING, token, usage)
+            .await
+            .expect_error(400, "M_INVALID_PARAM");
+        let mut two = cs.body.clone();
+        two["master_key"]["keys"]["ed25519:other"] = json!("other");
+        app.post(DEVICE_SIGNING, token, two)
+            .await
+            .expect_error(400, "M_INVALID_PARAM");
+        app.post(DEVICE_SIGNING, token, json!({"master_key": "key"}))
+            .await
+            .expect_error(400, "M_BAD_JSON");
+        // A key named like one of the user's devices.
+        let squatter = json!({"master_key": {
+            "user_id": alice.user_id, "usage": ["master"],
+            "keys": {format!("ed25519:{}", alice.device_id): alice.device_id},
+        }});
+        app.post(DEVICE_SIGNING, token, squatter)
+            .await
+            .expect_error(403, "M_FORBIDDEN");
+        // Signatures: not a map of objects; of another server's user.
+        app.post(
+            SIGNATURES,
+            token,
+            json!({alice.user_id.clone(): {"K": "x"}}),
+        )
+        .await
+        .expect_error(400, "M_BAD_JSON");
+        let remote = app
+            .post(
+                SIGNATURES,
+                token,
+                json!({"@bob:elsewhere.example": {"K": {"signatures": {}}}}),
+            )
+            .await;
+        assert!(
+            remote.expect_ok()["failures"]["@bob:elsewhere.example"]["K"]["errcode"].is_string()
+        );
+        // Nothing was stored by the refused uploads: the first real one needs no password.
+        app.post(DEVICE_SIGNING, token, cs.body.clone())
+            .await
+            .expect_ok();
+    })
+    .await;
+}

@@ -40,6 +40,8 @@ pub enum ErrorCode {
     CannotLeaveServerNoticeRoom,
     /// Sliding sync: the connection position is not known (any more); start over.
     UnknownPos,
+    /// A cross-signing key or signature does not verify.
+    InvalidSignature,
 }
 
 impl ErrorCode {
@@ -76,6 +78,7 @@ impl ErrorCode {
             ResourceLimitExceeded => "M_RESOURCE_LIMIT_EXCEEDED",
             CannotLeaveServerNoticeRoom => "M_CANNOT_LEAVE_SERVER_NOTICE_ROOM",
             UnknownPos => "M_UNKNOWN_POS",
+            InvalidSignature => "M_INVALID_SIGNATURE",
         }
     }
 

@@ -23,7 +23,11 @@ use palpo_storage::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::notifier::Notifier;
+use crate::{notifier::Notifier, uia::Uia};
+
+pub mod cross_signing;
+
+pub use cross_signing::CrossSigningUpload;
 
 /// To-device messages one sync hands a device at most; the rest wait for the next.
 pub const TO_DEVICE_LIMIT: usize = 100;
@@ -53,10 +57,17 @@ pub struct KeysUpload {
 /// The answer of `/keys/query`.
 #[derive(Debug, Clone, Default)]
 pub struct KeysQueryResult {
-    /// User id → device id → the device's keys, with `unsigned.device_display_name`.
+    /// User id → device id → the device's keys, with `unsigned.device_display_name` and the
+    /// uploaded signatures the caller may see.
     pub device_keys: BTreeMap<String, BTreeMap<String, Value>>,
     /// Server name → why its users could not be asked.
     pub failures: BTreeMap<String, Value>,
+    /// User id → master key, with the uploaded signatures the caller may see.
+    pub master_keys: BTreeMap<String, Value>,
+    /// User id → self-signing key.
+    pub self_signing_keys: BTreeMap<String, Value>,
+    /// The caller's own user-signing key, when they asked for themselves.
+    pub user_signing_keys: BTreeMap<String, Value>,
 }
 
 /// The answer of `/keys/claim`.
@@ -181,14 +192,22 @@ pub struct E2eeService {
     config: Arc<Config>,
     storage: Storage,
     notifier: Arc<Notifier>,
+    /// Replacing cross-signing keys needs user-interactive authentication.
+    uia: Uia,
 }
 
 impl E2eeService {
     pub fn new(config: Arc<Config>, storage: Storage, notifier: Arc<Notifier>) -> Self {
+        let uia = Uia::new(
+            storage.clone(),
+            config.server_name.clone(),
+            config.registration.token.clone(),
+        );
         E2eeService {
             config,
             storage,
             notifier,
+            uia,
         }
     }
 
@@ -275,19 +294,22 @@ impl E2eeService {
     }
 
     /// `POST /keys/query`: the identity keys of the devices asked for (all of a user's with an
-    /// empty list). Unknown users and devices are left out; other servers are `failures`.
+    /// empty list), and the users' cross-signing keys. Unknown users and devices are left
+    /// out; other servers are `failures`.
     pub async fn query_keys(
         &self,
-        _user: &str,
+        user: &str,
         request: &BTreeMap<String, Vec<String>>,
     ) -> Result<KeysQueryResult> {
         let mut result = KeysQueryResult::default();
+        let mut local_users = Vec::new();
         for (user_id, device_ids) in request {
             let server = server_of(user_id)?;
             if !self.is_local(server) {
                 result.failures.insert(server.to_owned(), unreachable());
                 continue;
             }
+            local_users.push(user_id.clone());
             let records = self
                 .storage
                 .e2ee
@@ -311,6 +333,12 @@ impl E2eeService {
                 result.device_keys.insert(user_id.clone(), devices);
             }
         }
+        let cross_signing = self
+            .cross_signing_query(user, &mut result, &local_users)
+            .await?;
+        result.master_keys = cross_signing.master_keys;
+        result.self_signing_keys = cross_signing.self_signing_keys;
+        result.user_signing_keys = cross_signing.user_signing_keys;
         Ok(result)
     }
 

@@ -336,9 +336,9 @@ pub trait E2eeRepo: Send + Sync {
         user_id: &str,
         device_id: &str,
     ) -> Result<Vec<String>>;
-    /// Forgets the keys, fallback keys, one-time keys, to-device inbox and to-device
-    /// transaction ids of the devices, and records a device-list change of the user. Returns
-    /// the change's stream position (`None` when `device_ids` is empty).
+    /// Forgets the keys, fallback keys, one-time keys, signatures, to-device inbox and
+    /// to-device transaction ids of the devices, and records a device-list change of the user.
+    /// Returns the change's stream position (`None` when `device_ids` is empty).
     async fn delete_device_keys(&self, user_id: &str, device_ids: &[String])
     -> Result<Option<i64>>;
     /// Users whose device list changed in `(after, up_to]` who are `user_id` or share a
@@ -369,6 +369,32 @@ pub trait E2eeRepo: Send + Sync {
         up_to: i64,
         limit: i64,
     ) -> Result<Vec<crate::model::ToDeviceRecord>>;
+    /// The user's cross-signing keys, by key type.
+    async fn cross_signing_keys(
+        &self,
+        user_id: &str,
+    ) -> Result<Vec<crate::model::CrossSigningKeyRecord>>;
+    /// Stores cross-signing keys (each replaces the user's key of its type) and records a
+    /// device-list change, whose position it returns (`None` when `keys` is empty).
+    async fn put_cross_signing_keys(
+        &self,
+        user_id: &str,
+        keys: &[crate::model::CrossSigningKeyRecord],
+    ) -> Result<Option<i64>>;
+    /// Stores signatures (each replaces the same signer key's signature of the same key) and
+    /// records a device-list change of every signed user, at one position, which it returns
+    /// (`None` when `signatures` is empty).
+    async fn add_key_signatures(
+        &self,
+        signatures: &[crate::model::KeySignatureRecord],
+    ) -> Result<Option<i64>>;
+    /// The uploaded signatures of the user's keys that `viewer` may see: the user's own, and
+    /// the viewer's.
+    async fn key_signatures(
+        &self,
+        user_id: &str,
+        viewer: &str,
+    ) -> Result<Vec<crate::model::KeySignatureRecord>>;
     /// Deletes the device's messages with a position up to `up_to` (the client has them).
     async fn delete_to_device_messages(
         &self,

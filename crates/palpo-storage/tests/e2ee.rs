@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use palpo_storage::{
     Storage, StorageError,
     model::{
-        DeviceLogin, DeviceTarget, KeyUpload, NewEvent, NewRoom, OneTimeKeyRecord, ToDeviceBatch,
-        ToDeviceMessage,
+        CrossSigningKeyRecord, DeviceLogin, DeviceTarget, KeySignatureRecord, KeyUpload, NewEvent,
+        NewRoom, OneTimeKeyRecord, ToDeviceBatch, ToDeviceMessage,
     },
 };
 
@@ -21,6 +21,7 @@ palpo_storage::conformance!(
     to_device_inbox,
     to_device_fan_out_and_idempotency,
     deleting_devices_forgets_their_keys,
+    cross_signing_keys_and_signatures,
 );
 
 const ALICE: &str = "@alice:test";
@@ -840,4 +841,132 @@ async fn deleting_devices_forgets_their_keys(s: Storage) {
             .len(),
         1
     );
+}
+
+fn cross_key(key_type: &str, public: &str) -> CrossSigningKeyRecord {
+    CrossSigningKeyRecord {
+        key_type: key_type.to_owned(),
+        key_json: format!(r#"{{"usage":["{key_type}"],"keys":{{"ed25519:{public}":"{public}"}}}}"#),
+    }
+}
+
+fn signature(
+    target: &str,
+    key: &str,
+    signer: &str,
+    signer_key: &str,
+    sig: &str,
+) -> KeySignatureRecord {
+    KeySignatureRecord {
+        target_user_id: target.to_owned(),
+        target_key_id: key.to_owned(),
+        signer_user_id: signer.to_owned(),
+        signer_key_id: signer_key.to_owned(),
+        signature: sig.to_owned(),
+    }
+}
+
+async fn cross_signing_keys_and_signatures(s: Storage) {
+    device(&s, ALICE, "A1").await;
+    assert!(
+        s.e2ee
+            .cross_signing_keys(ALICE)
+            .await
+            .expect("keys")
+            .is_empty()
+    );
+    assert_eq!(
+        s.e2ee
+            .put_cross_signing_keys(ALICE, &[])
+            .await
+            .expect("nothing"),
+        None
+    );
+    let before = s.rooms.max_stream_ordering().await.expect("max");
+    let p1 = s
+        .e2ee
+        .put_cross_signing_keys(
+            ALICE,
+            &[cross_key("master", "M1"), cross_key("self_signing", "S1")],
+        )
+        .await
+        .expect("put")
+        .expect("a change");
+    assert_eq!(p1, before + 1, "the next position of the global stream");
+    assert_eq!(
+        s.e2ee
+            .device_lists_changed(ALICE, before, p1)
+            .await
+            .expect("changed"),
+        [ALICE]
+    );
+    // Replacing one type leaves the others.
+    s.e2ee
+        .put_cross_signing_keys(ALICE, &[cross_key("self_signing", "S2")])
+        .await
+        .expect("put");
+    let keys = s.e2ee.cross_signing_keys(ALICE).await.expect("keys");
+    assert_eq!(
+        keys.iter().map(|k| k.key_type.as_str()).collect::<Vec<_>>(),
+        ["master", "self_signing"]
+    );
+    assert!(keys[1].key_json.contains("S2"));
+
+    // Signatures: Alice's own are seen by all, Bob's of Alice's key by Bob only.
+    let before = s.rooms.max_stream_ordering().await.expect("max");
+    let p2 = s
+        .e2ee
+        .add_key_signatures(&[
+            signature(ALICE, "A1", ALICE, "ed25519:S2", "sig-1"),
+            signature(ALICE, "M1", BOB, "ed25519:U1", "sig-2"),
+            signature(BOB, "BM", ALICE, "ed25519:U2", "sig-3"),
+        ])
+        .await
+        .expect("add")
+        .expect("a change");
+    assert!(p2 > before);
+    assert_eq!(
+        s.e2ee
+            .device_lists_changed(ALICE, before, p2)
+            .await
+            .expect("changed"),
+        [ALICE],
+        "the signed user's list changed (Bob shares no room with Alice)"
+    );
+    assert_eq!(
+        s.e2ee
+            .device_lists_changed(BOB, before, p2)
+            .await
+            .expect("changed"),
+        [BOB]
+    );
+    let seen_by = |viewer: &'static str| {
+        let s = s.clone();
+        async move {
+            s.e2ee
+                .key_signatures(ALICE, viewer)
+                .await
+                .expect("signatures")
+                .into_iter()
+                .map(|sig| sig.signature)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(seen_by(ALICE).await, ["sig-1"]);
+    assert_eq!(seen_by(BOB).await, ["sig-1", "sig-2"]);
+    assert_eq!(seen_by("@carol:test").await, ["sig-1"]);
+    // The same signer key again replaces its signature.
+    s.e2ee
+        .add_key_signatures(&[signature(ALICE, "A1", ALICE, "ed25519:S2", "sig-1b")])
+        .await
+        .expect("add");
+    assert_eq!(seen_by(ALICE).await, ["sig-1b"]);
+
+    // A deleted device takes its signatures along.
+    s.e2ee
+        .delete_device_keys(ALICE, &["A1".to_owned()])
+        .await
+        .expect("delete");
+    assert!(seen_by(ALICE).await.is_empty());
+    assert_eq!(seen_by(BOB).await, ["sig-2"]);
 }

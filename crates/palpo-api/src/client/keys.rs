@@ -1,9 +1,13 @@
-//! End-to-end encryption: `/keys/upload`, `/keys/query`, `/keys/claim`, `/keys/changes`;
-//! and send-to-device messaging: `/sendToDevice/{eventType}/{txnId}`.
+//! End-to-end encryption: `/keys/upload`, `/keys/query`, `/keys/claim`, `/keys/changes`,
+//! cross-signing (`/keys/device_signing/upload`, `/keys/signatures/upload`); and
+//! send-to-device messaging: `/sendToDevice/{eventType}/{txnId}`.
 
 use std::{borrow::Cow, collections::BTreeMap, marker::PhantomData, sync::Arc};
 
-use palpo_service::{e2ee::KeysUpload, sync::SyncToken};
+use palpo_service::{
+    e2ee::{CrossSigningUpload, KeysUpload},
+    sync::SyncToken,
+};
 use poem::web::Data;
 use poem_openapi::{
     Object, OpenApi,
@@ -148,12 +152,54 @@ pub struct QueryKeysRequest {
     pub device_keys: BTreeMap<String, Vec<String>>,
 }
 
+/// A cross-signing key.
+#[derive(Debug, Object)]
+pub struct CrossSigningKey {
+    /// The ID of the user the key belongs to.
+    #[oai(deserialize_with = "crate::strict::string")]
+    pub user_id: String,
+    /// What the key is used for: `master`, `self_signing` or `user_signing`.
+    #[oai(deserialize_with = "crate::strict::string_list")]
+    pub usage: Vec<String>,
+    /// The public key: exactly one property, `ed25519:<public key>` → public key.
+    pub keys: BTreeMap<String, String>,
+    /// Signatures of the key. Optional for the master key; the others must be signed by the
+    /// master key.
+    pub signatures: Option<BTreeMap<String, BTreeMap<String, String>>>,
+}
+
 #[derive(Debug, Object)]
 pub struct QueryKeysResponse {
     /// Servers that could not be reached, by server name.
     pub failures: BTreeMap<String, JsonObject>,
-    /// User ID → device ID → the device's keys as uploaded, with an `unsigned` property.
+    /// User ID → device ID → the device's keys as uploaded, with an `unsigned` property and
+    /// the signatures uploaded since that the user may see.
     pub device_keys: BTreeMap<String, BTreeMap<String, Verbatim<DeviceInformation>>>,
+    /// User ID → master key, with the signatures uploaded since that the user may see.
+    pub master_keys: BTreeMap<String, Verbatim<CrossSigningKey>>,
+    /// User ID → self-signing key.
+    pub self_signing_keys: BTreeMap<String, Verbatim<CrossSigningKey>>,
+    /// The user's own user-signing key, when they queried themselves.
+    pub user_signing_keys: BTreeMap<String, Verbatim<CrossSigningKey>>,
+}
+
+#[derive(Debug, Object)]
+pub struct UploadCrossSigningKeysRequest {
+    /// The user's master key.
+    pub master_key: Option<Verbatim<CrossSigningKey>>,
+    /// The user's self-signing key, signed by the master key (this one or the stored one).
+    pub self_signing_key: Option<Verbatim<CrossSigningKey>>,
+    /// The user's user-signing key, signed by the master key (this one or the stored one).
+    pub user_signing_key: Option<Verbatim<CrossSigningKey>>,
+    /// User-interactive authentication, needed to replace keys the user has.
+    pub auth: Option<Value>,
+}
+
+#[derive(Debug, Object)]
+pub struct UploadSignaturesResponse {
+    /// User ID → key ID → the error of a signature that was refused (`M_INVALID_SIGNATURE`
+    /// when it does not verify).
+    pub failures: BTreeMap<String, BTreeMap<String, JsonObject>>,
 }
 
 #[derive(Debug, Object)]
@@ -189,6 +235,16 @@ pub struct SendToDeviceRequest {
 
 fn object(value: JsonObject) -> Map<String, Value> {
     value.into_iter().collect()
+}
+
+/// Key objects by user, as the wire types.
+fn verbatim_keys<T>(keys: BTreeMap<String, Value>) -> BTreeMap<String, Verbatim<T>> {
+    keys.into_iter()
+        .filter_map(|(user_id, key)| match key {
+            Value::Object(map) => Some((user_id, Verbatim::new(map))),
+            _ => None,
+        })
+        .collect()
 }
 
 fn failures(failures: BTreeMap<String, Value>) -> BTreeMap<String, JsonObject> {
@@ -273,6 +329,9 @@ impl KeysApi {
         Ok(Json(QueryKeysResponse {
             failures: failures(result.failures),
             device_keys,
+            master_keys: verbatim_keys(result.master_keys),
+            self_signing_keys: verbatim_keys(result.self_signing_keys),
+            user_signing_keys: verbatim_keys(result.user_signing_keys),
         }))
     }
 
@@ -331,6 +390,85 @@ impl KeysApi {
             changed: lists.changed,
             left: lists.left,
         }))
+    }
+
+    /// Publishes the user's cross-signing keys. Needs user-interactive authentication unless
+    /// the user has no master key yet or the request brings exactly the stored keys.
+    #[oai(
+        path = "/_matrix/client/v3/keys/device_signing/upload",
+        method = "post",
+        tag = "ApiTags::EndToEndEncryption",
+        operation_id = "uploadCrossSigningKeys"
+    )]
+    async fn upload_cross_signing_keys(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AccessToken,
+        body: Json<UploadCrossSigningKeysRequest>,
+    ) -> ApiResult<Json<EmptyResponse>> {
+        let body = body.0;
+        let upload = CrossSigningUpload {
+            master_key: body.master_key.map(|k| k.value),
+            self_signing_key: body.self_signing_key.map(|k| k.value),
+            user_signing_key: body.user_signing_key.map(|k| k.value),
+            auth: body.auth,
+        };
+        state
+            .services
+            .e2ee
+            .upload_cross_signing_keys(&auth.0.user_id, upload)
+            .await?;
+        Ok(Json(EmptyResponse {}))
+    }
+
+    /// Publishes signatures of keys: of the user's devices (by the self-signing key), of the
+    /// user's master key (by their devices), of other users' master keys (by the user-signing
+    /// key). The signed objects must be the stored keys with the new signatures.
+    #[oai(
+        path = "/_matrix/client/v3/keys/signatures/upload",
+        method = "post",
+        tag = "ApiTags::EndToEndEncryption",
+        operation_id = "uploadCrossSigningSignatures"
+    )]
+    async fn upload_signatures(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AccessToken,
+        /// User ID → key ID (a device ID, or a master key's public key) → the signed object.
+        body: Json<BTreeMap<String, BTreeMap<String, JsonObject>>>,
+    ) -> ApiResult<Json<UploadSignaturesResponse>> {
+        let signed = body
+            .0
+            .into_iter()
+            .map(|(user_id, keys)| {
+                let keys = keys
+                    .into_iter()
+                    .map(|(key_id, signed)| (key_id, object(signed)))
+                    .collect();
+                (user_id, keys)
+            })
+            .collect();
+        let failures = state
+            .services
+            .e2ee
+            .upload_signatures(&auth.0.user_id, signed)
+            .await?
+            .into_iter()
+            .map(|(user_id, keys)| {
+                let keys = keys
+                    .into_iter()
+                    .map(|(key_id, error)| {
+                        let error = match error {
+                            Value::Object(map) => map.into_iter().collect(),
+                            _ => JsonObject::new(),
+                        };
+                        (key_id, error)
+                    })
+                    .collect();
+                (user_id, keys)
+            })
+            .collect();
+        Ok(Json(UploadSignaturesResponse { failures }))
     }
 
     /// Sends an event to a set of devices: each message goes to one device of a user, or to

@@ -86,3 +86,24 @@ pub struct ToDeviceRecord {
     pub event_type: String,
     pub content: String,
 }
+
+/// A cross-signing key of a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrossSigningKeyRecord {
+    /// `master`, `self_signing` or `user_signing`.
+    pub key_type: String,
+    /// The key object as uploaded.
+    pub key_json: String,
+}
+
+/// A signature uploaded through `/keys/signatures/upload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySignatureRecord {
+    pub target_user_id: String,
+    /// The device id, or the public key of a master key.
+    pub target_key_id: String,
+    pub signer_user_id: String,
+    /// `ed25519:<device id or public key>`.
+    pub signer_key_id: String,
+    pub signature: String,
+}

@@ -18,8 +18,8 @@ use crate::{
     db::{Text, Tx},
     error::{Result, StorageError},
     model::{
-        ClaimedKey, DeviceKeysRecord, DeviceTarget, KeyUpload, KeyUploadOutcome, OneTimeKeyRecord,
-        ToDeviceBatch, ToDeviceRecord,
+        ClaimedKey, CrossSigningKeyRecord, DeviceKeysRecord, DeviceTarget, KeySignatureRecord,
+        KeyUpload, KeyUploadOutcome, OneTimeKeyRecord, ToDeviceBatch, ToDeviceRecord,
     },
     on_pool, on_tx,
     repo::E2eeRepo,
@@ -533,6 +533,19 @@ impl E2eeRepo for SqlStore {
         // The same order as uploads: `e2e_keys`, then the stream.
         next_counter(&mut tx, KEYS_COUNTER).await?;
         let position = next_counter(&mut tx, STREAM).await?;
+        for chunk in device_ids.chunks(CHUNK) {
+            let query = format!(
+                "DELETE FROM e2e_key_signatures WHERE target_user_id = ? AND target_key_id IN ({})",
+                placeholders(chunk.len())
+            );
+            on_tx!(&mut tx, &query, |c, sql| {
+                let mut q = sqlx::query(sql).bind(user_id);
+                for device_id in chunk {
+                    q = q.bind(device_id);
+                }
+                q.execute(&mut *c).await?.rows_affected()
+            });
+        }
         for table in [
             "e2e_device_keys",
             "e2e_one_time_keys",
@@ -775,6 +788,161 @@ impl E2eeRepo for SqlStore {
                 content: r.content.into(),
             })
             .collect())
+    }
+
+    async fn cross_signing_keys(&self, user_id: &str) -> Result<Vec<CrossSigningKeyRecord>> {
+        let rows: Vec<(Text, Text)> = on_pool!(
+            self.db.primary(),
+            "SELECT key_type, key_json FROM e2e_cross_signing_keys WHERE user_id = ?",
+            |p, sql| { sqlx::query_as(sql).bind(user_id).fetch_all(p).await? }
+        );
+        let mut out: Vec<CrossSigningKeyRecord> = rows
+            .into_iter()
+            .map(|(key_type, key_json)| CrossSigningKeyRecord {
+                key_type: key_type.0,
+                key_json: key_json.0,
+            })
+            .collect();
+        out.sort_by(|a, b| a.key_type.cmp(&b.key_type));
+        Ok(out)
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %user_id))]
+    async fn put_cross_signing_keys(
+        &self,
+        user_id: &str,
+        keys: &[CrossSigningKeyRecord],
+    ) -> Result<Option<i64>> {
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let mut tx = self.db.begin().await?;
+        next_counter(&mut tx, KEYS_COUNTER).await?;
+        let position = next_counter(&mut tx, STREAM).await?;
+        for key in keys {
+            on_tx!(
+                &mut tx,
+                "DELETE FROM e2e_cross_signing_keys WHERE user_id = ? AND key_type = ?",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(user_id)
+                        .bind(&key.key_type)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+            on_tx!(
+                &mut tx,
+                "INSERT INTO e2e_cross_signing_keys (user_id, key_type, key_json) VALUES (?, ?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(user_id)
+                        .bind(&key.key_type)
+                        .bind(&key.key_json)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(|e| StorageError::conflict_or(e, "cross-signing key"))?
+                        .rows_affected()
+                }
+            );
+        }
+        record_change(&mut tx, user_id, position).await?;
+        tx.commit().await?;
+        self.db.wrote(user_id).await;
+        Ok(Some(position))
+    }
+
+    async fn add_key_signatures(&self, signatures: &[KeySignatureRecord]) -> Result<Option<i64>> {
+        if signatures.is_empty() {
+            return Ok(None);
+        }
+        let mut tx = self.db.begin().await?;
+        next_counter(&mut tx, KEYS_COUNTER).await?;
+        let position = next_counter(&mut tx, STREAM).await?;
+        for sig in signatures {
+            on_tx!(
+                &mut tx,
+                "DELETE FROM e2e_key_signatures WHERE target_user_id = ? AND target_key_id = ? \
+                 AND signer_user_id = ? AND signer_key_id = ?",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&sig.target_user_id)
+                        .bind(&sig.target_key_id)
+                        .bind(&sig.signer_user_id)
+                        .bind(&sig.signer_key_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+            on_tx!(
+                &mut tx,
+                "INSERT INTO e2e_key_signatures \
+                 (target_user_id, target_key_id, signer_user_id, signer_key_id, signature) \
+                 VALUES (?, ?, ?, ?, ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(&sig.target_user_id)
+                        .bind(&sig.target_key_id)
+                        .bind(&sig.signer_user_id)
+                        .bind(&sig.signer_key_id)
+                        .bind(&sig.signature)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(|e| StorageError::conflict_or(e, "key signature"))?
+                        .rows_affected()
+                }
+            );
+        }
+        let targets: BTreeSet<&str> = signatures
+            .iter()
+            .map(|s| s.target_user_id.as_str())
+            .collect();
+        for user_id in &targets {
+            record_change(&mut tx, user_id, position).await?;
+        }
+        tx.commit().await?;
+        for user_id in targets {
+            self.db.wrote(user_id).await;
+        }
+        Ok(Some(position))
+    }
+
+    async fn key_signatures(&self, user_id: &str, viewer: &str) -> Result<Vec<KeySignatureRecord>> {
+        let rows: Vec<(Text, Text, Text, Text)> = on_pool!(
+            self.db.primary(),
+            "SELECT target_key_id, signer_user_id, signer_key_id, signature FROM e2e_key_signatures \
+             WHERE target_user_id = ? AND (signer_user_id = ? OR signer_user_id = ?)",
+            |p, sql| {
+                sqlx::query_as(sql)
+                    .bind(user_id)
+                    .bind(user_id)
+                    .bind(viewer)
+                    .fetch_all(p)
+                    .await?
+            }
+        );
+        let mut out: Vec<KeySignatureRecord> = rows
+            .into_iter()
+            .map(
+                |(target_key_id, signer_user_id, signer_key_id, signature)| KeySignatureRecord {
+                    target_user_id: user_id.to_owned(),
+                    target_key_id: target_key_id.0,
+                    signer_user_id: signer_user_id.0,
+                    signer_key_id: signer_key_id.0,
+                    signature: signature.0,
+                },
+            )
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.target_key_id, &a.signer_user_id, &a.signer_key_id).cmp(&(
+                &b.target_key_id,
+                &b.signer_user_id,
+                &b.signer_key_id,
+            ))
+        });
+        Ok(out)
     }
 
     async fn delete_to_device_messages(
