@@ -170,6 +170,9 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
     let error_samples = Arc::new(Mutex::new(Vec::<String>::new()));
     let start = Instant::now();
     let deadline = start + duration;
+    // With --rate, each sender sends every `period`, its start offset so that sends interleave.
+    let period =
+        (args.rate > 0.0).then(|| Duration::from_secs_f64(args.senders as f64 / args.rate));
     let mut sender_tasks = Vec::new();
     for s in 0..args.senders {
         let user = senders_pool[s % senders_pool.len()].clone();
@@ -182,9 +185,19 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
             error_samples.clone(),
         );
         let run_id = run_id.to_owned();
+        let mut ticks = period.map(|period| {
+            let offset = period.mul_f64(s as f64 / args.senders as f64);
+            let mut ticks = tokio::time::interval_at((start + offset).into(), period);
+            // A slow send delays the next one rather than causing a catch-up burst.
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
         sender_tasks.push(tokio::spawn(async move {
             let mut local = Vec::new();
             for n in 0..MAX_SENDS_PER_SENDER {
+                if let Some(ticks) = &mut ticks {
+                    ticks.tick().await;
+                }
                 if Instant::now() >= deadline {
                     break;
                 }

@@ -41,6 +41,10 @@ pub struct Args {
     /// Users long-polling /sync during the load phase to measure delivery latency.
     #[arg(long, default_value_t = 4)]
     pub listeners: usize,
+    /// Total messages per second the senders aim at (spread evenly over them); 0 = flat out.
+    /// A rate below the server's saturation measures delivery latency without queueing.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// Seconds of sending in the load phase.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
@@ -202,7 +206,7 @@ fn write_json(path: &PathBuf, args: &Args, f: &Figures) -> Result<()> {
         "label": args.label,
         "url": args.url,
         "profile": {
-            "users": args.users, "rooms": args.rooms, "senders": args.senders,
+            "users": args.users, "rooms": args.rooms, "senders": args.senders, "rate": args.rate,
             "listeners": args.listeners, "seconds": args.seconds,
             "sync_rooms": args.sync_rooms, "sync_events": args.sync_events,
         },
