@@ -14,10 +14,16 @@ pub mod error;
 pub mod middleware;
 pub mod strict;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use palpo_service::Services;
-use poem::{Endpoint, EndpointExt, Route, endpoint::BoxEndpoint, http::Method, middleware::Cors};
+use poem::{
+    Endpoint, EndpointExt, Response, Route,
+    endpoint::{BoxEndpoint, make_sync},
+    http::Method,
+    middleware::Cors,
+    web::Html,
+};
 use poem_openapi::{OpenApiService, Tags};
 
 use crate::client::ephemeral::EphemeralApi;
@@ -131,8 +137,6 @@ pub fn build_app(services: Services) -> BoxEndpoint<'static> {
         services: services.clone(),
     });
     let api = client_service();
-    let docs = api.swagger_ui();
-    let spec = api.spec_endpoint();
     let cors = Cors::new()
         .allow_origins_fn(|_| true)
         .allow_methods([
@@ -152,8 +156,16 @@ pub fn build_app(services: Services) -> BoxEndpoint<'static> {
         .allow_credentials(false);
     Route::new()
         .nest("/", api)
-        .nest(DOCS_PATH, docs)
-        .at(SPEC_PATH, spec)
+        .at(DOCS_PATH, make_sync(|_| Html(docs_html())))
+        .at(format!("{DOCS_PATH}/"), make_sync(|_| Html(docs_html())))
+        .at(
+            SPEC_PATH,
+            make_sync(|_| {
+                Response::builder()
+                    .content_type("application/json")
+                    .body(spec_json())
+            }),
+        )
         .around(|ep, mut req| async move {
             client::rooms::trim_empty_state_key(&mut req);
             ep.call(req).await
@@ -165,6 +177,19 @@ pub fn build_app(services: Services) -> BoxEndpoint<'static> {
         .with(cors)
         .around(middleware::trace_request)
         .boxed()
+}
+
+// The docs page inlines the Swagger UI bundle (about 3 MB) and the document (0.5 MB): built on
+// the first request for them rather than held by every idle server.
+static DOCS_HTML: OnceLock<String> = OnceLock::new();
+static SPEC_JSON: OnceLock<String> = OnceLock::new();
+
+fn docs_html() -> &'static str {
+    DOCS_HTML.get_or_init(|| client_service().swagger_ui_html())
+}
+
+fn spec_json() -> &'static str {
+    SPEC_JSON.get_or_init(|| client_service().spec())
 }
 
 /// The generated OpenAPI documents, as `(file name, pretty JSON)`: what `openapi/` holds.

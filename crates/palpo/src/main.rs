@@ -14,24 +14,12 @@ use palpo_core::Config;
 
 use crate::cli::{Cli, Command, UserCommand};
 
-// glibc's malloc keeps freed memory in per-thread arenas and raises its mmap threshold after
-// large frees, so bursts (password hashing, big sync responses) left the RSS high for good.
-// mimalloc hands freed pages back to the OS. Transparent huge pages are turned off first thing
-// in `main`: with them, the kernel backs each of mimalloc's small arenas with a 2 MiB page
-// (idle RSS 50 MB instead of about 23).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A configuration problem: reported in one line, exit status 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BadConfig(pub String);
 
 fn main() -> ExitCode {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
-        eprintln!("warning: cannot turn transparent huge pages off: {e}");
-    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
