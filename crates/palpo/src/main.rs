@@ -14,12 +14,30 @@ use palpo_core::Config;
 
 use crate::cli::{Cli, Command, UserCommand};
 
+/// Pins glibc's mmap threshold at its default (128 KiB). Left dynamic, glibc raises it to the
+/// size of any large block freed (a password hash's 7 MiB, a big sync response), after which
+/// such blocks come from per-thread arenas that keep the memory: under a burst of registrations
+/// the RSS grew from 18 to 155 MB and stayed there; pinned, it peaks near 34 MB.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any other thread
+    // exists, with a documented option and an in-range value.
+    #[allow(unsafe_code)]
+    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+    if ok != 1 {
+        eprintln!("warning: cannot set the allocator's mmap threshold");
+    }
+}
+
 /// A configuration problem: reported in one line, exit status 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BadConfig(pub String);
 
 fn main() -> ExitCode {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tune_allocator();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
