@@ -43,6 +43,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub well_known: WellKnownConfig,
     pub rooms: RoomsConfig,
+    pub presence: PresenceConfig,
 }
 
 #[derive(Clone, Deserialize)]
@@ -162,6 +163,14 @@ pub struct RoomsConfig {
     pub default_version: String,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Seconds without activity (a sync, or setting their presence) after which an `online`
+    /// user is shown `unavailable`.
+    pub idle_timeout_secs: u64,
+}
+
 /// Room versions new rooms may be created in (1 and 2 are understood but not created).
 pub const CREATABLE_ROOM_VERSIONS: &[&str] = &["3", "4", "5", "6", "7", "8", "9", "10", "11", "12"];
 
@@ -197,6 +206,9 @@ max_request_bytes = 1048576
 
 [rooms]
 default_version = "12"
+
+[presence]
+idle_timeout_secs = 300
 "#;
 
 impl Config {
@@ -327,6 +339,12 @@ impl Config {
                     self.rooms.default_version,
                     CREATABLE_ROOM_VERSIONS.join(", ")
                 ),
+            ));
+        }
+        if self.presence.idle_timeout_secs == 0 {
+            return Err(ConfigError::key(
+                "presence.idle_timeout_secs",
+                "must be at least 1",
             ));
         }
         if self.limits.max_request_bytes < 1024 {
@@ -500,6 +518,21 @@ mod tests {
         let err = Config::load_from(None, env(&[("PALPO__ROOMS__DEFAULT_VERSION", "2")]))
             .expect_err("v2 rooms cannot be created");
         assert!(err.to_string().contains("rooms.default_version"), "{err}");
+    }
+
+    #[test]
+    fn presence_idle_timeout_is_configurable_and_checked() {
+        let config = Config::load_from(None, env(&[])).expect("loads");
+        assert_eq!(config.presence.idle_timeout_secs, 300);
+        let config = Config::load_from(None, env(&[("PALPO__PRESENCE__IDLE_TIMEOUT_SECS", "60")]))
+            .expect("loads");
+        assert_eq!(config.presence.idle_timeout_secs, 60);
+        let err = Config::load_from(None, env(&[("PALPO__PRESENCE__IDLE_TIMEOUT_SECS", "0")]))
+            .expect_err("0 is refused");
+        assert!(
+            err.to_string().contains("presence.idle_timeout_secs"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! through it in the other processes).
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    sync::Arc,
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Weak},
+    time::Duration,
 };
 
 use palpo_core::{Error, Result, now_millis};
@@ -22,10 +23,13 @@ use crate::{RoomService, notifier::Notifier};
 
 /// Longest a typing notification lasts, whatever the client asks for.
 pub const MAX_TYPING_TIMEOUT_MS: u64 = 30_000;
-/// A user active within this long is `currently_active`.
-const CURRENTLY_ACTIVE_MS: i64 = 5 * 60 * 1000;
-/// Syncs move a user's last active time at most this often (without a stream position).
+/// An online user inactive this long is `unavailable` (`presence.idle_timeout_secs`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Syncs move a user's last active time at most this often (without a stream position), and
+/// at least a few times per idle timeout.
 const TOUCH_EVERY_MS: i64 = 10_000;
+/// The presence expiry task checks at most this often.
+const MIN_EXPIRY_CHECK: Duration = Duration::from_millis(100);
 /// Unread notification counts stop counting here.
 const MAX_UNREAD: i64 = 1000;
 /// Longest thread id a receipt may carry (the database column's size).
@@ -87,14 +91,33 @@ pub struct UnreadCounts {
 #[derive(Debug, Clone, Default)]
 pub struct EphemeralSync {
     pub rooms: BTreeMap<String, Vec<Value>>,
+    /// Per room, the unread counts of the main timeline (events in no thread).
     pub unread: BTreeMap<String, UnreadCounts>,
+    /// Per room, the unread counts of each thread with any (thread root id → counts).
+    pub unread_threads: BTreeMap<String, BTreeMap<String, UnreadCounts>>,
     pub presence: Vec<Value>,
+}
+
+impl EphemeralSync {
+    /// Adds each room's thread counts to its main counts, for clients that did not ask for
+    /// counts per thread.
+    pub fn fold_thread_counts(&mut self) {
+        for (room_id, threads) in std::mem::take(&mut self.unread_threads) {
+            let counts = self.unread.entry(room_id).or_default();
+            for thread in threads.values() {
+                counts.notification_count += thread.notification_count;
+                counts.highlight_count += thread.highlight_count;
+            }
+        }
+    }
 }
 
 pub struct EphemeralService {
     storage: Storage,
     rooms: Arc<RoomService>,
     notifier: Arc<Notifier>,
+    /// An online user inactive this long is `unavailable`.
+    idle_timeout_ms: i64,
 }
 
 fn internal(err: StorageError) -> Error {
@@ -107,7 +130,14 @@ impl EphemeralService {
             storage,
             rooms,
             notifier,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT.as_millis() as i64,
         }
+    }
+
+    /// Sets how long an online user may be inactive before they are `unavailable`.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX).max(1);
+        self
     }
 
     async fn require_joined(&self, user: &str, room_id: &str) -> Result<()> {
@@ -411,7 +441,7 @@ impl EphemeralService {
             .await
             .map_err(internal)?;
         Ok(match record {
-            Some(record) => presence_view(&record, now_millis()),
+            Some(record) => presence_view(&record, now_millis(), self.idle_timeout_ms),
             None => Presence {
                 presence: PresenceState::Offline.as_str().to_owned(),
                 last_active_ago: None,
@@ -461,7 +491,8 @@ impl EphemeralService {
             .map_err(internal)?;
         match current {
             Some(current) if current.state == state.as_str() => {
-                if now - current.last_active_ts >= TOUCH_EVERY_MS {
+                let touch_every = TOUCH_EVERY_MS.min(self.idle_timeout_ms / 4);
+                if now - current.last_active_ts >= touch_every {
                     self.storage
                         .ephemeral
                         .touch_presence(user, now)
@@ -486,6 +517,62 @@ impl EphemeralService {
             }
         }
         Ok(())
+    }
+
+    /// Moves the online users who have been inactive for the idle timeout to `unavailable`
+    /// (one stream position for all, which wakes the syncs that show it). Returns how long
+    /// until the next one may go idle.
+    pub async fn expire_presence(&self) -> Result<Duration> {
+        let idle = self.idle_timeout_ms;
+        let now = now_millis();
+        if let Some(position) = self
+            .storage
+            .ephemeral
+            .expire_presence(now - idle)
+            .await
+            .map_err(internal)?
+        {
+            self.notifier.stream_advanced(position);
+        }
+        let idle_duration = Duration::from_millis(idle as u64);
+        let next = self
+            .storage
+            .ephemeral
+            .oldest_online_activity()
+            .await
+            .map_err(internal)?;
+        Ok(match next {
+            // A little after, so that it has run out.
+            Some(last_active) => {
+                Duration::from_millis((last_active + idle - now + 10).max(0) as u64)
+                    .clamp(MIN_EXPIRY_CHECK, idle_duration)
+            }
+            // Whoever comes online next goes idle an idle timeout from now at the earliest.
+            None => idle_duration.max(MIN_EXPIRY_CHECK),
+        })
+    }
+
+    /// Runs [`EphemeralService::expire_presence`] in the background, each time the next user
+    /// may go idle, for as long as the service lives. Every process does so; the first to get
+    /// there announces it, the others find nothing left to do.
+    pub fn spawn_presence_expiry(self: &Arc<Self>) {
+        let service: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(this) = service.upgrade() else {
+                    return;
+                };
+                let wait = match this.expire_presence().await {
+                    Ok(wait) => wait,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "presence expiry failed; retrying");
+                        Duration::from_secs(5)
+                    }
+                };
+                drop(this);
+                tokio::time::sleep(wait).await;
+            }
+        });
     }
 
     // -----------------------------------------------------------------------------------------
@@ -531,7 +618,7 @@ impl EphemeralService {
             .await
             .map_err(internal)?
             .iter()
-            .map(|record| presence_event(record, now))
+            .map(|record| presence_event(record, now, self.idle_timeout_ms))
             .collect();
         Ok(out)
     }
@@ -640,8 +727,11 @@ impl EphemeralService {
         }
         let mentions = self.mention_names(user).await?;
         for room_id in rooms {
-            let counts = self.unread_counts(user, room_id, up_to, &mentions).await?;
-            out.unread.insert(room_id.clone(), counts);
+            let (main, threads) = self.unread_counts(user, room_id, up_to, &mentions).await?;
+            out.unread.insert(room_id.clone(), main);
+            if !threads.is_empty() {
+                out.unread_threads.insert(room_id.clone(), threads);
+            }
         }
         Ok(())
     }
@@ -670,69 +760,122 @@ impl EphemeralService {
         Ok(names)
     }
 
-    /// Messages of others the user may see after their latest read receipt (public or
-    /// private, unthreaded or for the main timeline; their join when they sent none), and
-    /// of those the ones that mention them.
+    /// Messages of others the user may see and has not read, and of those the ones that
+    /// mention them: in the main timeline, after their latest read receipt (public or private)
+    /// that is unthreaded or for `main`; in each thread, after their latest unthreaded receipt
+    /// or receipt for that thread. Without a receipt, after their join.
     async fn unread_counts(
         &self,
         user: &str,
         room_id: &str,
         up_to: i64,
         mentions: &[String],
-    ) -> Result<UnreadCounts> {
-        let receipts = self
+    ) -> Result<(UnreadCounts, BTreeMap<String, UnreadCounts>)> {
+        let reads: Vec<ReceiptRecord> = self
             .storage
             .ephemeral
             .receipts_of_user(room_id, user)
             .await
-            .map_err(internal)?;
-        let read_ids: Vec<String> = receipts
+            .map_err(internal)?
             .into_iter()
             .filter(|r| matches!(r.receipt_type.as_str(), PUBLIC_READ | PRIVATE_READ))
-            .filter(|r| r.thread_id.as_deref().is_none_or(|t| t == "main"))
-            .map(|r| r.event_id)
             .collect();
-        let read_up_to = if read_ids.is_empty() {
-            None
+        let read_ids: Vec<String> = reads.iter().map(|r| r.event_id.clone()).collect();
+        let positions: HashMap<String, i64> = if read_ids.is_empty() {
+            HashMap::new()
         } else {
             self.storage
                 .rooms
                 .get_events(&read_ids)
                 .await
                 .map_err(internal)?
+                .into_iter()
+                .filter_map(|e| Some((e.event_id, e.stream_ordering?)))
+                .collect()
+        };
+        let read_up_to = |thread: Option<&str>| {
+            reads
                 .iter()
-                .filter_map(|e| e.stream_ordering)
+                .filter(|r| r.thread_id.as_deref() == thread)
+                .filter_map(|r| positions.get(&r.event_id).copied())
                 .max()
         };
-        let floor = match read_up_to {
-            Some(position) => position,
-            None => self
-                .storage
-                .rooms
-                .membership(room_id, user)
-                .await
-                .map_err(internal)?
-                .map(|m| m.stream_ordering)
-                .unwrap_or(0),
+        let unthreaded = read_up_to(None);
+        let main = read_up_to(Some("main"));
+        let joined_at = match unthreaded {
+            Some(_) => None,
+            None => Some(
+                self.storage
+                    .rooms
+                    .membership(room_id, user)
+                    .await
+                    .map_err(internal)?
+                    .map(|m| m.stream_ordering)
+                    .unwrap_or(0),
+            ),
         };
-        if floor >= up_to {
-            return Ok(UnreadCounts::default());
+        // Thread events before this are read whatever their thread's receipt says.
+        let base = unthreaded.or(joined_at).unwrap_or(0);
+        let main_floor = match (unthreaded, main) {
+            (None, None) => base,
+            (a, b) => a.max(b).unwrap_or(base),
+        };
+        let mut counts = UnreadCounts::default();
+        if main_floor < up_to {
+            let candidates = self
+                .storage
+                .ephemeral
+                .unread_candidates(
+                    room_id,
+                    user,
+                    NOTIFYING_TYPES,
+                    main_floor,
+                    up_to,
+                    MAX_UNREAD,
+                )
+                .await
+                .map_err(internal)?;
+            for event in self.rooms.visible_to_member(user, candidates).await? {
+                counts.notification_count += 1;
+                if mentions_user(&event, user, mentions) {
+                    counts.highlight_count += 1;
+                }
+            }
         }
-        let candidates = self
-            .storage
-            .ephemeral
-            .unread_candidates(room_id, user, NOTIFYING_TYPES, floor, up_to, MAX_UNREAD)
-            .await
-            .map_err(internal)?;
-        let visible = self.rooms.visible_to_member(user, candidates).await?;
-        let highlights = visible
-            .iter()
-            .filter(|e| mentions_user(e, user, mentions))
-            .count();
-        Ok(UnreadCounts {
-            notification_count: visible.len() as i64,
-            highlight_count: highlights as i64,
-        })
+        let mut threads: BTreeMap<String, UnreadCounts> = BTreeMap::new();
+        if base < up_to {
+            let candidates = self
+                .storage
+                .ephemeral
+                .unread_thread_candidates(
+                    room_id,
+                    user,
+                    NOTIFYING_TYPES,
+                    &[PUBLIC_READ, PRIVATE_READ],
+                    base,
+                    up_to,
+                    MAX_UNREAD,
+                )
+                .await
+                .map_err(internal)?;
+            let mut thread_of: HashMap<String, String> = HashMap::new();
+            let mut events = Vec::with_capacity(candidates.len());
+            for (event, thread) in candidates {
+                thread_of.insert(event.event_id.clone(), thread);
+                events.push(event);
+            }
+            for event in self.rooms.visible_to_member(user, events).await? {
+                let Some(thread) = thread_of.remove(&event.event_id) else {
+                    continue;
+                };
+                let entry = threads.entry(thread).or_default();
+                entry.notification_count += 1;
+                if mentions_user(&event, user, mentions) {
+                    entry.highlight_count += 1;
+                }
+            }
+        }
+        Ok((counts, threads))
     }
 }
 
@@ -755,19 +898,28 @@ fn mentions_user(event: &EventRecord, user: &str, names: &[String]) -> bool {
     names.iter().any(|name| body.contains(name.as_str()))
 }
 
-fn presence_view(record: &PresenceRecord, now: i64) -> Presence {
+/// A user's presence as of `now`: an online user inactive for `idle_ms` is `unavailable`
+/// (whether or not the expiry task has stored that yet), and only an online user is
+/// `currently_active`.
+fn presence_view(record: &PresenceRecord, now: i64, idle_ms: i64) -> Presence {
     let ago = (now - record.last_active_ts).max(0);
+    let online = PresenceState::Online.as_str();
+    let presence = if record.state == online && ago >= idle_ms {
+        PresenceState::Unavailable.as_str().to_owned()
+    } else {
+        record.state.clone()
+    };
     Presence {
-        presence: record.state.clone(),
+        currently_active: Some(presence == online),
+        presence,
         last_active_ago: Some(ago),
         status_msg: record.status_msg.clone(),
-        currently_active: Some(record.state == "online" && ago < CURRENTLY_ACTIVE_MS),
     }
 }
 
 /// An `m.presence` event of the sync response.
-fn presence_event(record: &PresenceRecord, now: i64) -> Value {
-    let view = presence_view(record, now);
+fn presence_event(record: &PresenceRecord, now: i64, idle_ms: i64) -> Value {
+    let view = presence_view(record, now, idle_ms);
     let mut content = Map::new();
     content.insert("presence".to_owned(), json!(view.presence));
     if let Some(ago) = view.last_active_ago {
@@ -857,11 +1009,23 @@ mod tests {
             last_active_ts: 1_000,
             stream_position: 3,
         };
-        let event = presence_event(&record, 2_000);
+        let idle = DEFAULT_IDLE_TIMEOUT.as_millis() as i64;
+        let event = presence_event(&record, 2_000, idle);
+        assert_eq!(event["content"]["presence"], "online");
         assert_eq!(event["content"]["last_active_ago"], 1_000);
         assert_eq!(event["content"]["currently_active"], true);
         assert_eq!(event["content"]["status_msg"], "here");
-        let later = presence_view(&record, 1_000 + CURRENTLY_ACTIVE_MS);
+        let later = presence_view(&record, 1_000 + idle, idle);
+        assert_eq!(later.presence, "unavailable", "idle for the timeout");
         assert_eq!(later.currently_active, Some(false));
+        assert_eq!(later.last_active_ago, Some(idle));
+        let offline = PresenceRecord {
+            state: "offline".into(),
+            ..record
+        };
+        assert_eq!(
+            presence_view(&offline, 1_000 + idle, idle).presence,
+            "offline"
+        );
     }
 }

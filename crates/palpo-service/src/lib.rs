@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod credentials;
 pub mod e2ee;
 pub mod ephemeral;
+pub mod filter;
 pub mod keys;
 pub mod notifier;
 pub mod rooms;
@@ -64,11 +65,12 @@ impl Services {
             notifier.clone(),
         ));
         let account_data = Arc::new(AccountDataService::new(storage.clone(), notifier.clone()));
-        let ephemeral = Arc::new(EphemeralService::new(
-            storage,
-            rooms.clone(),
-            notifier.clone(),
-        ));
+        let ephemeral = Arc::new(
+            EphemeralService::new(storage, rooms.clone(), notifier.clone()).with_idle_timeout(
+                std::time::Duration::from_secs(config.presence.idle_timeout_secs),
+            ),
+        );
+        ephemeral.spawn_presence_expiry();
         let sync = Arc::new(
             SyncService::new(rooms.clone(), notifier.clone())
                 .with_ephemeral(ephemeral.clone())

@@ -7,12 +7,14 @@
 
 mod create;
 mod directory;
+mod lazy;
 mod membership;
 pub mod pdu;
 mod read;
 mod resolve;
 pub mod sliding;
 mod sync;
+mod threads;
 mod timeline;
 
 use std::{
@@ -25,6 +27,7 @@ use palpo_storage::{Storage, StorageError};
 use ruma::{RoomVersionId, room_version_rules::RoomVersionRules};
 
 pub use create::{CreateRoom, InitialState, Preset};
+pub use lazy::LazyMembers;
 pub use palpo_storage::model::Direction;
 pub use read::{MessagesPage, MessagesQuery, TimelineFilter, parse_token, token};
 pub use sync::{InvitedRoom, JoinedRoom, LeftRoom, RoomSummary, SyncRequest, SyncRooms, Timeline};

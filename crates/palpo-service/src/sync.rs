@@ -19,9 +19,10 @@ use crate::{
     account_data::{AccountDataService, AccountDataSync},
     e2ee::{DeviceLists, E2eeService, E2eeSync, ToDeviceSync},
     ephemeral::{EphemeralService, EphemeralSync},
+    filter::{SyncFilter, project_fields},
     notifier::Notifier,
     rooms::{
-        RoomService, SyncRequest, SyncRooms,
+        LazyMembers, RoomService, SyncRequest, SyncRooms,
         sliding::{ConnectionState, SlidingRequest, SlidingResponse},
     },
 };
@@ -32,6 +33,9 @@ const CONNECTION_IDLE: Duration = Duration::from_secs(30 * 60);
 /// A sliding sync connection: (user, device, conn_id).
 type ConnectionKey = (String, String, String);
 type Connections = HashMap<ConnectionKey, (Instant, Arc<tokio::sync::Mutex<ConnectionState>>)>;
+/// Lazy-loaded members sent, per (user, device, filter).
+type LazyKey = (String, String, String);
+type LazyMemory = HashMap<LazyKey, (Instant, Arc<LazyMembers>)>;
 
 /// Longest a client may ask a sync to wait.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
@@ -94,11 +98,35 @@ impl std::fmt::Display for SyncToken {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SyncOptions {
     pub since: Option<String>,
     pub timeout: Duration,
     pub rooms: SyncRequest,
+    /// The filter: its room part is in `rooms` already; presence, account data, ephemeral,
+    /// event fields and thread counts are applied from here.
+    pub filter: SyncFilter,
+    /// `(device, filter)` of the request: lazy-loaded members already sent to that device
+    /// with that filter are not sent again. `None`: no memory, members are sent every time.
+    pub lazy_members_key: Option<(String, String)>,
+}
+
+impl SyncOptions {
+    /// A sync with `filter` (and `full_state`).
+    pub fn new(
+        since: Option<String>,
+        timeout: Duration,
+        full_state: bool,
+        filter: SyncFilter,
+    ) -> Self {
+        SyncOptions {
+            since,
+            timeout,
+            rooms: SyncRequest::from_filter(&filter, full_state),
+            filter,
+            lazy_members_key: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +201,8 @@ pub struct SyncService {
     account_data: Option<Arc<AccountDataService>>,
     /// To-device messages, device lists and key counts; without it a sync has none.
     e2ee: Option<Arc<E2eeService>>,
+    /// Lazy-loaded members sent to each device and filter, in this process.
+    lazy: Mutex<LazyMemory>,
 }
 
 impl SyncService {
@@ -183,6 +213,7 @@ impl SyncService {
             connections: Mutex::new(HashMap::new()),
             ephemeral: None,
             account_data: None,
+            lazy: Mutex::new(HashMap::new()),
             e2ee: None,
         }
     }
@@ -257,10 +288,12 @@ impl SyncService {
         user: &str,
         since: Option<i64>,
         request: &SyncRequest,
+        filter: &SyncFilter,
     ) -> Result<(SyncRooms, EphemeralSync, AccountDataSync)> {
         let Some(ephemeral) = &self.ephemeral else {
             let rooms = self.rooms.sync_rooms(user, since, request).await?;
             let mut account_data = self.account_data_pass(user, since, rooms.position).await?;
+            filter_account_data(filter, &mut account_data);
             account_data.retain_rooms(&rooms.join.keys().chain(rooms.leave.keys()).collect());
             return Ok((rooms, EphemeralSync::default(), account_data));
         };
@@ -269,6 +302,9 @@ impl SyncService {
         let upto = ephemeral.stream_position().await?;
         let mut extra = ephemeral.sync(user, since, upto).await?;
         let mut account_data = self.account_data_pass(user, since, upto).await?;
+        // Filtered out before choosing rooms: what the filter drops is no news.
+        filter_ephemeral(filter, &mut extra);
+        filter_account_data(filter, &mut account_data);
         let also = extra
             .rooms
             .keys()
@@ -282,6 +318,9 @@ impl SyncService {
         ephemeral
             .add_unread_counts(user, rooms.join.keys(), upto, &mut extra)
             .await?;
+        if !filter.room.timeline.unread_thread_notifications {
+            extra.fold_thread_counts();
+        }
         account_data.retain_rooms(&rooms.join.keys().chain(rooms.leave.keys()).collect());
         Ok((rooms, extra, account_data))
     }
@@ -327,6 +366,36 @@ impl SyncService {
                 Some(state)
             }
         }
+    }
+
+    /// The rooms request of a sync, with the memory of the lazy-loaded members this device
+    /// and filter were sent (a fresh one for an initial sync: the client starts over).
+    fn with_lazy_members(&self, user: &str, options: &SyncOptions, initial: bool) -> SyncRequest {
+        let mut request = options.rooms.clone();
+        let Some((device, filter)) = &options.lazy_members_key else {
+            return request;
+        };
+        if !request.lazy_load_members || options.filter.room.state.include_redundant_members {
+            return request;
+        }
+        let mut memory = match self.lazy.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let now = Instant::now();
+        if memory.len() > 10_000 {
+            memory.retain(|_, (used, _)| now.duration_since(*used) < CONNECTION_IDLE);
+        }
+        let key = (user.to_owned(), device.clone(), filter.clone());
+        let entry = memory
+            .entry(key)
+            .or_insert_with(|| (now, Arc::new(LazyMembers::new())));
+        if initial {
+            entry.1 = Arc::new(LazyMembers::new());
+        }
+        entry.0 = now;
+        request.lazy_members = Some(entry.1.clone());
+        request
     }
 
     /// Simplified sliding sync (MSC4186), long-polling up to `timeout` when nothing changed.
@@ -461,13 +530,17 @@ impl SyncService {
     ) -> Result<SyncResponse> {
         let since = options.since.as_deref().map(SyncToken::parse).transpose()?;
         let deadline = tokio::time::Instant::now() + options.timeout.min(MAX_TIMEOUT);
+        let request = self.with_lazy_members(user, options, since.is_none());
         loop {
             // Read the serial first: a change after this point wakes the wait below.
             let ephemeral = self.notifier.ephemeral_serial();
-            let (rooms, extra, account_data) = self
-                .sync_pass(user, since.map(|s| s.stream), &options.rooms)
+            let (mut rooms, extra, account_data) = self
+                .sync_pass(user, since.map(|s| s.stream), &request, &options.filter)
                 .await?;
             let e2ee = self.e2ee_pass(user, device, since, rooms.position).await?;
+            if let Some(fields) = &options.filter.event_fields {
+                project_room_events(&mut rooms, fields);
+            }
             let response = SyncResponse {
                 next_batch: SyncToken {
                     stream: rooms.position,
@@ -495,6 +568,45 @@ impl SyncService {
                 continue;
             }
         }
+    }
+}
+
+/// Applies the filter's `room.ephemeral` and `presence` parts.
+fn filter_ephemeral(filter: &SyncFilter, extra: &mut EphemeralSync) {
+    let room_filter = &filter.room.ephemeral;
+    for (room_id, events) in extra.rooms.iter_mut() {
+        *events = room_filter.apply_unsent(room_id, std::mem::take(events));
+    }
+    extra.rooms.retain(|_, events| !events.is_empty());
+    extra.presence = filter.presence.apply(std::mem::take(&mut extra.presence));
+}
+
+/// Applies the filter's `account_data` and `room.account_data` parts.
+fn filter_account_data(filter: &SyncFilter, account_data: &mut AccountDataSync) {
+    account_data.global = filter
+        .account_data
+        .apply(std::mem::take(&mut account_data.global));
+    let room_filter = &filter.room.account_data;
+    for (room_id, events) in account_data.rooms.iter_mut() {
+        *events = room_filter.apply_unsent(room_id, std::mem::take(events));
+    }
+    account_data.rooms.retain(|_, events| !events.is_empty());
+}
+
+/// Keeps only the `event_fields` of the filter in the rooms' timeline and state events.
+fn project_room_events(rooms: &mut SyncRooms, fields: &[Vec<String>]) {
+    let project = |events: &mut Vec<Value>| {
+        for event in events.iter_mut() {
+            *event = project_fields(event, fields);
+        }
+    };
+    for room in rooms.join.values_mut() {
+        project(&mut room.timeline.events);
+        project(&mut room.state);
+    }
+    for room in rooms.leave.values_mut() {
+        project(&mut room.timeline.events);
+        project(&mut room.state);
     }
 }
 

@@ -17,12 +17,8 @@ use common::{services, user};
 
 fn request(limit: usize) -> SyncRequest {
     SyncRequest {
-        full_state: false,
         timeline_limit: limit,
-        include_leave: false,
-        timeline_filter: TimelineFilter::default(),
-        rooms: None,
-        not_rooms: Vec::new(),
+        ..SyncRequest::default()
     }
 }
 
@@ -330,6 +326,7 @@ async fn long_poll_wakes_on_send(storage: Storage) {
         ),
         timeout: Duration::from_secs(20),
         rooms: request(10),
+        ..SyncOptions::default()
     };
     let started = std::time::Instant::now();
     let poll = tokio::spawn(async move { sync_service.sync(&waiting_for, &options).await });

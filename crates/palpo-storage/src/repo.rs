@@ -147,6 +147,9 @@ pub trait RoomRepo: Send + Sync {
     async fn rooms_changed_between(&self, after: i64, up_to: i64) -> Result<Vec<String>>;
     /// The stream position of each room's latest timeline event (rooms with none are absent).
     async fn latest_positions(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>>;
+    /// The thread (root event id) the event belongs to; `None` for the main timeline or an
+    /// unknown event.
+    async fn thread_of_event(&self, event_id: &str) -> Result<Option<String>>;
 }
 
 /// Room aliases.
@@ -249,8 +252,16 @@ pub trait EphemeralRepo: Send + Sync {
         up_to: i64,
     ) -> Result<Vec<crate::model::PresenceRecord>>;
 
-    /// Messages (`event_types`) of a room in `(after, up_to]` not sent by `user_id`, in the
-    /// timeline, oldest first, at most `limit`: what unread notification counts count.
+    /// Moves the online users last active before `idle_before` (ms) to `unavailable`, with one
+    /// new stream position, which is returned (`None` when nobody went idle).
+    async fn expire_presence(&self, idle_before: i64) -> Result<Option<i64>>;
+    /// The oldest last active time of an online user, if any is online: when the next one
+    /// goes idle is that plus the idle timeout.
+    async fn oldest_online_activity(&self) -> Result<Option<i64>>;
+
+    /// Messages (`event_types`) of a room's main timeline (in no thread) in `(after, up_to]`
+    /// not sent by `user_id`, in the timeline, oldest first, at most `limit`: what unread
+    /// notification counts count.
     async fn unread_candidates(
         &self,
         room_id: &str,
@@ -260,6 +271,21 @@ pub trait EphemeralRepo: Send + Sync {
         up_to: i64,
         limit: i64,
     ) -> Result<Vec<crate::model::EventRecord>>;
+    /// Messages (`event_types`) in threads of a room in `(after, up_to]` not sent by
+    /// `user_id`, in the timeline, that none of the user's receipts of `receipt_types` for
+    /// their thread covers (a receipt at that event or a later one), oldest first, at most
+    /// `limit`, each with its thread: what per-thread unread counts count.
+    #[allow(clippy::too_many_arguments)]
+    async fn unread_thread_candidates(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        event_types: &[&str],
+        receipt_types: &[&str],
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<(crate::model::EventRecord, String)>>;
 }
 
 /// Sync filters and account data (global and per room) of users.

@@ -417,6 +417,7 @@ async fn member(s: &Storage, room_id: &str, user: &str, membership: &str) -> i64
             membership: Some(membership.to_owned()),
             redacts: None,
             txn: None,
+            thread_id: None,
         })
         .await
         .expect("persist")

@@ -57,6 +57,7 @@ async fn room_with_events(s: &Storage, room_id: &str, events: &[(&str, &str, Opt
                 membership: member.map(str::to_owned),
                 redacts: None,
                 txn: None,
+                thread_id: None,
             })
             .await
             .expect("persist");
@@ -504,6 +505,7 @@ async fn one_stream_with_events(s: Storage) {
             membership: None,
             redacts: None,
             txn: None,
+            thread_id: None,
         })
         .await
         .expect("persist");

@@ -272,8 +272,8 @@ pub struct TimestampToEventResponse {
     pub origin_server_ts: i64,
 }
 
-/// A `filter` query parameter: a JSON `RoomEventFilter`, of which the type and sender lists
-/// and `limit` are honoured.
+/// A `filter` query parameter: a JSON `RoomEventFilter`, of which the type, sender and room
+/// lists, `contains_url` and `limit` are honoured.
 fn parse_filter(filter: Option<&str>) -> Result<(TimelineFilter, Option<i64>), Error> {
     let Some(text) = filter else {
         return Ok((TimelineFilter::default(), None));
@@ -286,50 +286,11 @@ fn parse_filter(filter: Option<&str>) -> Result<(TimelineFilter, Option<i64>), E
     room_event_filter(&object)
 }
 
-/// A list of strings in a filter object; `None` when absent.
-pub(crate) fn string_list(
-    object: &serde_json::Map<String, Value>,
-    key: &str,
-) -> Result<Option<Vec<String>>, Error> {
-    match object.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|item| {
-                item.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| Error::bad_json(format!("filter {key}: strings only")))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
-        Some(_) => Err(Error::bad_json(format!(
-            "filter {key} must be an array of strings"
-        ))),
-    }
-}
-
-/// A `RoomEventFilter` object: the type and sender lists, and `limit`.
+/// A `RoomEventFilter` object: the type, sender and room lists, `contains_url`, and `limit`.
 pub(crate) fn room_event_filter(
     object: &serde_json::Map<String, Value>,
 ) -> Result<(TimelineFilter, Option<i64>), Error> {
-    let limit = match object.get("limit") {
-        None | Some(Value::Null) => None,
-        Some(limit) => Some(
-            limit
-                .as_i64()
-                .filter(|l| *l > 0)
-                .ok_or_else(|| Error::bad_json("filter limit must be a positive integer"))?,
-        ),
-    };
-    Ok((
-        TimelineFilter {
-            types: string_list(object, "types")?,
-            not_types: string_list(object, "not_types")?.unwrap_or_default(),
-            senders: string_list(object, "senders")?,
-            not_senders: string_list(object, "not_senders")?.unwrap_or_default(),
-        },
-        limit,
-    ))
+    palpo_service::filter::parse_room_event_filter(object)
 }
 
 /// A `limit` query parameter: 1 or more.

@@ -4,26 +4,16 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use palpo_core::Error;
 use palpo_service::{
-    rooms::{
-        InvitedRoom, JoinedRoom, LeftRoom, SyncRequest, Timeline as RoomTimeline, TimelineFilter,
-    },
+    ephemeral::UnreadCounts,
+    filter::SyncFilter,
+    rooms::{InvitedRoom, JoinedRoom, LeftRoom, Timeline as RoomTimeline},
     sync::{SyncOptions, SyncResponse as ServiceResponse},
 };
 use poem::web::Data;
 use poem_openapi::{Object, OpenApi, param::Query, payload::Json};
 use serde_json::Value;
 
-use crate::{
-    ApiTags, AppState,
-    auth::AccessToken,
-    client::rooms::{room_event_filter, string_list},
-    error::ApiResult,
-};
-
-/// Timeline events a sync returns per room when the filter does not say.
-const DEFAULT_TIMELINE_LIMIT: usize = 10;
-/// Most timeline events per room a filter may ask for.
-const MAX_TIMELINE_LIMIT: usize = 500;
+use crate::{ApiTags, AppState, auth::AccessToken, error::ApiResult};
 
 /// A list of events.
 #[derive(Debug, Object, Default)]
@@ -68,6 +58,15 @@ pub struct UnreadNotificationCounts {
     pub notification_count: i64,
 }
 
+impl From<UnreadCounts> for UnreadNotificationCounts {
+    fn from(counts: UnreadCounts) -> Self {
+        UnreadNotificationCounts {
+            highlight_count: counts.highlight_count,
+            notification_count: counts.notification_count,
+        }
+    }
+}
+
 #[derive(Debug, Object)]
 pub struct JoinedRoomSync {
     pub summary: RoomSummary,
@@ -76,7 +75,13 @@ pub struct JoinedRoomSync {
     pub timeline: Timeline,
     pub ephemeral: Events,
     pub account_data: Events,
+    /// Unread counts of the room; of its main timeline only when the filter asked for
+    /// counts per thread.
     pub unread_notifications: UnreadNotificationCounts,
+    /// Unread counts per thread (thread root id → counts), when the filter sets
+    /// `room.timeline.unread_thread_notifications`; threads with none are left out.
+    #[oai(skip_serializing_if_is_none)]
+    pub unread_thread_notifications: Option<BTreeMap<String, UnreadNotificationCounts>>,
 }
 
 impl From<JoinedRoom> for JoinedRoomSync {
@@ -92,6 +97,7 @@ impl From<JoinedRoom> for JoinedRoomSync {
             ephemeral: Events::default(),
             account_data: Events::default(),
             unread_notifications: UnreadNotificationCounts::default(),
+            unread_thread_notifications: None,
         }
     }
 }
@@ -174,10 +180,11 @@ impl From<ServiceResponse> for SyncResponse {
                         room.account_data.events =
                             account_data.rooms.remove(&id).unwrap_or_default();
                         if let Some(unread) = ephemeral.unread.remove(&id) {
-                            room.unread_notifications = UnreadNotificationCounts {
-                                highlight_count: unread.highlight_count,
-                                notification_count: unread.notification_count,
-                            };
+                            room.unread_notifications = unread.into();
+                        }
+                        if let Some(threads) = ephemeral.unread_threads.remove(&id) {
+                            room.unread_thread_notifications =
+                                Some(threads.into_iter().map(|(t, c)| (t, c.into())).collect());
                         }
                         (id, room)
                     })
@@ -234,16 +241,6 @@ impl From<ServiceResponse> for SyncResponse {
     }
 }
 
-/// What a sync filter may say that this server applies.
-#[derive(Debug, Default)]
-pub(crate) struct SyncFilter {
-    timeline_limit: Option<usize>,
-    include_leave: bool,
-    timeline: TimelineFilter,
-    rooms: Option<Vec<String>>,
-    not_rooms: Vec<String>,
-}
-
 /// Reads an inline JSON filter.
 fn parse_inline_filter(filter: &str) -> Result<SyncFilter, Error> {
     let value: Value = serde_json::from_str(filter)
@@ -254,45 +251,7 @@ fn parse_inline_filter(filter: &str) -> Result<SyncFilter, Error> {
 /// Reads a filter, inline or stored (`M_BAD_JSON` when what this server applies of it is
 /// malformed). Unknown fields are ignored, as the spec allows.
 pub(crate) fn parse_filter(value: &Value) -> Result<SyncFilter, Error> {
-    if !value.is_object() {
-        return Err(Error::bad_json("filter must be a JSON object"));
-    }
-    let room = &value["room"];
-    let timeline_limit =
-        match &room["timeline"]["limit"] {
-            Value::Null => None,
-            limit => Some(limit.as_u64().ok_or_else(|| {
-                Error::bad_json("room.timeline.limit must be a non-negative integer")
-            })? as usize),
-        };
-    let include_leave = room["include_leave"].as_bool().unwrap_or(false);
-    let timeline = match room["timeline"].as_object() {
-        Some(timeline) => room_event_filter_without_limit(timeline)?,
-        None => TimelineFilter::default(),
-    };
-    let (rooms, not_rooms) = match room.as_object() {
-        Some(room) => (
-            string_list(room, "rooms")?,
-            string_list(room, "not_rooms")?.unwrap_or_default(),
-        ),
-        None => (None, Vec::new()),
-    };
-    Ok(SyncFilter {
-        timeline_limit,
-        include_leave,
-        timeline,
-        rooms,
-        not_rooms,
-    })
-}
-
-/// The event lists of `room.timeline` (its `limit` is read above, where 0 is allowed).
-fn room_event_filter_without_limit(
-    timeline: &serde_json::Map<String, Value>,
-) -> Result<TimelineFilter, Error> {
-    let mut lists = timeline.clone();
-    lists.remove("limit");
-    Ok(room_event_filter(&lists)?.0)
+    SyncFilter::parse(value)
 }
 
 pub struct SyncApi;
@@ -334,7 +293,7 @@ impl SyncApi {
             )
             .into());
         }
-        let filter = match filter.0.as_deref() {
+        let parsed = match filter.0.as_deref() {
             Some(inline) if inline.trim_start().starts_with('{') => parse_inline_filter(inline)?,
             // A stored filter of the user; an unknown id is 400 `M_INVALID_PARAM`.
             Some(filter_id) => parse_filter(
@@ -346,21 +305,17 @@ impl SyncApi {
             )?,
             None => SyncFilter::default(),
         };
-        let options = SyncOptions {
-            since: since.0,
-            timeout: Duration::from_millis(timeout.0.unwrap_or(0)),
-            rooms: SyncRequest {
-                full_state: full_state.0,
-                timeline_limit: filter
-                    .timeline_limit
-                    .unwrap_or(DEFAULT_TIMELINE_LIMIT)
-                    .clamp(1, MAX_TIMELINE_LIMIT),
-                include_leave: filter.include_leave,
-                timeline_filter: filter.timeline,
-                rooms: filter.rooms,
-                not_rooms: filter.not_rooms,
-            },
-        };
+        let mut options = SyncOptions::new(
+            since.0,
+            Duration::from_millis(timeout.0.unwrap_or(0)),
+            full_state.0,
+            parsed,
+        );
+        // Lazy-loaded members are remembered per device and filter.
+        options.lazy_members_key = Some((
+            auth.0.device_id.clone(),
+            filter.0.clone().unwrap_or_default(),
+        ));
         state
             .services
             .ephemeral
@@ -384,8 +339,8 @@ mod tests {
         let filter =
             parse_inline_filter(r#"{"room":{"timeline":{"limit":3},"include_leave":true}}"#)
                 .expect("parses");
-        assert_eq!(filter.timeline_limit, Some(3));
-        assert!(filter.include_leave);
+        assert_eq!(filter.timeline_limit(), 3);
+        assert!(filter.room.include_leave);
         assert!(parse_inline_filter("[1]").is_err());
         assert!(parse_inline_filter(r#"{"room":{"timeline":{"limit":"x"}}}"#).is_err());
     }

@@ -131,6 +131,25 @@ impl ruma::state_res::Event for Pdu {
     }
 }
 
+/// The federation format of a stored PDU (`event_format: "federation"`): the PDU itself,
+/// redacted when the event was redacted.
+pub fn federation_event(
+    pdu_json: &str,
+    redacted_by: Option<&str>,
+    redaction_rules: Option<&RedactionRules>,
+) -> Value {
+    let pdu: Map<String, Value> = serde_json::from_str(pdu_json).unwrap_or_default();
+    if let (Some(_), Some(rules)) = (redacted_by, redaction_rules)
+        && let Ok(mut object) =
+            serde_json::from_value::<CanonicalJsonObject>(Value::Object(pdu.clone()))
+        && ruma::canonical_json::redact_in_place(&mut object, rules, None).is_ok()
+        && let Ok(redacted) = serde_json::to_value(object)
+    {
+        return redacted;
+    }
+    Value::Object(pdu)
+}
+
 /// The client-server format of a stored PDU ("ClientEvent"): federation fields dropped,
 /// `room_id` and `event_id` present, the content redacted when the event was redacted.
 pub fn client_event(

@@ -9,6 +9,7 @@ use ruma::room_version_rules::RedactionRules;
 use serde_json::Value;
 
 use super::{RoomService, internal, pdu::client_event, room_version_rules};
+use crate::filter::glob_match;
 
 /// A page of `/messages`.
 #[derive(Debug, Clone)]
@@ -31,17 +32,22 @@ pub struct MessagesQuery {
     pub filter: TimelineFilter,
 }
 
-/// The timeline part of a room event filter.
+/// The event lists of a room event filter (`RoomEventFilter` without its limit and flags).
 #[derive(Debug, Clone, Default)]
 pub struct TimelineFilter {
     pub types: Option<Vec<String>>,
     pub not_types: Vec<String>,
     pub senders: Option<Vec<String>>,
     pub not_senders: Vec<String>,
+    /// Rooms to include (all when absent).
+    pub rooms: Option<Vec<String>>,
+    pub not_rooms: Vec<String>,
+    /// Only events whose content has a `url` (true), or only those without one (false).
+    pub contains_url: Option<bool>,
 }
 
 impl TimelineFilter {
-    pub(super) fn matches(&self, event: &EventRecord) -> bool {
+    pub(crate) fn matches(&self, event: &EventRecord) -> bool {
         let type_ok =
             |patterns: &[String]| patterns.iter().any(|p| glob_match(p, &event.event_type));
         self.types.as_ref().is_none_or(|t| type_ok(t))
@@ -51,20 +57,21 @@ impl TimelineFilter {
                 .as_ref()
                 .is_none_or(|s| s.contains(&event.sender))
             && !self.not_senders.contains(&event.sender)
+            && self.allows_room(&event.room_id)
+            && self.contains_url.is_none_or(|wanted| {
+                let has_url = serde_json::from_str::<Value>(&event.pdu_json)
+                    .ok()
+                    .is_some_and(|pdu| pdu["content"].get("url").is_some());
+                has_url == wanted
+            })
     }
-}
 
-/// Matrix filter type patterns: `*` matches any run of characters.
-fn glob_match(pattern: &str, value: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == value,
-        Some((prefix, rest)) => {
-            value.starts_with(prefix)
-                && (0..=value.len() - prefix.len()).any(|i| {
-                    value.is_char_boundary(prefix.len() + i)
-                        && glob_match(rest, &value[prefix.len() + i..])
-                })
-        }
+    /// Whether events of `room_id` may pass (`rooms` / `not_rooms`).
+    pub(crate) fn allows_room(&self, room_id: &str) -> bool {
+        self.rooms
+            .as_ref()
+            .is_none_or(|r| r.iter().any(|id| id == room_id))
+            && !self.not_rooms.iter().any(|id| id == room_id)
     }
 }
 

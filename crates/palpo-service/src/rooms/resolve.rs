@@ -60,6 +60,7 @@ impl RoomService {
                 membership: None,
                 redacts: None,
                 txn: None,
+                thread_id: None,
             })
             .await
             .map_err(internal)?;

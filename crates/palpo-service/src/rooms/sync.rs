@@ -2,17 +2,37 @@
 //! (limited, with `prev_batch`), the state before it, and a summary. Incremental syncs read
 //! the event stream over `(since, now]` only, so they cost what changed, not the history or
 //! the number of quiet rooms. `SyncService` long-polls around it.
+//!
+//! The filter's `room.timeline` lists pick the timeline events, and its limit counts the
+//! events picked. `room.state` filters the state, and with `lazy_load_members` the state
+//! carries only the members the timeline needs (its senders), the heroes, and the user's own
+//! membership when the room is new to the client; members this device and filter already
+//! have are not repeated ([`LazyMembers`]), except those whose membership changed in a gap.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use palpo_core::Result;
 use palpo_storage::model::{Direction, EventRecord, MembershipRecord, StateMap};
+use ruma::room_version_rules::RedactionRules;
 use serde_json::{Value, json};
 
 use super::{
     RoomService, internal,
+    lazy::LazyMembers,
+    pdu::federation_event,
     read::{TimelineFilter, Visibility, token},
 };
+use crate::filter::{DEFAULT_TIMELINE_LIMIT, EventFormat, SyncFilter};
+
+/// Most events a sync reads of one room to fill a filtered timeline. Past this the timeline
+/// is `limited` and the client paginates for more.
+const MAX_SCAN: usize = 1000;
+
+/// The state event type of members.
+const MEMBER: &str = "m.room.member";
 
 /// State types shown to invitees and knockers ("stripped state").
 const STRIPPED_STATE: &[&str] = &[
@@ -28,17 +48,60 @@ const STRIPPED_STATE: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct SyncRequest {
     pub full_state: bool,
+    /// How many timeline events (that pass `timeline_filter`) a room sends at most.
     pub timeline_limit: usize,
     pub include_leave: bool,
-    /// `room.timeline` of the filter: which timeline events are sent (the limit counts events
-    /// before this filter).
+    /// `room.timeline` of the filter: which timeline events are sent.
     pub timeline_filter: TimelineFilter,
+    /// `room.state` of the filter: which state events are sent.
+    pub state_filter: TimelineFilter,
+    /// `room.state.lazy_load_members`.
+    pub lazy_load_members: bool,
+    /// With lazy loading, what this device and filter were sent already (`None`: send the
+    /// members every time, as `include_redundant_members` asks).
+    pub lazy_members: Option<Arc<LazyMembers>>,
+    pub event_format: EventFormat,
     /// `room.rooms` / `room.not_rooms` of the filter.
     pub rooms: Option<Vec<String>>,
     pub not_rooms: Vec<String>,
 }
 
+impl Default for SyncRequest {
+    fn default() -> Self {
+        SyncRequest {
+            full_state: false,
+            timeline_limit: DEFAULT_TIMELINE_LIMIT,
+            include_leave: false,
+            timeline_filter: TimelineFilter::default(),
+            state_filter: TimelineFilter::default(),
+            lazy_load_members: false,
+            lazy_members: None,
+            event_format: EventFormat::Client,
+            rooms: None,
+            not_rooms: Vec::new(),
+        }
+    }
+}
+
 impl SyncRequest {
+    /// The rooms part of a sync with `filter`. Redundant lazy-loaded members are sent until
+    /// the caller sets [`SyncRequest::lazy_members`].
+    pub fn from_filter(filter: &SyncFilter, full_state: bool) -> Self {
+        let room = &filter.room;
+        SyncRequest {
+            full_state,
+            timeline_limit: filter.timeline_limit(),
+            include_leave: room.include_leave,
+            timeline_filter: room.timeline.events.clone(),
+            state_filter: room.state.events.clone(),
+            lazy_load_members: room.state.lazy_load_members,
+            lazy_members: None,
+            event_format: filter.event_format,
+            rooms: room.rooms.clone(),
+            not_rooms: room.not_rooms.clone(),
+        }
+    }
+
     fn wants_room(&self, room_id: &str) -> bool {
         self.rooms
             .as_ref()
@@ -177,7 +240,7 @@ impl RoomService {
                         _ => newly,
                     };
                     let room_since = if newly_joined { None } else { since };
-                    let room = self
+                    let (room, members_sent) = self
                         .joined_room(user, &room_id, room_since, upto, request)
                         .await?;
                     if room_since.is_none()
@@ -185,6 +248,9 @@ impl RoomService {
                         || !room.state.is_empty()
                         || also.contains(&room_id)
                     {
+                        if let Some(lazy) = &request.lazy_members {
+                            lazy.record(&room_id, &members_sent, upto);
+                        }
                         out.join.insert(room_id, room);
                     }
                 }
@@ -204,7 +270,11 @@ impl RoomService {
                 "leave" | "ban"
                     if (newly && since.is_some()) || (since.is_none() && request.include_leave) =>
                 {
-                    let room = self.left_room(user, &membership, since, request).await?;
+                    let (room, members_sent) =
+                        self.left_room(user, &membership, since, request).await?;
+                    if let Some(lazy) = &request.lazy_members {
+                        lazy.record(&room_id, &members_sent, upto);
+                    }
                     out.leave.insert(room_id, room);
                 }
                 _ => {}
@@ -302,9 +372,89 @@ impl RoomService {
             .collect())
     }
 
+    /// The newest `limit` timeline events of `room_id` in `(since, upto]` that pass `filter`
+    /// and that the user may see, oldest first. Events that do not pass do not count: older
+    /// events are read, in growing batches, until `limit` passed or [`MAX_SCAN`] were read.
+    async fn filtered_window(
+        &self,
+        room_id: &str,
+        since: Option<i64>,
+        upto: i64,
+        limit: usize,
+        filter: &TimelineFilter,
+        vis: &mut Visibility<'_>,
+    ) -> Result<Window> {
+        // Newest first while reading.
+        let mut picked: Vec<EventRecord> = Vec::new();
+        let mut before = upto.saturating_add(1);
+        let mut scanned = 0usize;
+        let mut oldest_scanned: Option<i64> = None;
+        let mut batch = limit + 1;
+        let mut exhausted = false;
+        // One more than `limit` tells whether older ones were left out.
+        'read: while !exhausted && scanned < MAX_SCAN {
+            let want = batch.min(MAX_SCAN - scanned);
+            let events = self
+                .storage
+                .rooms
+                .room_events(room_id, before, since, Direction::Backward, want as i64)
+                .await
+                .map_err(internal)?;
+            exhausted = events.len() < want;
+            for event in events {
+                scanned += 1;
+                let position = event.stream_ordering.unwrap_or_default();
+                before = position;
+                oldest_scanned = Some(position);
+                if filter.matches(&event) && self.can_see(vis, &event).await? {
+                    picked.push(event);
+                    if picked.len() > limit {
+                        break 'read;
+                    }
+                }
+            }
+            batch = (batch * 2).clamp(50, 500);
+        }
+        let limited = picked.len() > limit || !exhausted;
+        picked.truncate(limit);
+        picked.reverse();
+        let first = picked.first().and_then(|e| e.stream_ordering);
+        let start = first.map(|p| p - 1).unwrap_or(upto);
+        // Events between the token and the timeline that the client does not get: skipped by
+        // the filter or history visibility, or left out by the limit.
+        let gap = limited
+            || match (first, oldest_scanned) {
+                (Some(first), Some(oldest)) => oldest < first,
+                (None, oldest) => oldest.is_some(),
+                (Some(_), None) => false,
+            };
+        Ok(Window {
+            events: picked,
+            limited,
+            start,
+            gap,
+        })
+    }
+
+    /// An event in the format the filter asks for.
+    fn formatted(
+        rules: Option<&RedactionRules>,
+        event: &EventRecord,
+        format: EventFormat,
+    ) -> Value {
+        match format {
+            EventFormat::Client => Self::to_client(rules, event),
+            EventFormat::Federation => {
+                federation_event(&event.pdu_json, event.redacted_by.as_deref(), rules)
+            }
+        }
+    }
+
     /// Timeline and the state before it: whole for a new room (or `full_state`), else the
     /// entries that changed between the token and the start of the timeline (only when the
-    /// timeline is limited; otherwise the timeline itself shows every change).
+    /// client misses events in between; otherwise the timeline itself shows every change).
+    /// Also returns the member events sent (state and timeline), for lazy loading.
+    #[allow(clippy::too_many_arguments)]
     async fn timeline_and_state(
         &self,
         user: &str,
@@ -313,55 +463,177 @@ impl RoomService {
         upto: i64,
         request: &SyncRequest,
         joined_now: bool,
-    ) -> Result<(Timeline, Vec<Value>)> {
-        let (records, limited) = self
-            .timeline_window(room_id, since, upto, request.timeline_limit)
-            .await?;
-        let start = records
-            .first()
-            .and_then(|e| e.stream_ordering)
-            .map(|p| p - 1)
-            .unwrap_or(upto);
-        let rules = self.room_rules(room_id).await?;
+        members: Option<&[MembershipRecord]>,
+        heroes: &[String],
+    ) -> Result<RoomSection> {
         let mut vis = Visibility {
             user,
             joined_now,
             by_group: HashMap::new(),
         };
-        let mut events = Vec::with_capacity(records.len());
-        for record in &records {
-            if request.timeline_filter.matches(record) && self.can_see(&mut vis, record).await? {
-                events.push(Self::to_client(rules.as_ref(), record));
+        let window = self
+            .filtered_window(
+                room_id,
+                since,
+                upto,
+                request.timeline_limit,
+                &request.timeline_filter,
+                &mut vis,
+            )
+            .await?;
+        let start = window.start;
+        let rules = self.room_rules(room_id).await?;
+        let mut at_start: Option<StateMap> = None;
+        // The state entries to send before lazy loading. Member changes in a gap are always
+        // sent, so that joins, leaves and profile changes the client skipped are not lost.
+        let mut state_ids: Vec<String> = match since {
+            Some(since) if !request.full_state => {
+                if window.gap {
+                    let before = self.state_at_position(room_id, since).await?;
+                    let now = self.state_at_position(room_id, start).await?;
+                    let changed = now
+                        .iter()
+                        .filter(|(key, id)| before.get(*key) != Some(*id))
+                        .map(|(_, id)| id.clone())
+                        .collect();
+                    at_start = Some(now);
+                    changed
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => {
+                let state = self.state_at_position(room_id, start).await?;
+                let ids = state
+                    .iter()
+                    .filter(|((kind, _), _)| !(request.lazy_load_members && kind == MEMBER))
+                    .map(|(_, id)| id.clone())
+                    .collect();
+                at_start = Some(state);
+                ids
+            }
+        };
+        if request.lazy_load_members {
+            let lazy = self
+                .lazy_members(
+                    user,
+                    room_id,
+                    since,
+                    request,
+                    &window.events,
+                    heroes,
+                    start,
+                    at_start.as_ref(),
+                    members,
+                    &state_ids,
+                )
+                .await?;
+            state_ids.extend(lazy);
+        }
+        let mut state_records = self
+            .storage
+            .rooms
+            .get_events(&state_ids)
+            .await
+            .map_err(internal)?;
+        state_records.retain(|e| request.state_filter.matches(e));
+        state_records.sort_by_key(|e| e.stream_ordering);
+        let mut members_sent: Vec<(String, String)> = Vec::new();
+        for record in state_records.iter().chain(&window.events) {
+            if record.event_type == MEMBER
+                && let Some(member) = &record.state_key
+            {
+                members_sent.push((member.clone(), record.event_id.clone()));
             }
         }
-        let state_ids: Vec<String> = match since {
-            None => self
-                .state_at_position(room_id, start)
-                .await?
-                .into_values()
+        let format = request.event_format;
+        Ok(RoomSection {
+            timeline: Timeline {
+                events: window
+                    .events
+                    .iter()
+                    .map(|e| Self::formatted(rules.as_ref(), e, format))
+                    .collect(),
+                limited: window.limited,
+                prev_batch: Some(token(start)),
+            },
+            state: state_records
+                .iter()
+                .map(|e| Self::formatted(rules.as_ref(), e, format))
                 .collect(),
-            Some(_) if request.full_state => self
-                .state_at_position(room_id, start)
-                .await?
-                .into_values()
-                .collect(),
-            Some(since) if limited => {
-                let before = self.state_at_position(room_id, since).await?;
-                let now = self.state_at_position(room_id, start).await?;
-                now.into_iter()
-                    .filter(|(key, id)| before.get(key) != Some(id))
-                    .map(|(_, id)| id)
-                    .collect()
+            members_sent,
+        })
+    }
+
+    /// Lazy loading: the member events (at the start of the timeline) the client needs and
+    /// does not have among `already` — those of the timeline's senders and the heroes, and
+    /// the user's own when the room is new to the client (or `full_state`). In an incremental
+    /// sync, those this device and filter were sent already are left out.
+    #[allow(clippy::too_many_arguments)]
+    async fn lazy_members(
+        &self,
+        user: &str,
+        room_id: &str,
+        since: Option<i64>,
+        request: &SyncRequest,
+        timeline: &[EventRecord],
+        heroes: &[String],
+        start: i64,
+        at_start: Option<&StateMap>,
+        members: Option<&[MembershipRecord]>,
+        already: &[String],
+    ) -> Result<Vec<String>> {
+        let incremental = since.filter(|_| !request.full_state);
+        let mut wanted: Vec<&str> = Vec::new();
+        for sender in timeline
+            .iter()
+            .map(|e| e.sender.as_str())
+            .chain(heroes.iter().map(String::as_str))
+        {
+            if !wanted.contains(&sender) {
+                wanted.push(sender);
             }
-            Some(_) => Vec::new(),
-        };
-        let state = self.state_events(room_id, state_ids).await?;
-        let timeline = Timeline {
-            events,
-            limited,
-            prev_batch: Some(token(start)),
-        };
-        Ok((timeline, state))
+        }
+        if incremental.is_none() && !wanted.contains(&user) {
+            wanted.push(user);
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut fetched: Option<StateMap> = None;
+        let mut out = Vec::new();
+        for member in wanted {
+            let key = (MEMBER.to_owned(), member.to_owned());
+            // The current member event is the one at the start when it is not newer;
+            // otherwise the state at the start says.
+            let current = members.and_then(|m| m.iter().find(|r| r.user_id == member));
+            let event_id = match (at_start, current) {
+                (Some(state), _) => state.get(&key).cloned(),
+                (None, Some(record)) if record.stream_ordering <= start => {
+                    Some(record.event_id.clone())
+                }
+                (None, None) if members.is_some() => None,
+                (None, _) => {
+                    if fetched.is_none() {
+                        fetched = Some(self.state_at_position(room_id, start).await?);
+                    }
+                    fetched.as_ref().and_then(|state| state.get(&key).cloned())
+                }
+            };
+            let Some(event_id) = event_id else {
+                continue;
+            };
+            if already.contains(&event_id) || out.contains(&event_id) {
+                continue;
+            }
+            if let (Some(since), Some(lazy)) = (incremental, &request.lazy_members)
+                && lazy.known(room_id, member, &event_id, since)
+            {
+                continue;
+            }
+            out.push(event_id);
+        }
+        Ok(out)
     }
 
     async fn joined_room(
@@ -371,16 +643,34 @@ impl RoomService {
         since: Option<i64>,
         upto: i64,
         request: &SyncRequest,
-    ) -> Result<JoinedRoom> {
-        let (timeline, state) = self
-            .timeline_and_state(user, room_id, since, upto, request, true)
+    ) -> Result<(JoinedRoom, Vec<(String, String)>)> {
+        let members = self
+            .storage
+            .rooms
+            .room_members(room_id, None)
+            .await
+            .map_err(internal)?;
+        let summary = summary_of(user, &members);
+        let section = self
+            .timeline_and_state(
+                user,
+                room_id,
+                since,
+                upto,
+                request,
+                true,
+                Some(&members),
+                &summary.heroes,
+            )
             .await?;
-        let summary = self.summary(user, room_id).await?;
-        Ok(JoinedRoom {
-            timeline,
-            state,
-            summary,
-        })
+        Ok((
+            JoinedRoom {
+                timeline: section.timeline,
+                state: section.state,
+                summary,
+            },
+            section.members_sent,
+        ))
     }
 
     /// A room the user left or was banned from: the timeline up to that moment.
@@ -390,8 +680,8 @@ impl RoomService {
         membership: &MembershipRecord,
         since: Option<i64>,
         request: &SyncRequest,
-    ) -> Result<LeftRoom> {
-        let (timeline, state) = self
+    ) -> Result<(LeftRoom, Vec<(String, String)>)> {
+        let section = self
             .timeline_and_state(
                 user,
                 &membership.room_id,
@@ -399,9 +689,17 @@ impl RoomService {
                 membership.stream_ordering,
                 request,
                 false,
+                None,
+                &[],
             )
             .await?;
-        Ok(LeftRoom { timeline, state })
+        Ok((
+            LeftRoom {
+                timeline: section.timeline,
+                state: section.state,
+            },
+            section.members_sent,
+        ))
     }
 
     async fn was_joined_at(&self, user: &str, room_id: &str, position: i64) -> Result<bool> {
@@ -423,19 +721,7 @@ impl RoomService {
             .room_members(room_id, None)
             .await
             .map_err(internal)?;
-        let joined = members.iter().filter(|m| m.membership == "join").count() as i64;
-        let invited = members.iter().filter(|m| m.membership == "invite").count() as i64;
-        let heroes = members
-            .iter()
-            .filter(|m| m.user_id != user && matches!(m.membership.as_str(), "join" | "invite"))
-            .take(5)
-            .map(|m| m.user_id.clone())
-            .collect();
-        Ok(RoomSummary {
-            heroes,
-            joined_member_count: joined,
-            invited_member_count: invited,
-        })
+        Ok(summary_of(user, &members))
     }
 
     /// What an invitee or knocker may see of a room: a few state events, stripped to
@@ -474,5 +760,56 @@ impl RoomService {
                 }))
             })
             .collect())
+    }
+}
+
+/// A room's timeline and state in a sync, with the member events they carry.
+struct RoomSection {
+    timeline: Timeline,
+    state: Vec<Value>,
+    /// `(member, event id)` of the member events in the state and the timeline.
+    members_sent: Vec<(String, String)>,
+}
+
+/// The timeline events picked for a room.
+struct Window {
+    /// Oldest first.
+    events: Vec<EventRecord>,
+    limited: bool,
+    /// The position just before the first event (`prev_batch`); `upto` when there is none.
+    start: i64,
+    /// Whether there are events between the token and `start` the client does not get.
+    gap: bool,
+}
+
+/// A room's summary from its members: the counts, and as heroes the first five other joined
+/// or invited members by when they became so (the left and banned ones when there are none).
+fn summary_of(user: &str, members: &[MembershipRecord]) -> RoomSummary {
+    let joined = members.iter().filter(|m| m.membership == "join").count() as i64;
+    let invited = members.iter().filter(|m| m.membership == "invite").count() as i64;
+    let mut others: Vec<&MembershipRecord> = members.iter().filter(|m| m.user_id != user).collect();
+    others.sort_by(|a, b| {
+        a.stream_ordering
+            .cmp(&b.stream_ordering)
+            .then_with(|| a.user_id.cmp(&b.user_id))
+    });
+    let present: Vec<&&MembershipRecord> = others
+        .iter()
+        .filter(|m| matches!(m.membership.as_str(), "join" | "invite"))
+        .collect();
+    let heroes = if present.is_empty() {
+        others
+            .iter()
+            .filter(|m| matches!(m.membership.as_str(), "leave" | "ban"))
+            .take(5)
+            .map(|m| m.user_id.clone())
+            .collect()
+    } else {
+        present.iter().take(5).map(|m| m.user_id.clone()).collect()
+    };
+    RoomSummary {
+        heroes,
+        joined_member_count: joined,
+        invited_member_count: invited,
     }
 }

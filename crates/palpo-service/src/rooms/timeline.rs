@@ -183,6 +183,7 @@ impl RoomService {
             .then(|| draft.content.get("membership").and_then(Value::as_str))
             .flatten()
             .map(str::to_owned);
+        let thread_id = self.thread_of(&draft.content).await?;
         self.storage
             .rooms
             .persist_event_locked(
@@ -208,6 +209,7 @@ impl RoomService {
                     membership,
                     redacts: built.pdu.redacts.as_ref().map(ToString::to_string),
                     txn,
+                    thread_id,
                 },
                 lock,
             )

@@ -83,6 +83,8 @@ pub struct NewEvent {
     /// For `m.room.redaction`: the event it redacts.
     pub redacts: Option<String>,
     pub txn: Option<TxnKey>,
+    /// The thread (root event id) the event belongs to; `None` for the main timeline.
+    pub thread_id: Option<String>,
 }
 
 impl NewEvent {

@@ -81,6 +81,18 @@ impl From<TypingRow> for TypingRecord {
     }
 }
 
+/// The presence states presence expiry moves between.
+const ONLINE: &str = "online";
+const UNAVAILABLE: &str = "unavailable";
+
+/// An event with the thread it belongs to.
+#[derive(sqlx::FromRow)]
+struct ThreadEventRow {
+    #[sqlx(flatten)]
+    event: EventRow,
+    thread_id: Text,
+}
+
 const PRESENCE_COLUMNS: &str = "user_id, state, status_msg, last_active_ts, stream_position";
 
 #[derive(sqlx::FromRow)]
@@ -427,7 +439,8 @@ impl EphemeralRepo for SqlStore {
             "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = ? \
              AND stream_ordering > ? AND stream_ordering <= ? AND sender <> ? \
              AND event_type IN ({}) AND outlier = ? AND soft_failed = ? \
-             AND rejected_reason IS NULL ORDER BY stream_ordering ASC LIMIT ?",
+             AND rejected_reason IS NULL AND thread_id IS NULL \
+             ORDER BY stream_ordering ASC LIMIT ?",
             placeholders(event_types.len())
         );
         let rows: Vec<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
@@ -442,5 +455,113 @@ impl EphemeralRepo for SqlStore {
             q.bind(false).bind(false).bind(limit).fetch_all(p).await?
         });
         Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn unread_thread_candidates(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        event_types: &[&str],
+        receipt_types: &[&str],
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<(EventRecord, String)>> {
+        if event_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A thread event is read when a receipt of the user for its thread is at it or at a
+        // later event (receipts name events; their positions come from `events`).
+        let covered = if receipt_types.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "AND NOT EXISTS (SELECT 1 FROM receipts r JOIN events re \
+                 ON re.event_id = r.event_id WHERE r.room_id = e.room_id AND r.user_id = ? \
+                 AND r.thread_id = e.thread_id AND r.receipt_type IN ({}) \
+                 AND re.stream_ordering >= e.stream_ordering)",
+                placeholders(receipt_types.len())
+            )
+        };
+        let query = format!(
+            "SELECT {EVENT_COLUMNS}, thread_id FROM events e WHERE room_id = ? \
+             AND stream_ordering > ? AND stream_ordering <= ? AND sender <> ? \
+             AND event_type IN ({}) AND outlier = ? AND soft_failed = ? \
+             AND rejected_reason IS NULL AND thread_id IS NOT NULL {covered} \
+             ORDER BY stream_ordering ASC LIMIT ?",
+            placeholders(event_types.len())
+        );
+        let rows: Vec<ThreadEventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let mut q = sqlx::query_as(sql)
+                .bind(room_id)
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id);
+            for kind in event_types {
+                q = q.bind(*kind);
+            }
+            q = q.bind(false).bind(false);
+            if !receipt_types.is_empty() {
+                q = q.bind(user_id);
+                for kind in receipt_types {
+                    q = q.bind(*kind);
+                }
+            }
+            q.bind(limit).fetch_all(p).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.event.into(), row.thread_id.into()))
+            .collect())
+    }
+
+    async fn expire_presence(&self, idle_before: i64) -> Result<Option<i64>> {
+        // A cheap look first: most of the time nobody went idle, and no counter is taken.
+        let due: i64 = on_pool!(
+            self.db.primary(),
+            "SELECT COUNT(*) FROM presence WHERE state = ? AND last_active_ts < ?",
+            |p, sql| {
+                sqlx::query_scalar(sql)
+                    .bind(ONLINE)
+                    .bind(idle_before)
+                    .fetch_one(p)
+                    .await?
+            }
+        );
+        if due == 0 {
+            return Ok(None);
+        }
+        let mut tx = self.db.begin().await?;
+        let position = next_counter(&mut tx, STREAM).await?;
+        let expired = on_tx!(
+            &mut tx,
+            "UPDATE presence SET state = ?, stream_position = ? WHERE state = ? AND last_active_ts < ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(UNAVAILABLE)
+                    .bind(position)
+                    .bind(ONLINE)
+                    .bind(idle_before)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        if expired == 0 {
+            // Another process did it meanwhile (or they became active again); dropping the
+            // transaction rolls the counter back.
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(position))
+    }
+
+    async fn oldest_online_activity(&self) -> Result<Option<i64>> {
+        let oldest: Option<i64> = on_pool!(
+            self.db.primary(),
+            "SELECT MIN(last_active_ts) FROM presence WHERE state = ?",
+            |p, sql| { sqlx::query_scalar(sql).bind(ONLINE).fetch_one(p).await? }
+        );
+        Ok(oldest)
     }
 }

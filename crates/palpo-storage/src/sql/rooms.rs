@@ -491,7 +491,7 @@ impl RoomRepo for SqlStore {
         }
         on_tx!(
             &mut tx,
-            "INSERT INTO events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, pdu_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            "INSERT INTO events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, pdu_json, thread_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
             |c, sql| {
                 sqlx::query(sql)
                     .bind(&event.event_id)
@@ -507,6 +507,7 @@ impl RoomRepo for SqlStore {
                     .bind(event.soft_failed)
                     .bind(&event.rejected_reason)
                     .bind(&event.pdu_json)
+                    .bind(&event.thread_id)
                     .execute(&mut *c)
                     .await
                     .map_err(|e| StorageError::conflict_or(e, &event.event_id))?
@@ -833,6 +834,20 @@ impl RoomRepo for SqlStore {
             );
         }
         Ok(out)
+    }
+
+    async fn thread_of_event(&self, event_id: &str) -> Result<Option<String>> {
+        let thread: Option<Option<Text>> = on_pool!(
+            self.db.primary(),
+            "SELECT thread_id FROM events WHERE event_id = ?",
+            |p, sql| {
+                sqlx::query_scalar(sql)
+                    .bind(event_id)
+                    .fetch_optional(p)
+                    .await?
+            }
+        );
+        Ok(thread.flatten().map(Into::into))
     }
 }
 
