@@ -13,10 +13,13 @@ const MAX_MEMBERS_PER_ROOM: usize = 5_000;
 /// Rooms remembered; past this everything starts over.
 const MAX_ROOMS: usize = 2_000;
 
-/// room → member → (member event id, stream position of the response that carried it).
+/// member → (member event id, stream position of the response that carried it).
+type SentMembers = HashMap<String, (String, i64)>;
+
+/// Per room, the members sent.
 #[derive(Debug, Default)]
 pub struct LazyMembers {
-    rooms: Mutex<HashMap<String, HashMap<String, (String, i64)>>>,
+    rooms: Mutex<HashMap<String, SentMembers>>,
 }
 
 impl LazyMembers {
@@ -24,7 +27,7 @@ impl LazyMembers {
         Self::default()
     }
 
-    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, (String, i64)>>> {
+    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, SentMembers>> {
         match self.rooms.lock() {
             Ok(rooms) => rooms,
             Err(poisoned) => poisoned.into_inner(),

@@ -1,0 +1,271 @@
+//! Conformance of what per-thread unread counts and presence expiry read and write, on every
+//! backend: events remember their thread, thread messages are unread until a receipt for
+//! their thread covers them, and idle online users move to `unavailable` at one position.
+
+use palpo_storage::{
+    Storage,
+    model::{NewEvent, NewRoom, PresenceRecord, ReceiptRecord},
+};
+
+palpo_storage::conformance!(threads_of_events, unread_thread_candidates, presence_expiry);
+
+const ROOM: &str = "!threads:test";
+
+/// Creates the room and persists `(event id, type, sender, thread)` one after the other;
+/// returns their stream positions.
+async fn room_with(s: &Storage, events: &[(&str, &str, &str, Option<&str>)]) -> Vec<i64> {
+    s.rooms
+        .create_room(&NewRoom {
+            room_id: ROOM.to_owned(),
+            room_version: "12".to_owned(),
+            creator: "@a:test".to_owned(),
+            is_public: false,
+            created_at: 1,
+        })
+        .await
+        .expect("create room");
+    let mut positions = Vec::new();
+    for (n, (event_id, event_type, sender, thread)) in events.iter().enumerate() {
+        let room = s.rooms.get_room(ROOM).await.expect("room").expect("room");
+        let persisted = s
+            .rooms
+            .persist_event(&NewEvent {
+                event_id: (*event_id).to_owned(),
+                room_id: ROOM.to_owned(),
+                depth: n as i64 + 1,
+                event_type: (*event_type).to_owned(),
+                state_key: None,
+                sender: (*sender).to_owned(),
+                origin_server_ts: 1000 + n as i64,
+                pdu_json: "{}".to_owned(),
+                prev_events: room.forward_extremities.clone(),
+                outlier: false,
+                soft_failed: false,
+                rejected_reason: None,
+                expected_write_version: room.write_version,
+                membership: None,
+                redacts: None,
+                txn: None,
+                thread_id: thread.map(str::to_owned),
+            })
+            .await
+            .expect("persist");
+        positions.push(persisted.stream_ordering);
+    }
+    positions
+}
+
+const MESSAGE: &str = "m.room.message";
+
+async fn threads_of_events(s: Storage) {
+    room_with(
+        &s,
+        &[
+            ("$root", MESSAGE, "@a:test", None),
+            ("$reply", MESSAGE, "@a:test", Some("$root")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.rooms.thread_of_event("$reply").await.expect("thread"),
+        Some("$root".to_owned())
+    );
+    assert_eq!(
+        s.rooms.thread_of_event("$root").await.expect("thread"),
+        None
+    );
+    assert_eq!(
+        s.rooms.thread_of_event("$nope").await.expect("thread"),
+        None
+    );
+}
+
+fn read(user: &str, thread: Option<&str>, event: &str, kind: &str) -> ReceiptRecord {
+    ReceiptRecord {
+        room_id: ROOM.to_owned(),
+        receipt_type: kind.to_owned(),
+        user_id: user.to_owned(),
+        thread_id: thread.map(str::to_owned),
+        event_id: event.to_owned(),
+        ts: 1,
+        stream_position: 0,
+    }
+}
+
+async fn unread_thread_candidates(s: Storage) {
+    let positions = room_with(
+        &s,
+        &[
+            ("$root", MESSAGE, "@a:test", None),
+            ("$t1", MESSAGE, "@a:test", Some("$root")),
+            ("$t2", MESSAGE, "@a:test", Some("$root")),
+            ("$mine", MESSAGE, "@b:test", Some("$root")),
+            ("$react", "m.reaction", "@a:test", Some("$root")),
+            ("$other1", MESSAGE, "@a:test", Some("$other")),
+            ("$main", MESSAGE, "@a:test", None),
+        ],
+    )
+    .await;
+    let max = *positions.last().expect("positions");
+    let types = [MESSAGE];
+    let receipts = ["m.read", "m.read.private"];
+    let ids = |events: &[(palpo_storage::model::EventRecord, String)]| -> Vec<(String, String)> {
+        events
+            .iter()
+            .map(|(e, t)| (e.event_id.clone(), t.clone()))
+            .collect()
+    };
+    let all = s
+        .ephemeral
+        .unread_thread_candidates(ROOM, "@b:test", &types, &receipts, 0, max, 100)
+        .await
+        .expect("candidates");
+    assert_eq!(
+        ids(&all),
+        [
+            ("$t1".to_owned(), "$root".to_owned()),
+            ("$t2".to_owned(), "$root".to_owned()),
+            ("$other1".to_owned(), "$other".to_owned()),
+        ],
+        "thread messages of others, oldest first"
+    );
+    // The main timeline's candidates leave thread events out.
+    let main = s
+        .ephemeral
+        .unread_candidates(ROOM, "@b:test", &types, 0, max, 100)
+        .await
+        .expect("candidates");
+    let main: Vec<&str> = main.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(main, ["$root", "$main"]);
+
+    // A receipt for the thread covers it up to its event; one for another thread, or of
+    // another user or type, does not.
+    s.ephemeral
+        .put_receipt(&read("@b:test", Some("$root"), "$t1", "m.read.private"))
+        .await
+        .expect("receipt");
+    s.ephemeral
+        .put_receipt(&read("@c:test", Some("$root"), "$t2", "m.read"))
+        .await
+        .expect("receipt");
+    s.ephemeral
+        .put_receipt(&read("@b:test", Some("$other"), "$t2", "m.read"))
+        .await
+        .expect("receipt");
+    let unread = s
+        .ephemeral
+        .unread_thread_candidates(ROOM, "@b:test", &types, &receipts, 0, max, 100)
+        .await
+        .expect("candidates");
+    assert_eq!(
+        ids(&unread),
+        [
+            ("$t2".to_owned(), "$root".to_owned()),
+            ("$other1".to_owned(), "$other".to_owned()),
+        ]
+    );
+    // After, limit.
+    let after_t2 = s
+        .ephemeral
+        .unread_thread_candidates(ROOM, "@b:test", &types, &receipts, positions[2], max, 100)
+        .await
+        .expect("candidates");
+    assert_eq!(
+        ids(&after_t2),
+        [("$other1".to_owned(), "$other".to_owned())]
+    );
+    let one = s
+        .ephemeral
+        .unread_thread_candidates(ROOM, "@b:test", &types, &receipts, 0, max, 1)
+        .await
+        .expect("candidates");
+    assert_eq!(one.len(), 1);
+}
+
+fn presence(user: &str, state: &str, last_active_ts: i64) -> PresenceRecord {
+    PresenceRecord {
+        user_id: user.to_owned(),
+        state: state.to_owned(),
+        status_msg: Some("hello".to_owned()),
+        last_active_ts,
+        stream_position: 0,
+    }
+}
+
+async fn presence_expiry(s: Storage) {
+    assert_eq!(
+        s.ephemeral.oldest_online_activity().await.expect("oldest"),
+        None
+    );
+    assert_eq!(
+        s.ephemeral.expire_presence(1_000).await.expect("expire"),
+        None
+    );
+    s.ephemeral
+        .set_presence(&presence("@a:test", "online", 100))
+        .await
+        .expect("set");
+    s.ephemeral
+        .set_presence(&presence("@b:test", "online", 500))
+        .await
+        .expect("set");
+    let offline = s
+        .ephemeral
+        .set_presence(&presence("@c:test", "offline", 50))
+        .await
+        .expect("set");
+    assert_eq!(
+        s.ephemeral.oldest_online_activity().await.expect("oldest"),
+        Some(100)
+    );
+    // Nobody inactive since before 100.
+    assert_eq!(
+        s.ephemeral.expire_presence(100).await.expect("expire"),
+        None
+    );
+    let before = s.rooms.max_stream_ordering().await.expect("max");
+    let at = s
+        .ephemeral
+        .expire_presence(200)
+        .await
+        .expect("expire")
+        .expect("alice went idle");
+    assert_eq!(at, before + 1);
+    let alice = s
+        .ephemeral
+        .get_presence("@a:test")
+        .await
+        .expect("get")
+        .expect("alice");
+    assert_eq!(alice.state, "unavailable");
+    assert_eq!(alice.stream_position, at);
+    assert_eq!(alice.last_active_ts, 100, "activity is not moved");
+    assert_eq!(alice.status_msg.as_deref(), Some("hello"));
+    let bob = s
+        .ephemeral
+        .get_presence("@b:test")
+        .await
+        .expect("get")
+        .expect("bob");
+    assert_eq!(bob.state, "online");
+    let carol = s
+        .ephemeral
+        .get_presence("@c:test")
+        .await
+        .expect("get")
+        .expect("carol");
+    assert_eq!(
+        (carol.state.as_str(), carol.stream_position),
+        ("offline", offline)
+    );
+    assert_eq!(
+        s.ephemeral.oldest_online_activity().await.expect("oldest"),
+        Some(500)
+    );
+    // Again: nothing left to do, and no position taken.
+    assert_eq!(
+        s.ephemeral.expire_presence(200).await.expect("expire"),
+        None
+    );
+    assert_eq!(s.rooms.max_stream_ordering().await.expect("max"), at);
+}
