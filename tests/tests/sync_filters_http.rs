@@ -330,6 +330,54 @@ async fn state_filter_scenario(app: &TestApp) {
     app.get("/_matrix/client/v3/sync?filter=%7Bnot%20json", Some(token))
         .await
         .expect_error(400, "M_BAD_JSON");
+
+    // use_state_after: the state at the end of the timeline, in `state_after`.
+    let after = |since: Option<&str>| {
+        let mut path = "/_matrix/client/v3/sync?use_state_after=true&filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A1%7D%7D%7D".to_owned();
+        if let Some(since) = since {
+            path.push_str(&format!("&since={}", enc(since)));
+        }
+        async move { app.get(&path, Some(token)).await.expect_ok().clone() }
+    };
+    let initial = after(None).await;
+    let room = &initial["rooms"]["join"][&room_id];
+    assert!(room.get("state").is_none(), "{room}");
+    let kinds: BTreeSet<&str> = events(&room["state_after"])
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert!(
+        kinds.contains("m.room.name") && kinds.contains("m.room.member"),
+        "{room}"
+    );
+    let since = next_batch(&initial);
+    let name_path = app.room_path(&room_id, "/state/m.room.name/");
+    app.put(&name_path, Some(token), json!({"name": "later"}))
+        .await
+        .expect_ok();
+    app.send_text(token, &room_id, "after the rename").await;
+    let next = after(Some(&since)).await;
+    let room = &next["rooms"]["join"][&room_id];
+    assert!(room.get("state").is_none(), "{room}");
+    assert_eq!(bodies(&next, &room_id), ["after the rename"]);
+    let state_after = events(&room["state_after"]);
+    assert_eq!(state_after.len(), 1, "{room}");
+    assert_eq!(state_after[0]["content"]["name"], "later");
+    // Nothing changed in the state: `state_after` is there, empty.
+    let since = next_batch(&next);
+    app.send_text(token, &room_id, "plain").await;
+    let next = after(Some(&since)).await;
+    assert!(
+        events(&next["rooms"]["join"][&room_id]["state_after"]).is_empty(),
+        "{next}"
+    );
+    // Without it, `state` as before.
+    let plain = sync_filtered(app, token, Some(&since), None).await;
+    let room = &plain["rooms"]["join"][&room_id];
+    assert!(
+        room.get("state_after").is_none() && room["state"].is_object(),
+        "{room}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

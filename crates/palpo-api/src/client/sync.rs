@@ -70,8 +70,12 @@ impl From<UnreadCounts> for UnreadNotificationCounts {
 #[derive(Debug, Object)]
 pub struct JoinedRoomSync {
     pub summary: RoomSummary,
-    /// State up to the start of the timeline.
-    pub state: Events,
+    /// State up to the start of the timeline; absent with `use_state_after`.
+    #[oai(skip_serializing_if_is_none)]
+    pub state: Option<Events>,
+    /// With `use_state_after`: the state up to the end of the timeline.
+    #[oai(skip_serializing_if_is_none)]
+    pub state_after: Option<Events>,
     pub timeline: Timeline,
     pub ephemeral: Events,
     pub account_data: Events,
@@ -92,7 +96,8 @@ impl From<JoinedRoom> for JoinedRoomSync {
                 joined_member_count: room.summary.joined_member_count,
                 invited_member_count: room.summary.invited_member_count,
             },
-            state: Events { events: room.state },
+            state: Some(Events { events: room.state }),
+            state_after: None,
             timeline: room.timeline.into(),
             ephemeral: Events::default(),
             account_data: Events::default(),
@@ -116,7 +121,12 @@ pub struct KnockedRoomSync {
 
 #[derive(Debug, Object)]
 pub struct LeftRoomSync {
-    pub state: Events,
+    /// State up to the start of the timeline; absent with `use_state_after`.
+    #[oai(skip_serializing_if_is_none)]
+    pub state: Option<Events>,
+    /// With `use_state_after`: the state up to the end of the timeline.
+    #[oai(skip_serializing_if_is_none)]
+    pub state_after: Option<Events>,
     pub timeline: Timeline,
     pub account_data: Events,
 }
@@ -124,7 +134,8 @@ pub struct LeftRoomSync {
 impl From<LeftRoom> for LeftRoomSync {
     fn from(room: LeftRoom) -> Self {
         LeftRoomSync {
-            state: Events { events: room.state },
+            state: Some(Events { events: room.state }),
+            state_after: None,
             timeline: room.timeline.into(),
             account_data: Events::default(),
         }
@@ -241,6 +252,20 @@ impl From<ServiceResponse> for SyncResponse {
     }
 }
 
+impl SyncResponse {
+    /// With `use_state_after`, the rooms' state is the state after their timeline: it goes in
+    /// `state_after`, and `state` is left out.
+    fn state_after(mut self) -> Self {
+        for room in self.rooms.join.values_mut() {
+            room.state_after = room.state.take();
+        }
+        for room in self.rooms.leave.values_mut() {
+            room.state_after = room.state.take();
+        }
+        self
+    }
+}
+
 /// Reads an inline JSON filter.
 fn parse_inline_filter(filter: &str) -> Result<SyncFilter, Error> {
     let value: Value = serde_json::from_str(filter)
@@ -284,6 +309,10 @@ impl SyncApi {
         set_presence: Query<Option<String>>,
         /// A filter id or an inline JSON filter.
         filter: Query<Option<String>>,
+        /// Send the state as of the end of each timeline, in `state_after`, instead of `state`
+        /// (the state before it).
+        #[oai(default)]
+        use_state_after: Query<bool>,
     ) -> ApiResult<Json<SyncResponse>> {
         if let Some(presence) = set_presence.0.as_deref()
             && !matches!(presence, "online" | "offline" | "unavailable")
@@ -311,6 +340,7 @@ impl SyncApi {
             full_state.0,
             parsed,
         );
+        options.rooms.use_state_after = use_state_after.0;
         // Lazy-loaded members are remembered per device and filter.
         options.lazy_members_key = Some((
             auth.0.device_id.clone(),
@@ -321,12 +351,17 @@ impl SyncApi {
             .ephemeral
             .presence_on_sync(&auth.0.user_id, set_presence.0.as_deref())
             .await?;
-        let response = state
+        let response: SyncResponse = state
             .services
             .sync
             .sync_device(&auth.0.user_id, Some(&auth.0.device_id), &options)
-            .await?;
-        Ok(Json(response.into()))
+            .await?
+            .into();
+        Ok(Json(if use_state_after.0 {
+            response.state_after()
+        } else {
+            response
+        }))
     }
 }
 

@@ -61,6 +61,9 @@ pub struct SyncRequest {
     /// members every time, as `include_redundant_members` asks).
     pub lazy_members: Option<Arc<LazyMembers>>,
     pub event_format: EventFormat,
+    /// `use_state_after`: the state is that at the end of the timeline (`state_after`), not
+    /// at its start.
+    pub use_state_after: bool,
     /// `room.rooms` / `room.not_rooms` of the filter.
     pub rooms: Option<Vec<String>>,
     pub not_rooms: Vec<String>,
@@ -77,6 +80,7 @@ impl Default for SyncRequest {
             lazy_load_members: false,
             lazy_members: None,
             event_format: EventFormat::Client,
+            use_state_after: false,
             rooms: None,
             not_rooms: Vec::new(),
         }
@@ -97,6 +101,7 @@ impl SyncRequest {
             lazy_load_members: room.state.lazy_load_members,
             lazy_members: None,
             event_format: filter.event_format,
+            use_state_after: false,
             rooms: room.rooms.clone(),
             not_rooms: room.not_rooms.clone(),
         }
@@ -386,13 +391,14 @@ impl RoomService {
     ) -> Result<Window> {
         // Newest first while reading.
         let mut picked: Vec<EventRecord> = Vec::new();
+        // Positions of the state events read and not picked.
+        let mut skipped_state: Vec<i64> = Vec::new();
         let mut before = upto.saturating_add(1);
         let mut scanned = 0usize;
-        let mut oldest_scanned: Option<i64> = None;
         let mut batch = limit + 1;
         let mut exhausted = false;
         // One more than `limit` tells whether older ones were left out.
-        'read: while !exhausted && scanned < MAX_SCAN {
+        while !exhausted && scanned < MAX_SCAN && picked.len() <= limit {
             let want = batch.min(MAX_SCAN - scanned);
             let events = self
                 .storage
@@ -405,34 +411,45 @@ impl RoomService {
                 scanned += 1;
                 let position = event.stream_ordering.unwrap_or_default();
                 before = position;
-                oldest_scanned = Some(position);
-                if filter.matches(&event) && self.can_see(vis, &event).await? {
+                if picked.len() <= limit
+                    && filter.matches(&event)
+                    && self.can_see(vis, &event).await?
+                {
                     picked.push(event);
-                    if picked.len() > limit {
-                        break 'read;
-                    }
+                } else if event.state_key.is_some() {
+                    skipped_state.push(position);
                 }
             }
             batch = (batch * 2).clamp(50, 500);
         }
         let limited = picked.len() > limit || !exhausted;
-        picked.truncate(limit);
+        if picked.len() > limit {
+            skipped_state.extend(
+                picked
+                    .drain(limit..)
+                    .filter(|e| e.state_key.is_some())
+                    .filter_map(|e| e.stream_ordering),
+            );
+        }
         picked.reverse();
         let first = picked.first().and_then(|e| e.stream_ordering);
         let start = first.map(|p| p - 1).unwrap_or(upto);
-        // Events between the token and the timeline that the client does not get: skipped by
-        // the filter or history visibility, or left out by the limit.
-        let gap = limited
-            || match (first, oldest_scanned) {
-                (Some(first), Some(oldest)) => oldest < first,
-                (None, oldest) => oldest.is_some(),
-                (Some(_), None) => false,
-            };
+        // State events in the range the client does not get (skipped by the filter or history
+        // visibility, left out by the limit, or not read at all).
+        let unread_range = !exhausted;
+        let hidden_state_before = unread_range
+            || skipped_state
+                .iter()
+                .any(|p| first.is_none_or(|first| *p < first));
+        let state_changed = unread_range
+            || !skipped_state.is_empty()
+            || picked.iter().any(|e| e.state_key.is_some());
         Ok(Window {
             events: picked,
             limited,
             start,
-            gap,
+            hidden_state_before,
+            state_changed,
         })
     }
 
@@ -483,33 +500,39 @@ impl RoomService {
             .await?;
         let start = window.start;
         let rules = self.room_rules(room_id).await?;
-        let mut at_start: Option<StateMap> = None;
+        // The state is sent as of the start of the timeline, or its end (`use_state_after`).
+        let (point, changed) = if request.use_state_after {
+            (upto, window.state_changed)
+        } else {
+            (start, window.hidden_state_before)
+        };
+        let mut at_point: Option<StateMap> = None;
         // The state entries to send before lazy loading. Member changes in a gap are always
         // sent, so that joins, leaves and profile changes the client skipped are not lost.
         let mut state_ids: Vec<String> = match since {
             Some(since) if !request.full_state => {
-                if window.gap {
+                if changed {
                     let before = self.state_at_position(room_id, since).await?;
-                    let now = self.state_at_position(room_id, start).await?;
+                    let now = self.state_at_position(room_id, point).await?;
                     let changed = now
                         .iter()
                         .filter(|(key, id)| before.get(*key) != Some(*id))
                         .map(|(_, id)| id.clone())
                         .collect();
-                    at_start = Some(now);
+                    at_point = Some(now);
                     changed
                 } else {
                     Vec::new()
                 }
             }
             _ => {
-                let state = self.state_at_position(room_id, start).await?;
+                let state = self.state_at_position(room_id, point).await?;
                 let ids = state
                     .iter()
                     .filter(|((kind, _), _)| !(request.lazy_load_members && kind == MEMBER))
                     .map(|(_, id)| id.clone())
                     .collect();
-                at_start = Some(state);
+                at_point = Some(state);
                 ids
             }
         };
@@ -522,8 +545,8 @@ impl RoomService {
                     request,
                     &window.events,
                     heroes,
-                    start,
-                    at_start.as_ref(),
+                    point,
+                    at_point.as_ref(),
                     members,
                     &state_ids,
                 )
@@ -565,7 +588,8 @@ impl RoomService {
         })
     }
 
-    /// Lazy loading: the member events (at the start of the timeline) the client needs and
+    /// Lazy loading: the member events (at `point`: the start of the timeline, or its end with
+    /// `use_state_after`) the client needs and
     /// does not have among `already` — those of the timeline's senders and the heroes, and
     /// the user's own when the room is new to the client (or `full_state`). In an incremental
     /// sync, those this device and filter were sent already are left out.
@@ -578,8 +602,8 @@ impl RoomService {
         request: &SyncRequest,
         timeline: &[EventRecord],
         heroes: &[String],
-        start: i64,
-        at_start: Option<&StateMap>,
+        point: i64,
+        at_point: Option<&StateMap>,
         members: Option<&[MembershipRecord]>,
         already: &[String],
     ) -> Result<Vec<String>> {
@@ -604,18 +628,18 @@ impl RoomService {
         let mut out = Vec::new();
         for member in wanted {
             let key = (MEMBER.to_owned(), member.to_owned());
-            // The current member event is the one at the start when it is not newer;
-            // otherwise the state at the start says.
+            // The current member event is the one at `point` when it is not newer;
+            // otherwise the state at `point` says.
             let current = members.and_then(|m| m.iter().find(|r| r.user_id == member));
-            let event_id = match (at_start, current) {
+            let event_id = match (at_point, current) {
                 (Some(state), _) => state.get(&key).cloned(),
-                (None, Some(record)) if record.stream_ordering <= start => {
+                (None, Some(record)) if record.stream_ordering <= point => {
                     Some(record.event_id.clone())
                 }
                 (None, None) if members.is_some() => None,
                 (None, _) => {
                     if fetched.is_none() {
-                        fetched = Some(self.state_at_position(room_id, start).await?);
+                        fetched = Some(self.state_at_position(room_id, point).await?);
                     }
                     fetched.as_ref().and_then(|state| state.get(&key).cloned())
                 }
@@ -778,8 +802,11 @@ struct Window {
     limited: bool,
     /// The position just before the first event (`prev_batch`); `upto` when there is none.
     start: i64,
-    /// Whether there are events between the token and `start` the client does not get.
-    gap: bool,
+    /// Whether state may have changed between the token and `start` in events the client
+    /// does not get.
+    hidden_state_before: bool,
+    /// Whether state may have changed anywhere between the token and the end.
+    state_changed: bool,
 }
 
 /// A room's summary from its members: the counts, and as heroes the first five other joined
