@@ -29,8 +29,8 @@ pub use db::{Backend, Db, RoomWriteLock};
 pub use error::{Result, StorageError};
 pub use repo::EphemeralRepo;
 pub use repo::{
-    AccountDataRepo, AliasRepo, DeviceRepo, E2eeRepo, KeyRepo, ProfileRepo, RoomRepo, UiaRepo,
-    UserRepo,
+    AccountDataRepo, AliasRepo, DeviceRepo, E2eeRepo, KeyRepo, ProfileRepo, RoomRepo,
+    SlidingSyncRepo, UiaRepo, UserRepo,
 };
 pub use wakeups::{Subscription, Wakeup, Wakeups};
 
@@ -50,6 +50,9 @@ pub struct Storage {
     /// Device keys, one-time keys, device-list changes, to-device messages; not cached (sync
     /// reads them by stream position, and claims must see every write).
     pub e2ee: Arc<dyn E2eeRepo>,
+    /// Sliding sync connections; not cached (any process may continue a connection, so the
+    /// database is the truth).
+    pub sliding: Arc<dyn SlidingSyncRepo>,
     db: Arc<Db>,
     wakeups: Wakeups,
 }
@@ -101,7 +104,8 @@ impl Storage {
             keys: sql.clone(),
             // Not cached: sync reads it by stream position, which must match the database.
             account_data: sql.clone(),
-            e2ee: sql,
+            e2ee: sql.clone(),
+            sliding: sql,
             db,
             wakeups: Wakeups::default(),
         }
@@ -120,7 +124,8 @@ impl Storage {
             profiles: store.clone(),
             keys: store.clone(),
             account_data: store.clone(),
-            e2ee: store,
+            e2ee: store.clone(),
+            sliding: store,
             db,
             wakeups: Wakeups::default(),
         }

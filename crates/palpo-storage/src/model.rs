@@ -6,10 +6,12 @@ mod account_data;
 mod e2ee;
 mod ephemeral;
 mod rooms;
+mod sliding;
 pub use account_data::*;
 pub use e2ee::*;
 pub use ephemeral::*;
 pub use rooms::*;
+pub use sliding::*;
 
 /// A local account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -429,3 +429,69 @@ pub trait E2eeRepo: Send + Sync {
         up_to: i64,
     ) -> Result<u64>;
 }
+
+/// Simplified sliding sync (MSC4186): connections and what each has sent, kept in the database
+/// so that any process sharing it can continue a connection; and the per-room facts the list
+/// filters need, read for many rooms at once.
+#[async_trait]
+pub trait SlidingSyncRepo: Send + Sync {
+    /// Starts the connection `(user_id, device_id, conn_id)` under a new random key, which it
+    /// returns, deleting an earlier connection with these ids and everything it held. When the
+    /// device then has more than `max_per_device` connections, the least recently used go.
+    async fn start_sliding_connection(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: &str,
+        now: i64,
+        max_per_device: usize,
+    ) -> Result<i64>;
+    /// Position `position_id` of the connection with key `connection_key`, when that is the
+    /// connection `(user_id, device_id, conn_id)`, it was last used at or after `used_since`,
+    /// and the position is still kept.
+    #[allow(clippy::too_many_arguments)]
+    async fn sliding_position(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: &str,
+        connection_key: i64,
+        position_id: i64,
+        used_since: i64,
+    ) -> Result<Option<crate::model::SlidingPositionRecord>>;
+    /// The rooms of a room set of a connection.
+    async fn sliding_rooms(
+        &self,
+        connection_key: i64,
+        room_set: i64,
+    ) -> Result<Vec<crate::model::SlidingRoomRecord>>;
+    /// Hands out the connection's next position, in one transaction: its room set (new or
+    /// shared), and deletes the positions before the acknowledged one (and all but the last
+    /// few), the room sets no position refers to any more, and unused `required_state`
+    /// configurations. Marks the connection used. `None` when the connection no longer exists
+    /// (it expired meanwhile, or another request restarted it).
+    async fn add_sliding_position(
+        &self,
+        new: &crate::model::NewSlidingPosition,
+    ) -> Result<Option<crate::model::SlidingPositionRecord>>;
+    /// Marks the connection used at `now` (an answer that handed out no new position).
+    async fn touch_sliding_connection(&self, connection_key: i64, now: i64) -> Result<()>;
+    /// Deletes the connections last used before `before`, at most `limit` of them, with
+    /// everything they hold. Returns how many went.
+    async fn delete_idle_sliding_connections(&self, before: i64, limit: i64) -> Result<u64>;
+
+    /// The event id of the current `(event_type, state_key)` state of each of these rooms that
+    /// has it.
+    async fn current_state_ids(
+        &self,
+        room_ids: &[String],
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Vec<(String, String)>>;
+    /// The user's room account data of one type, in every room that has it.
+    async fn room_account_data_of_type(
+        &self,
+        user_id: &str,
+        data_type: &str,
+    ) -> Result<Vec<crate::model::AccountDataRecord>>;
+}

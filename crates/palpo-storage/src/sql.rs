@@ -5,6 +5,7 @@ mod accounts;
 mod e2ee;
 mod ephemeral;
 mod rooms;
+mod sliding;
 
 use std::sync::Arc;
 
