@@ -39,6 +39,34 @@ pub fn string_list(value: Option<Value>) -> ParseResult<Vec<String>> {
     }
 }
 
+/// An optional array of strings: absent or `null` is `None`.
+pub fn optional_string_list(value: Option<Value>) -> ParseResult<Option<Vec<String>>> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        other => string_list(other).map(Some).map_err(ParseError::propagate),
+    }
+}
+
+/// An optional array of strings and `null`s: absent or `null` is `None`.
+pub fn optional_nullable_string_list(
+    value: Option<Value>,
+) -> ParseResult<Option<Vec<Option<String>>>> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(Some(s)),
+                Value::Null => Ok(None),
+                other => Err(ParseError::expected_type(other)),
+            })
+            .collect::<ParseResult<Vec<_>>>()
+            .map(Some)
+            .map_err(ParseError::propagate),
+        Some(other) => Err(ParseError::expected_type(other)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -54,6 +82,14 @@ mod tests {
         assert_eq!(optional_string(None).ok(), Some(None));
         assert_eq!(optional_string(Some(Value::Null)).ok(), Some(None));
         assert!(optional_string(Some(json!(7))).is_err());
+        assert_eq!(optional_string_list(None).ok(), Some(None));
+        assert!(optional_string_list(Some(json!([1]))).is_err());
+        assert_eq!(
+            optional_nullable_string_list(Some(json!(["m.space", null]))).ok(),
+            Some(Some(vec![Some("m.space".to_owned()), None]))
+        );
+        assert!(optional_nullable_string_list(Some(json!([true]))).is_err());
+        assert!(optional_nullable_string_list(Some(json!("m.space"))).is_err());
         assert_eq!(
             string_list(Some(json!(["a", "b"]))).ok(),
             Some(vec!["a".to_owned(), "b".to_owned()])

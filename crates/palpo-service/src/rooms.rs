@@ -49,6 +49,8 @@ pub struct RoomService {
     notifier: Arc<Notifier>,
     /// One async lock per room, so local events of a room are built one at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The `type` of rooms' create events (which never change), for sliding sync's filters.
+    room_types: Mutex<HashMap<String, Option<String>>>,
 }
 
 impl RoomService {
@@ -59,6 +61,7 @@ impl RoomService {
             keys: tokio::sync::OnceCell::new(),
             notifier,
             locks: Mutex::new(HashMap::new()),
+            room_types: Mutex::new(HashMap::new()),
         }
     }
 
@@ -85,6 +88,11 @@ impl RoomService {
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         }
         locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    /// Where sliding sync connections are kept.
+    pub(crate) fn sliding_repo(&self) -> Arc<dyn palpo_storage::SlidingSyncRepo> {
+        self.storage.sliding.clone()
     }
 
     pub fn server_name(&self) -> &str {

@@ -12,8 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use palpo_core::{Error, ErrorCode, Result};
+use palpo_core::{Error, Result};
 use serde_json::Value;
+
+mod sliding;
 
 use crate::{
     account_data::{AccountDataService, AccountDataSync},
@@ -21,18 +23,12 @@ use crate::{
     ephemeral::{EphemeralService, EphemeralSync},
     filter::{SyncFilter, project_fields},
     notifier::Notifier,
-    rooms::{
-        LazyMembers, RoomService, SyncRequest, SyncRooms,
-        sliding::{ConnectionState, SlidingRequest, SlidingResponse},
-    },
+    rooms::{LazyMembers, RoomService, SyncRequest, SyncRooms, sliding::SlidingResponse},
 };
 
 /// Sliding sync connections idle longer than this are forgotten (the client starts over).
 const CONNECTION_IDLE: Duration = Duration::from_secs(30 * 60);
 
-/// A sliding sync connection: (user, device, conn_id).
-type ConnectionKey = (String, String, String);
-type Connections = HashMap<ConnectionKey, (Instant, Arc<tokio::sync::Mutex<ConnectionState>>)>;
 /// Lazy-loaded members sent, per (user, device, filter).
 type LazyKey = (String, String, String);
 type LazyMemory = HashMap<LazyKey, (Instant, Arc<LazyMembers>)>;
@@ -192,9 +188,8 @@ impl SlidingSync {
 pub struct SyncService {
     rooms: Arc<RoomService>,
     notifier: Arc<Notifier>,
-    /// Sliding sync connections of this process. A connection is bound to the process that
-    /// serves it; elsewhere its `pos` is unknown and the client starts over (`M_UNKNOWN_POS`).
-    connections: Mutex<Connections>,
+    /// Sliding sync connections, kept in the database (any process continues any of them).
+    sliding: sliding::Connections,
     /// Typing, receipts, presence and unread counts; without it a sync has only rooms.
     ephemeral: Option<Arc<EphemeralService>>,
     /// Account data; without it a sync has none.
@@ -207,10 +202,11 @@ pub struct SyncService {
 
 impl SyncService {
     pub fn new(rooms: Arc<RoomService>, notifier: Arc<Notifier>) -> Self {
+        let sliding = sliding::Connections::new(rooms.sliding_repo());
         SyncService {
             rooms,
             notifier,
-            connections: Mutex::new(HashMap::new()),
+            sliding,
             ephemeral: None,
             account_data: None,
             lazy: Mutex::new(HashMap::new()),
@@ -340,34 +336,6 @@ impl SyncService {
         })
     }
 
-    /// The state of a sliding sync connection; `None` when `pos` refers to one we do not know.
-    fn connection(
-        &self,
-        key: ConnectionKey,
-        has_pos: bool,
-    ) -> Option<Arc<tokio::sync::Mutex<ConnectionState>>> {
-        let mut connections = match self.connections.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let now = Instant::now();
-        if connections.len() > 10_000 {
-            connections.retain(|_, (used, _)| now.duration_since(*used) < CONNECTION_IDLE);
-        }
-        match connections.get_mut(&key) {
-            Some((used, state)) => {
-                *used = now;
-                Some(state.clone())
-            }
-            None if has_pos => None,
-            None => {
-                let state = Arc::new(tokio::sync::Mutex::new(ConnectionState::default()));
-                connections.insert(key, (now, state.clone()));
-                Some(state)
-            }
-        }
-    }
-
     /// The rooms request of a sync, with the memory of the lazy-loaded members this device
     /// and filter were sent (a fresh one for an initial sync: the client starts over).
     fn with_lazy_members(&self, user: &str, options: &SyncOptions, initial: bool) -> SyncRequest {
@@ -396,122 +364,6 @@ impl SyncService {
         entry.0 = now;
         request.lazy_members = Some(entry.1.clone());
         request
-    }
-
-    /// Simplified sliding sync (MSC4186), long-polling up to `timeout` when nothing changed.
-    #[tracing::instrument(skip_all, fields(user = %user))]
-    pub async fn sliding_sync(
-        &self,
-        user: &str,
-        device: &str,
-        request: &SlidingRequest,
-        timeout: Duration,
-    ) -> Result<SlidingSync> {
-        let key = (user.to_owned(), device.to_owned(), request.conn_id.clone());
-        let state = self.connection(key, request.pos.is_some()).ok_or_else(|| {
-            Error::new(
-                ErrorCode::UnknownPos,
-                "Unknown position: start a new connection",
-            )
-        })?;
-        // Requests on one connection take turns.
-        let mut state = state.lock().await;
-        let deadline = tokio::time::Instant::now() + timeout.min(MAX_TIMEOUT);
-        loop {
-            let ephemeral = self.notifier.ephemeral_serial();
-            if let Some(service) = &self.ephemeral {
-                service.expire_typing().await?;
-            }
-            let response = self.rooms.sliding_sync(user, request, &mut state).await?;
-            let answer = self
-                .sliding_extensions(user, device, request, response)
-                .await?;
-            let now = tokio::time::Instant::now();
-            if request.pos.is_none() || !answer.is_empty() || now >= deadline {
-                return Ok(answer);
-            }
-            let wait = self.wait_time(deadline - now).await?;
-            self.notifier
-                .wait(answer.response.pos, ephemeral, wait)
-                .await;
-        }
-    }
-
-    /// The enabled extensions of a sliding sync, read over `(pos, response.pos]`.
-    async fn sliding_extensions(
-        &self,
-        user: &str,
-        device: &str,
-        request: &SlidingRequest,
-        response: SlidingResponse,
-    ) -> Result<SlidingSync> {
-        let upto = response.pos;
-        let mut answer = SlidingSync {
-            response,
-            ..SlidingSync::default()
-        };
-        let wanted = request.extensions;
-        self.sliding_e2ee(user, device, request, &mut answer)
-            .await?;
-        if wanted.account_data {
-            answer.account_data = Some(self.account_data_pass(user, request.pos, upto).await?);
-        }
-        if (wanted.receipts || wanted.typing)
-            && let Some(ephemeral) = &self.ephemeral
-        {
-            let extra = ephemeral.sync(user, request.pos, upto).await?;
-            for (room_id, events) in extra.rooms {
-                for event in events {
-                    match event["type"].as_str() {
-                        Some("m.receipt") if wanted.receipts => {
-                            answer.receipts.insert(room_id.clone(), event);
-                        }
-                        Some("m.typing") if wanted.typing => {
-                            answer.typing.insert(room_id.clone(), event);
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-        Ok(answer)
-    }
-
-    /// The `to_device` and `e2ee` extensions of a sliding sync, read up to `answer`'s `pos`.
-    async fn sliding_e2ee(
-        &self,
-        user: &str,
-        device: &str,
-        request: &SlidingRequest,
-        answer: &mut SlidingSync,
-    ) -> Result<()> {
-        let Some(e2ee) = &self.e2ee else {
-            return Ok(());
-        };
-        let wanted = request.extensions;
-        let upto = answer.response.pos;
-        if wanted.to_device {
-            answer.to_device = Some(
-                e2ee.to_device(
-                    user,
-                    device,
-                    wanted.to_device_since,
-                    upto,
-                    wanted.to_device_limit,
-                )
-                .await?,
-            );
-        }
-        if wanted.e2ee {
-            let (device_lists, one_time_keys_count, unused_fallback_key_types) =
-                e2ee.keys_sync(user, device, request.pos, upto).await?;
-            answer.e2ee = Some(SlidingE2ee {
-                device_lists,
-                one_time_keys_count,
-                unused_fallback_key_types,
-            });
-        }
-        Ok(())
     }
 
     #[tracing::instrument(skip_all, fields(user = %user))]

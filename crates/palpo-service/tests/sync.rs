@@ -346,20 +346,20 @@ mod sliding {
 
     use super::*;
 
-    fn list_request(pos: Option<i64>, end: usize) -> SlidingRequest {
+    fn list_request(pos: Option<&str>, end: usize) -> SlidingRequest {
         let details = RoomDetails {
             required_state: vec![("m.room.name".into(), String::new())],
             timeline_limit: 2,
         };
         SlidingRequest {
-            pos,
+            pos: pos.map(str::to_owned),
             conn_id: "main".into(),
             lists: BTreeMap::from([(
                 "all".to_owned(),
                 SlidingList {
                     ranges: vec![(0, end)],
                     details,
-                    is_invite: None,
+                    filters: Default::default(),
                 },
             )]),
             room_subscriptions: BTreeMap::new(),
@@ -418,7 +418,7 @@ mod sliding {
             .sliding_sync(
                 &alice,
                 "DEV",
-                &list_request(Some(first.pos), 1),
+                &list_request(Some(&first.pos), 1),
                 Duration::ZERO,
             )
             .await
@@ -436,7 +436,7 @@ mod sliding {
             .sliding_sync(
                 &alice,
                 "DEV",
-                &list_request(Some(next.pos), 1),
+                &list_request(Some(&next.pos), 1),
                 Duration::ZERO,
             )
             .await
@@ -453,7 +453,7 @@ mod sliding {
             .sliding_sync(
                 &alice,
                 "OTHER",
-                &list_request(Some(third.pos), 1),
+                &list_request(Some(&third.pos), 1),
                 Duration::ZERO,
             )
             .await

@@ -19,12 +19,50 @@ const MAX_TIMELINE_LIMIT: u64 = 500;
 /// Most rooms one range may cover.
 const MAX_RANGE: u64 = 1000;
 
+/// Which rooms a list holds: every filter given must match; one left out (or an empty list)
+/// matches every room.
 #[derive(Debug, Object)]
 pub struct ListFilters {
     /// Only invites (`true`) or no invites (`false`).
     pub is_invite: Option<bool>,
-    /// Accepted; direct-message detection is not implemented, so it does not filter yet.
+    /// The later name of `is_invite`; either may be given.
+    pub is_invited: Option<bool>,
+    /// Only rooms in (`true`) or not in (`false`) the user's `m.direct` account data.
     pub is_dm: Option<bool>,
+    /// Only rooms with (`true`) or without (`false`) an `m.room.encryption` state event.
+    pub is_encrypted: Option<bool>,
+    /// Only rooms whose `m.room.create` event has one of these `type`s (`null`: no type).
+    #[oai(deserialize_with = "crate::strict::optional_nullable_string_list")]
+    pub room_types: Option<Vec<Option<String>>>,
+    /// No rooms whose `m.room.create` event has one of these `type`s (`null`: no type); wins
+    /// over `room_types`.
+    #[oai(deserialize_with = "crate::strict::optional_nullable_string_list")]
+    pub not_room_types: Option<Vec<Option<String>>>,
+    /// Only rooms with one of these tags.
+    #[oai(deserialize_with = "crate::strict::optional_string_list")]
+    pub tags: Option<Vec<String>>,
+    /// No rooms with one of these tags; wins over `tags`.
+    #[oai(deserialize_with = "crate::strict::optional_string_list")]
+    pub not_tags: Option<Vec<String>>,
+    /// Only rooms that are `m.space.child` of one of these spaces (the user must be joined to
+    /// the space; subspaces are not followed).
+    #[oai(deserialize_with = "crate::strict::optional_string_list")]
+    pub spaces: Option<Vec<String>>,
+}
+
+impl From<ListFilters> for palpo_service::rooms::sliding::ListFilters {
+    fn from(f: ListFilters) -> Self {
+        palpo_service::rooms::sliding::ListFilters {
+            is_dm: f.is_dm,
+            is_encrypted: f.is_encrypted,
+            is_invite: f.is_invite.or(f.is_invited),
+            room_types: f.room_types.unwrap_or_default(),
+            not_room_types: f.not_room_types.unwrap_or_default(),
+            tags: f.tags.unwrap_or_default(),
+            not_tags: f.not_tags.unwrap_or_default(),
+            spaces: f.spaces.unwrap_or_default(),
+        }
+    }
 }
 
 #[derive(Debug, Object)]
@@ -50,7 +88,8 @@ pub struct RoomSubscriptionRequest {
 
 #[derive(Debug, Object)]
 pub struct SlidingSyncRequest {
-    /// Names the connection; one device may hold several.
+    /// Names the connection (at most 200 characters); one device may hold several.
+    #[oai(deserialize_with = "crate::strict::optional_string")]
     pub conn_id: Option<String>,
     /// Echoed in the response.
     pub txn_id: Option<String>,
@@ -156,7 +195,7 @@ fn timeline_limit(limit: u64) -> usize {
     limit.min(MAX_TIMELINE_LIMIT) as usize
 }
 
-fn to_request(body: SlidingSyncRequest, pos: Option<i64>) -> Result<SlidingRequest, Error> {
+fn to_request(body: SlidingSyncRequest, pos: Option<String>) -> Result<SlidingRequest, Error> {
     let mut lists = BTreeMap::new();
     for (name, list) in body.lists {
         let mut ranges = Vec::new();
@@ -180,7 +219,7 @@ fn to_request(body: SlidingSyncRequest, pos: Option<i64>) -> Result<SlidingReque
                     required_state: required_state(list.required_state)?,
                     timeline_limit: timeline_limit(list.timeline_limit),
                 },
-                is_invite: list.filters.and_then(|f| f.is_invite),
+                filters: list.filters.map(Into::into).unwrap_or_default(),
             },
         );
     }
@@ -300,18 +339,10 @@ impl SlidingSyncApi {
         timeout: Query<Option<u64>>,
         body: Json<SlidingSyncRequest>,
     ) -> ApiResult<Json<SlidingSyncResponse>> {
-        let pos = match pos.0.as_deref() {
-            Some(pos) => Some(
-                pos.parse::<i64>()
-                    .ok()
-                    .filter(|p| *p >= 0)
-                    .ok_or_else(|| Error::invalid_param("Invalid pos"))?,
-            ),
-            None => None,
-        };
         let body = body.0;
         let txn_id = body.txn_id.clone();
-        let request = to_request(body, pos)?;
+        // Opaque to the client; one the server does not know is `M_UNKNOWN_POS`.
+        let request = to_request(body, pos.0)?;
         let wanted = request.extensions;
         let answer = state
             .services
@@ -326,7 +357,7 @@ impl SlidingSyncApi {
         let extensions = extensions_json(wanted, &answer);
         let response = answer.response;
         Ok(Json(SlidingSyncResponse {
-            pos: response.pos.to_string(),
+            pos: response.pos,
             txn_id,
             lists: response
                 .lists

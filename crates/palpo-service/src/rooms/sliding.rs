@@ -1,31 +1,74 @@
-//! Simplified sliding sync (MSC4186): lists of the user's rooms sorted by recency, windows of
-//! them by range, explicit room subscriptions, and per room the requested state, a timeline
-//! and counts. A connection remembers which rooms it has sent, so later responses carry only
-//! what changed since `pos`.
+//! Simplified sliding sync (MSC4186): lists of the user's rooms sorted by recency, filtered and
+//! windowed by range, explicit room subscriptions, and per room the requested state, a timeline
+//! and counts.
+//!
+//! A connection remembers, per room, what it has sent ([`SentRooms`]): whether the client is
+//! up to date with the room as of the connection's position, or only up to an older stream
+//! position (the room changed while in none of the lists), and with which `required_state`.
+//! One pass reads that for the position the client continues from and answers with the rooms
+//! that are new to the client or changed since the client last got them, and what the
+//! connection has sent afterwards. [`crate::sync::SyncService`] keeps it in the database.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use palpo_core::{Error, ErrorCode, Result};
-use palpo_storage::model::StateMap;
+use palpo_storage::model::{Direction, MembershipRecord, StateMap};
 use serde_json::Value;
 
 use super::{RoomService, internal, read::Visibility};
 
+/// `(event type, state key)` patterns: `*` matches any type or key, `$ME` is the user,
+/// `$LAZY` members are sent like `*` (no lazy-loading yet).
+pub type StatePatterns = Vec<(String, String)>;
+
 /// The room details a list or a subscription asks for.
 #[derive(Debug, Clone, Default)]
 pub struct RoomDetails {
-    /// `(event type, state key)` patterns: `*` matches any type or key, `$ME` is the user,
-    /// `$LAZY` members are sent like `*` (no lazy-loading yet).
-    pub required_state: Vec<(String, String)>,
+    pub required_state: StatePatterns,
     pub timeline_limit: usize,
+}
+
+/// Which rooms a list holds. Every filter set must match (AND); an unset or empty one matches
+/// every room.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilters {
+    /// Only rooms in (`true`) or not in (`false`) the user's `m.direct` account data.
+    pub is_dm: Option<bool>,
+    /// Only rooms with (`true`) or without (`false`) an `m.room.encryption` state event.
+    pub is_encrypted: Option<bool>,
+    /// `Some(true)`: only invites; `Some(false)`: no invites.
+    pub is_invite: Option<bool>,
+    /// Only rooms whose create event's `type` is one of these (`None`: rooms without a type).
+    pub room_types: Vec<Option<String>>,
+    /// No rooms whose create event's `type` is one of these; wins over `room_types`.
+    pub not_room_types: Vec<Option<String>>,
+    /// Only rooms with one of these tags (`m.tag` room account data).
+    pub tags: Vec<String>,
+    /// No rooms with one of these tags; wins over `tags`.
+    pub not_tags: Vec<String>,
+    /// Only rooms that are `m.space.child` of one of these spaces (those the user is joined
+    /// to; subspaces are not followed).
+    pub spaces: Vec<String>,
+}
+
+impl ListFilters {
+    fn needs_types(&self) -> bool {
+        !self.room_types.is_empty() || !self.not_room_types.is_empty()
+    }
+
+    fn needs_tags(&self) -> bool {
+        !self.tags.is_empty() || !self.not_tags.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct SlidingList {
     pub ranges: Vec<(usize, usize)>,
     pub details: RoomDetails,
-    /// `Some(true)`: only invites; `Some(false)`: no invites.
-    pub is_invite: Option<bool>,
+    pub filters: ListFilters,
 }
 
 /// Which sliding sync extensions the client enabled.
@@ -47,8 +90,8 @@ pub struct SlidingExtensions {
 
 #[derive(Debug, Clone, Default)]
 pub struct SlidingRequest {
-    /// The stream position of the previous response of this connection.
-    pub pos: Option<i64>,
+    /// The `pos` of the previous response of this connection, as the client sent it.
+    pub pos: Option<String>,
     pub conn_id: String,
     pub lists: BTreeMap<String, SlidingList>,
     pub room_subscriptions: BTreeMap<String, RoomDetails>,
@@ -74,7 +117,10 @@ pub struct SlidingRoom {
 
 #[derive(Debug, Clone, Default)]
 pub struct SlidingResponse {
-    pub pos: i64,
+    /// The `pos` to continue from (set by [`crate::sync::SyncService`]).
+    pub pos: String,
+    /// The global stream position the answer is complete up to.
+    pub stream_position: i64,
     /// List name → number of rooms matching it.
     pub lists: BTreeMap<String, usize>,
     pub rooms: BTreeMap<String, SlidingRoom>,
@@ -86,12 +132,28 @@ impl SlidingResponse {
     }
 }
 
-/// What one connection has sent.
-#[derive(Debug, Default)]
-pub struct ConnectionState {
-    sent: HashSet<String>,
-    /// List name → the room ids its windows held last time.
-    windows: HashMap<String, Vec<String>>,
+/// What a connection has sent of one room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentRoom {
+    /// The user's membership when the room was last sent: `join`, or `invite`/`knock` (only
+    /// stripped state was sent).
+    pub membership: String,
+    /// `None`: the client is up to date with the room as of the connection's position.
+    /// `Some(p)`: the client has the room up to stream position `p` only.
+    pub sent_upto: Option<i64>,
+    /// The `required_state` patterns the client keeps up to date (sorted, no duplicates).
+    pub required_state: Arc<StatePatterns>,
+}
+
+/// Room id → what the connection has sent of it.
+pub type SentRooms = HashMap<String, SentRoom>;
+
+/// One pass of a sliding sync.
+#[derive(Debug, Clone, Default)]
+pub struct SlidingPass {
+    pub response: SlidingResponse,
+    /// What the connection has sent after this answer; `None` when that is unchanged.
+    pub sent: Option<SentRooms>,
 }
 
 fn matches_pattern(pattern: &(String, String), key: &(String, String), user: &str) -> bool {
@@ -104,17 +166,98 @@ fn matches_pattern(pattern: &(String, String), key: &(String, String), user: &st
     type_ok && key_ok
 }
 
+fn matches_any(patterns: &[(String, String)], key: &(String, String), user: &str) -> bool {
+    patterns.iter().any(|p| matches_pattern(p, key, user))
+}
+
+/// Patterns sorted and without duplicates, so equal configurations compare equal.
+pub fn normalized(patterns: &[(String, String)]) -> StatePatterns {
+    let mut out = patterns.to_vec();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// One of the user's rooms, as the lists see it.
+struct Candidate<'a> {
+    membership: &'a MembershipRecord,
+    /// The sort key: the latest event's position for joined rooms, the membership's otherwise.
+    bump: i64,
+}
+
+/// The per-room facts the lists' filters need, read once per pass and only when a list uses
+/// them.
+#[derive(Default)]
+struct FilterFacts {
+    direct: HashSet<String>,
+    encrypted: HashSet<String>,
+    types: HashMap<String, Option<String>>,
+    tags: HashMap<String, HashSet<String>>,
+    space_children: HashSet<String>,
+}
+
+impl FilterFacts {
+    fn admits(&self, filters: &ListFilters, room_id: &str, membership: &str) -> bool {
+        if let Some(is_invite) = filters.is_invite
+            && (membership == "invite") != is_invite
+        {
+            return false;
+        }
+        if let Some(is_dm) = filters.is_dm
+            && self.direct.contains(room_id) != is_dm
+        {
+            return false;
+        }
+        if let Some(is_encrypted) = filters.is_encrypted
+            && self.encrypted.contains(room_id) != is_encrypted
+        {
+            return false;
+        }
+        if filters.needs_types() {
+            let room_type = self.types.get(room_id).cloned().flatten();
+            if filters.not_room_types.contains(&room_type) {
+                return false;
+            }
+            if !filters.room_types.is_empty() && !filters.room_types.contains(&room_type) {
+                return false;
+            }
+        }
+        if filters.needs_tags() {
+            let tags = self.tags.get(room_id);
+            let has = |tag: &String| tags.is_some_and(|t| t.contains(tag));
+            if filters.not_tags.iter().any(has) {
+                return false;
+            }
+            if !filters.tags.is_empty() && !filters.tags.iter().any(has) {
+                return false;
+            }
+        }
+        if !filters.spaces.is_empty() && !self.space_children.contains(room_id) {
+            return false;
+        }
+        true
+    }
+}
+
+/// The content of a stored PDU.
+fn pdu_content(pdu_json: &str) -> Option<Value> {
+    serde_json::from_str::<Value>(pdu_json)
+        .ok()
+        .and_then(|mut v| v.get_mut("content").map(Value::take))
+}
+
 impl RoomService {
-    /// One pass of a sliding sync for `user` on connection `state` (no waiting).
+    /// One pass of a sliding sync for `user` (no waiting): the connection continues from the
+    /// stream position `since` (`None`: a new connection), having sent `sent`.
     pub async fn sliding_sync(
         &self,
         user: &str,
         request: &SlidingRequest,
-        state: &mut ConnectionState,
-    ) -> Result<SlidingResponse> {
-        if request.pos.is_none() {
-            *state = ConnectionState::default();
-        }
+        since: Option<i64>,
+        sent: &SentRooms,
+    ) -> Result<SlidingPass> {
+        // The position first: what is read after it is cut at it, so nothing committed up to
+        // it is missed, and the next pass starts there.
         let upto = self
             .storage
             .rooms
@@ -127,34 +270,49 @@ impl RoomService {
             .memberships_of_user(user)
             .await
             .map_err(internal)?;
-        let candidates: Vec<_> = memberships
+        let joined: Vec<String> = memberships
             .iter()
-            .filter(|m| {
-                !m.forgotten && matches!(m.membership.as_str(), "join" | "invite" | "knock")
-            })
-            .filter(|m| m.stream_ordering <= upto)
+            .filter(|m| m.membership == "join")
+            .map(|m| m.room_id.clone())
             .collect();
-        let ids: Vec<String> = candidates.iter().map(|m| m.room_id.clone()).collect();
         let latest: HashMap<String, i64> = self
             .storage
             .rooms
-            .latest_positions(&ids)
+            .latest_positions(&joined)
             .await
             .map_err(internal)?
             .into_iter()
             .collect();
-        // Most recent first; ties broken by room id so windows are stable.
-        let mut sorted: Vec<(&str, i64, &str)> = candidates
+        let mut candidates: Vec<Candidate> = memberships
             .iter()
-            .map(|m| {
-                let bump = latest.get(&m.room_id).copied().unwrap_or(0).min(upto);
-                (m.room_id.as_str(), bump, m.membership.as_str())
+            .filter(|m| {
+                !m.forgotten
+                    && m.stream_ordering <= upto
+                    && matches!(m.membership.as_str(), "join" | "invite" | "knock")
+            })
+            .map(|m| Candidate {
+                membership: m,
+                bump: if m.membership == "join" {
+                    latest
+                        .get(&m.room_id)
+                        .copied()
+                        .unwrap_or(m.stream_ordering)
+                        .min(upto)
+                } else {
+                    m.stream_ordering
+                },
             })
             .collect();
-        sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        // Most recent first; ties broken by room id so windows are stable.
+        candidates.sort_by(|a, b| {
+            b.bump
+                .cmp(&a.bump)
+                .then(a.membership.room_id.cmp(&b.membership.room_id))
+        });
+        let facts = self.filter_facts(user, request, &candidates).await?;
 
         let mut response = SlidingResponse {
-            pos: upto,
+            stream_position: upto,
             ..SlidingResponse::default()
         };
         // Which rooms to send, with the details asked for (the widest wins when several ask).
@@ -162,38 +320,35 @@ impl RoomService {
         let mut merge = |room_id: &str, details: &RoomDetails| {
             let entry = wanted.entry(room_id.to_owned()).or_default();
             entry.timeline_limit = entry.timeline_limit.max(details.timeline_limit);
-            for pattern in &details.required_state {
-                if !entry.required_state.contains(pattern) {
-                    entry.required_state.push(pattern.clone());
-                }
-            }
+            entry
+                .required_state
+                .extend(details.required_state.iter().cloned());
         };
         for (name, list) in &request.lists {
-            let members: Vec<&(&str, i64, &str)> = sorted
+            let members: Vec<&Candidate> = candidates
                 .iter()
-                .filter(|(_, _, membership)| match list.is_invite {
-                    Some(true) => *membership == "invite",
-                    Some(false) => *membership != "invite",
-                    None => true,
+                .filter(|c| {
+                    facts.admits(
+                        &list.filters,
+                        &c.membership.room_id,
+                        &c.membership.membership,
+                    )
                 })
                 .collect();
             response.lists.insert(name.clone(), members.len());
-            let mut window = Vec::new();
             for &(start, end) in &list.ranges {
-                for (room_id, _, _) in members
+                for candidate in members
                     .iter()
                     .skip(start)
                     .take(end.saturating_sub(start) + 1)
                 {
-                    window.push((*room_id).to_owned());
-                    merge(room_id, &list.details);
+                    merge(&candidate.membership.room_id, &list.details);
                 }
             }
-            state.windows.insert(name.clone(), window);
         }
-        let member_of: HashMap<&str, &str> = sorted
+        let member_of: HashMap<&str, &Candidate> = candidates
             .iter()
-            .map(|(id, _, membership)| (*id, *membership))
+            .map(|c| (c.membership.room_id.as_str(), c))
             .collect();
         for (room_id, details) in &request.room_subscriptions {
             // Subscriptions to rooms the user is not in are ignored, as the MSC says.
@@ -202,50 +357,327 @@ impl RoomService {
             }
         }
 
-        let changed: HashSet<String> = match request.pos {
-            Some(pos) if pos < upto => self
+        let mut next = sent.clone();
+        let mut changed_sent = false;
+        for (room_id, details) in wanted {
+            let Some(candidate) = member_of.get(room_id.as_str()) else {
+                continue;
+            };
+            let membership = candidate.membership.membership.as_str();
+            let required_state = Arc::new(normalized(&details.required_state));
+            let previous = sent.get(&room_id);
+            // What the client has of the room: nothing (a new room, or one it saw with another
+            // membership: it gets the room afresh), or the room up to a position.
+            let known_upto = previous
+                .filter(|p| p.membership == membership)
+                .and_then(|p| p.sent_upto.or(since));
+            let room_changed = match known_upto {
+                None => true,
+                Some(known) => {
+                    self.changed_after(candidate, known, upto, latest.get(&room_id))
+                        .await?
+                }
+            };
+            let expanded = previous.is_some_and(|p| {
+                membership == "join"
+                    && required_state
+                        .iter()
+                        .any(|pattern| !p.required_state.contains(pattern))
+            });
+            if !room_changed && !expanded {
+                continue;
+            }
+            let details = RoomDetails {
+                required_state: required_state.to_vec(),
+                timeline_limit: if room_changed {
+                    details.timeline_limit
+                } else {
+                    0
+                },
+            };
+            let known_state = known_upto
+                .and(previous)
+                .map(|p| p.required_state.as_slice());
+            let mut room = self
+                .sliding_room(
+                    user,
+                    &room_id,
+                    candidate.membership,
+                    known_upto,
+                    upto,
+                    &details,
+                    known_state,
+                )
+                .await?;
+            let sent_upto = if !room_changed && room.room.required_state.is_empty() {
+                // A wider `required_state` that matched nothing new: nothing to send, but the
+                // client now keeps the wider one.
+                previous.and_then(|p| p.sent_upto)
+            } else {
+                room.room.initial = known_upto.is_none();
+                room.room.bump_stamp = candidate.bump;
+                room.room.num_live = match since {
+                    Some(since) => room.num_live_after(since),
+                    None => 0,
+                };
+                response.rooms.insert(room_id.clone(), room.room);
+                None
+            };
+            let now_sent = SentRoom {
+                membership: membership.to_owned(),
+                sent_upto,
+                required_state,
+            };
+            if previous != Some(&now_sent) {
+                next.insert(room_id, now_sent);
+                changed_sent = true;
+            }
+        }
+        // Rooms the client was up to date with that changed without being sent: from now on
+        // the client has them up to the previous position only.
+        if let Some(since) = since {
+            for (room_id, previous) in sent {
+                if previous.sent_upto.is_some() || response.rooms.contains_key(room_id) {
+                    continue;
+                }
+                let changed = match member_of.get(room_id.as_str()) {
+                    Some(candidate) => {
+                        self.changed_after(candidate, since, upto, latest.get(room_id))
+                            .await?
+                    }
+                    // Left or forgotten: its membership changed.
+                    None => memberships
+                        .iter()
+                        .any(|m| &m.room_id == room_id && m.stream_ordering > since),
+                };
+                if changed && let Some(entry) = next.get_mut(room_id) {
+                    entry.sent_upto = Some(since);
+                    changed_sent = true;
+                }
+            }
+        }
+        Ok(SlidingPass {
+            response,
+            sent: changed_sent.then_some(next),
+        })
+    }
+
+    /// Whether a room changed for the user in `(after, upto]`: an event of a joined room, the
+    /// membership of another.
+    async fn changed_after(
+        &self,
+        candidate: &Candidate<'_>,
+        after: i64,
+        upto: i64,
+        latest: Option<&i64>,
+    ) -> Result<bool> {
+        let m = candidate.membership;
+        if m.membership != "join" {
+            return Ok(m.stream_ordering > after);
+        }
+        match latest {
+            None => Ok(m.stream_ordering > after),
+            Some(&latest) if latest <= after => Ok(false),
+            Some(&latest) if latest <= upto => Ok(true),
+            // The latest event came after `upto`: is there one in `(after, upto]`?
+            Some(_) => Ok(!self
                 .storage
                 .rooms
-                .rooms_changed_between(pos, upto)
+                .room_events(
+                    &m.room_id,
+                    after,
+                    Some(upto.saturating_add(1)),
+                    Direction::Forward,
+                    1,
+                )
+                .await
+                .map_err(internal)?
+                .is_empty()),
+        }
+    }
+
+    /// What the lists' filters need to know of the candidate rooms.
+    async fn filter_facts(
+        &self,
+        user: &str,
+        request: &SlidingRequest,
+        candidates: &[Candidate<'_>],
+    ) -> Result<FilterFacts> {
+        let filters: Vec<&ListFilters> = request.lists.values().map(|l| &l.filters).collect();
+        let ids: Vec<String> = candidates
+            .iter()
+            .map(|c| c.membership.room_id.clone())
+            .collect();
+        let mut facts = FilterFacts::default();
+        if filters.iter().any(|f| f.is_dm.is_some()) {
+            let direct = self
+                .storage
+                .account_data
+                .get_account_data(user, None, "m.direct")
+                .await
+                .map_err(internal)?;
+            if let Some(Value::Object(by_user)) =
+                direct.and_then(|d| serde_json::from_str::<Value>(&d.content).ok())
+            {
+                facts.direct = by_user
+                    .values()
+                    .filter_map(Value::as_array)
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect();
+            }
+        }
+        if filters.iter().any(|f| f.is_encrypted.is_some()) {
+            facts.encrypted = self
+                .storage
+                .sliding
+                .current_state_ids(&ids, "m.room.encryption", "")
                 .await
                 .map_err(internal)?
                 .into_iter()
-                .collect(),
-            _ => HashSet::new(),
-        };
-        for (room_id, details) in wanted {
-            let membership = member_of.get(room_id.as_str()).copied().unwrap_or("join");
-            let initial = !state.sent.contains(&room_id);
-            let membership_changed = request.pos.is_some_and(|pos| {
-                candidates
-                    .iter()
-                    .any(|m| m.room_id == room_id && m.stream_ordering > pos)
-            });
-            if !initial && !changed.contains(&room_id) && !membership_changed {
-                continue;
-            }
-            let since = if initial { None } else { request.pos };
-            let room = self
-                .sliding_room(user, &room_id, membership, since, upto, &details)
-                .await?;
-            let mut room = room;
-            room.initial = initial;
-            room.bump_stamp = latest.get(&room_id).copied().unwrap_or(0);
-            state.sent.insert(room_id.clone());
-            response.rooms.insert(room_id, room);
+                .map(|(room_id, _)| room_id)
+                .collect();
         }
-        Ok(response)
+        if filters.iter().any(|f| f.needs_types()) {
+            facts.types = self.room_types(&ids).await?;
+        }
+        if filters.iter().any(|f| f.needs_tags()) {
+            let records = self
+                .storage
+                .sliding
+                .room_account_data_of_type(user, "m.tag")
+                .await
+                .map_err(internal)?;
+            for record in records {
+                let Some(room_id) = record.room_id else {
+                    continue;
+                };
+                let tags = serde_json::from_str::<Value>(&record.content)
+                    .ok()
+                    .and_then(|c| c.get("tags").and_then(Value::as_object).cloned())
+                    .map(|tags| tags.keys().cloned().collect())
+                    .unwrap_or_default();
+                facts.tags.insert(room_id, tags);
+            }
+        }
+        let spaces: HashSet<&String> = filters.iter().flat_map(|f| &f.spaces).collect();
+        for space in spaces {
+            let joined = candidates
+                .iter()
+                .any(|c| &c.membership.room_id == space && c.membership.membership == "join");
+            if joined {
+                facts
+                    .space_children
+                    .extend(self.space_children(space).await?);
+            }
+        }
+        Ok(facts)
     }
 
+    /// The `type` of each room's create event (`None`: no type). Create events never change,
+    /// so the answers are remembered.
+    async fn room_types(&self, room_ids: &[String]) -> Result<HashMap<String, Option<String>>> {
+        let mut out = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let known = match self.room_types.lock() {
+                Ok(known) => known,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            for room_id in room_ids {
+                match known.get(room_id) {
+                    Some(room_type) => {
+                        out.insert(room_id.clone(), room_type.clone());
+                    }
+                    None => missing.push(room_id.clone()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let creates = self
+            .storage
+            .sliding
+            .current_state_ids(&missing, "m.room.create", "")
+            .await
+            .map_err(internal)?;
+        let event_ids: Vec<String> = creates.iter().map(|(_, id)| id.clone()).collect();
+        let events = self
+            .storage
+            .rooms
+            .get_events(&event_ids)
+            .await
+            .map_err(internal)?;
+        let mut found = Vec::new();
+        for event in events {
+            let room_type = pdu_content(&event.pdu_json)
+                .and_then(|c| c.get("type").and_then(Value::as_str).map(str::to_owned));
+            found.push((event.room_id, room_type));
+        }
+        let mut known = match self.room_types.lock() {
+            Ok(known) => known,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if known.len() + found.len() > ROOM_TYPES_REMEMBERED {
+            known.clear();
+        }
+        for (room_id, room_type) in found {
+            known.insert(room_id.clone(), room_type.clone());
+            out.insert(room_id, room_type);
+        }
+        Ok(out)
+    }
+
+    /// The rooms a space lists as `m.space.child` (with a non-empty `via`).
+    async fn space_children(&self, space: &str) -> Result<Vec<String>> {
+        let state = self
+            .storage
+            .rooms
+            .current_state(space)
+            .await
+            .map_err(internal)?;
+        let ids: Vec<String> = state
+            .iter()
+            .filter(|((kind, _), _)| kind == "m.space.child")
+            .map(|(_, id)| id.clone())
+            .collect();
+        let events = self
+            .storage
+            .rooms
+            .get_events(&ids)
+            .await
+            .map_err(internal)?;
+        Ok(events
+            .into_iter()
+            .filter(|e| {
+                pdu_content(&e.pdu_json)
+                    .and_then(|c| {
+                        c.get("via")
+                            .and_then(Value::as_array)
+                            .map(|v| !v.is_empty())
+                    })
+                    .unwrap_or(false)
+            })
+            .filter_map(|e| e.state_key)
+            .collect())
+    }
+
+    /// A room of the answer. With `since` (the client has the room up to there), the timeline
+    /// after it and the state that changed since; the state matching `required_state` but not
+    /// `known_state` (what the client keeps) is sent whole.
+    #[allow(clippy::too_many_arguments)]
     async fn sliding_room(
         &self,
         user: &str,
         room_id: &str,
-        membership: &str,
+        membership: &MembershipRecord,
         since: Option<i64>,
         upto: i64,
         details: &RoomDetails,
-    ) -> Result<SlidingRoom> {
+        known_state: Option<&[(String, String)]>,
+    ) -> Result<BuiltRoom> {
         let summary = self.summary(user, room_id).await?;
         let current = self
             .storage
@@ -255,24 +687,20 @@ impl RoomService {
             .map_err(internal)?;
         let name = self.state_text(&current, "m.room.name", "name").await?;
         let avatar = self.state_text(&current, "m.room.avatar", "url").await?;
-        let mut room = SlidingRoom {
-            name,
-            avatar,
-            joined_count: summary.joined_member_count,
-            invited_count: summary.invited_member_count,
-            heroes: summary.heroes,
-            ..SlidingRoom::default()
+        let mut built = BuiltRoom {
+            room: SlidingRoom {
+                name,
+                avatar,
+                joined_count: summary.joined_member_count,
+                invited_count: summary.invited_member_count,
+                heroes: summary.heroes,
+                ..SlidingRoom::default()
+            },
+            positions: Vec::new(),
         };
-        if membership != "join" {
-            let record = self
-                .storage
-                .rooms
-                .membership(room_id, user)
-                .await
-                .map_err(internal)?
-                .ok_or_else(|| Error::new(ErrorCode::Unknown, "membership vanished"))?;
-            room.invite_state = Some(self.stripped_state(room_id, &record).await?);
-            return Ok(room);
+        if membership.membership != "join" {
+            built.room.invite_state = Some(self.stripped_state(room_id, membership).await?);
+            return Ok(built);
         }
         if details.timeline_limit > 0 {
             let (records, limited) = self
@@ -286,23 +714,23 @@ impl RoomService {
             };
             for record in &records {
                 if self.can_see(&mut vis, record).await? {
-                    room.timeline.push(Self::to_client(rules.as_ref(), record));
+                    built
+                        .room
+                        .timeline
+                        .push(Self::to_client(rules.as_ref(), record));
+                    built.positions.push(record.stream_ordering.unwrap_or(0));
                 }
             }
-            room.num_live = if since.is_some() {
-                room.timeline.len() as i64
-            } else {
-                0
-            };
-            room.limited = limited;
+            built.room.limited = limited;
             let start = records
                 .first()
                 .and_then(|e| e.stream_ordering)
                 .map(|p| p - 1)
                 .unwrap_or(upto);
-            room.prev_batch = Some(super::read::token(start));
+            built.room.prev_batch = Some(super::read::token(start));
         }
-        // Requested state: all of it the first time, what changed since `pos` afterwards.
+        // Requested state: what changed since the client got the room, and all of what matches
+        // patterns it did not keep before.
         let before: StateMap = match since {
             Some(pos) => self.state_at_position(room_id, pos).await?,
             None => StateMap::new(),
@@ -310,16 +738,14 @@ impl RoomService {
         let ids: Vec<String> = current
             .iter()
             .filter(|(key, id)| {
-                before.get(*key) != Some(*id)
-                    && details
-                        .required_state
-                        .iter()
-                        .any(|p| matches_pattern(p, key, user))
+                matches_any(&details.required_state, key, user)
+                    && (before.get(*key) != Some(*id)
+                        || !known_state.is_some_and(|known| matches_any(known, key, user)))
             })
             .map(|(_, id)| id.clone())
             .collect();
-        room.required_state = self.state_events(room_id, ids).await?;
-        Ok(room)
+        built.room.required_state = self.state_events(room_id, ids).await?;
+        Ok(built)
     }
 
     /// A string field of a current state event's content (`m.room.name` → `name`...).
@@ -336,9 +762,33 @@ impl RoomService {
     }
 }
 
+/// Room types remembered before the memo starts over.
+const ROOM_TYPES_REMEMBERED: usize = 100_000;
+
+/// A room of an answer, with the stream positions of its timeline events.
+struct BuiltRoom {
+    room: SlidingRoom,
+    positions: Vec<i64>,
+}
+
+impl BuiltRoom {
+    /// How many timeline events came after `since` (the previous answer): the live ones.
+    fn num_live_after(&self, since: i64) -> i64 {
+        self.positions.iter().filter(|p| **p > since).count() as i64
+    }
+}
+
+/// An unknown or expired `pos`: the client starts a new connection.
+pub fn unknown_pos() -> Error {
+    Error::new(
+        ErrorCode::UnknownPos,
+        "Unknown position: start a new connection",
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::matches_pattern;
+    use super::{ListFilters, matches_pattern, normalized};
 
     #[test]
     fn required_state_patterns() {
@@ -373,5 +823,61 @@ mod tests {
             &key("m.room.topic", ""),
             "@a:x"
         ));
+        assert_eq!(
+            normalized(&[key("b", ""), key("a", ""), key("b", "")]),
+            vec![key("a", ""), key("b", "")]
+        );
+    }
+
+    #[test]
+    fn filters_combine_with_and() {
+        let mut facts = super::FilterFacts::default();
+        facts.direct.insert("!dm".to_owned());
+        facts.encrypted.insert("!dm".to_owned());
+        facts
+            .types
+            .insert("!space".to_owned(), Some("m.space".to_owned()));
+        facts.tags.insert(
+            "!dm".to_owned(),
+            ["m.favourite".to_owned()].into_iter().collect(),
+        );
+        let admits = |filters: &ListFilters, room: &str, membership: &str| {
+            facts.admits(filters, room, membership)
+        };
+        let none = ListFilters::default();
+        assert!(admits(&none, "!any", "join"));
+        let dm_only = ListFilters {
+            is_dm: Some(true),
+            ..ListFilters::default()
+        };
+        assert!(admits(&dm_only, "!dm", "join"));
+        assert!(!admits(&dm_only, "!room", "join"));
+        let no_spaces = ListFilters {
+            not_room_types: vec![Some("m.space".to_owned())],
+            ..ListFilters::default()
+        };
+        assert!(!admits(&no_spaces, "!space", "join"));
+        assert!(admits(&no_spaces, "!room", "join"));
+        let untyped = ListFilters {
+            room_types: vec![None],
+            ..ListFilters::default()
+        };
+        assert!(admits(&untyped, "!room", "join"));
+        assert!(!admits(&untyped, "!space", "join"));
+        let encrypted_invites = ListFilters {
+            is_encrypted: Some(true),
+            is_invite: Some(true),
+            ..ListFilters::default()
+        };
+        assert!(admits(&encrypted_invites, "!dm", "invite"));
+        assert!(!admits(&encrypted_invites, "!dm", "join"));
+        assert!(!admits(&encrypted_invites, "!room", "invite"));
+        let favourites_not_low = ListFilters {
+            tags: vec!["m.favourite".to_owned()],
+            not_tags: vec!["m.lowpriority".to_owned()],
+            ..ListFilters::default()
+        };
+        assert!(admits(&favourites_not_low, "!dm", "join"));
+        assert!(!admits(&favourites_not_low, "!room", "join"));
     }
 }
