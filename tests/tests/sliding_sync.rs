@@ -418,6 +418,80 @@ async fn wider_state_and_joins_scenario(app: &TestApp) {
     );
 }
 
+backend_matrix!(rooms_left, rooms_left_scenario);
+
+/// A room the connection has sent that the user is kicked from comes once more, up to the
+/// kick; a new connection does not list it; forgetting it takes it out of the lists.
+async fn rooms_left_scenario(app: &TestApp) {
+    let alice = app.register("alice", "pw").await;
+    let bob = app.register("bob", "pw").await;
+    let room = app
+        .create_room(
+            &alice.access_token,
+            json!({"preset": "public_chat", "name": "club"}),
+        )
+        .await;
+    app.join_room(&bob.access_token, &room).await;
+    let body = json!({
+        "conn_id": "main",
+        "lists": {"all": {
+            "ranges": [[0, 9]],
+            "required_state": [["m.room.member", "$ME"]],
+            "timeline_limit": 5,
+        }},
+    });
+    let token = bob.access_token.as_str();
+    let first = sliding(app, token, None, &body).await;
+    assert_eq!(rooms(&first), set(&[&room]));
+
+    app.send_text(&alice.access_token, &room, "before").await;
+    app.post(
+        &app.room_path(&room, "/kick"),
+        Some(&alice.access_token),
+        json!({"user_id": bob.user_id, "reason": "bye"}),
+    )
+    .await
+    .expect_ok();
+    app.send_text(&alice.access_token, &room, "after").await;
+    let second = sliding(app, token, Some(&pos(&first)), &body).await;
+    let entry = &second["rooms"][&room];
+    assert_eq!(entry["initial"], false, "{second}");
+    assert_eq!(
+        bodies(&second, &room),
+        ["before"],
+        "not what came after: {second}"
+    );
+    let timeline = entry["timeline"].as_array().expect("timeline");
+    assert_eq!(
+        timeline.last().map(|e| e["content"]["membership"].clone()),
+        Some(json!("leave")),
+        "{second}"
+    );
+    assert_eq!(
+        entry["required_state"][0]["content"]["membership"], "leave",
+        "{second}"
+    );
+    assert_eq!(second["lists"]["all"]["count"], 1);
+
+    // Nothing more to say about it.
+    app.send_text(&alice.access_token, &room, "later").await;
+    let third = sliding(app, token, Some(&pos(&second)), &body).await;
+    assert!(rooms(&third).is_empty(), "{third}");
+
+    // A new connection does not list it.
+    let fresh = json!({"conn_id": "fresh", "lists": body["lists"].clone()});
+    let other = sliding(app, token, None, &fresh).await;
+    assert!(rooms(&other).is_empty(), "{other}");
+    assert_eq!(other["lists"]["all"]["count"], 0);
+
+    // Forgotten: out of the lists.
+    app.post(&app.room_path(&room, "/forget"), Some(token), json!({}))
+        .await
+        .expect_ok();
+    let fourth = sliding(app, token, Some(&pos(&third)), &body).await;
+    assert_eq!(fourth["lists"]["all"]["count"], 0, "{fourth}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Filters
 

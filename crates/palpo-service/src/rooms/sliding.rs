@@ -286,9 +286,15 @@ impl RoomService {
         let mut candidates: Vec<Candidate> = memberships
             .iter()
             .filter(|m| {
+                // Rooms left (or banned from) only when this connection has sent them: the
+                // client learns that it left.
                 !m.forgotten
                     && m.stream_ordering <= upto
-                    && matches!(m.membership.as_str(), "join" | "invite" | "knock")
+                    && match m.membership.as_str() {
+                        "join" | "invite" | "knock" => true,
+                        "leave" | "ban" => sent.contains_key(&m.room_id),
+                        _ => false,
+                    }
             })
             .map(|m| Candidate {
                 membership: m,
@@ -367,9 +373,13 @@ impl RoomService {
             let required_state = Arc::new(normalized(&details.required_state));
             let previous = sent.get(&room_id);
             // What the client has of the room: nothing (a new room, or one it saw with another
-            // membership: it gets the room afresh), or the room up to a position.
+            // membership: it gets the room afresh, except that a joined room it left continues
+            // up to the leave), or the room up to a position.
             let known_upto = previous
-                .filter(|p| p.membership == membership)
+                .filter(|p| {
+                    p.membership == membership
+                        || (p.membership == "join" && matches!(membership, "leave" | "ban"))
+                })
                 .and_then(|p| p.sent_upto.or(since));
             let room_changed = match known_upto {
                 None => true,
@@ -666,7 +676,9 @@ impl RoomService {
 
     /// A room of the answer. With `since` (the client has the room up to there), the timeline
     /// after it and the state that changed since; the state matching `required_state` but not
-    /// `known_state` (what the client keeps) is sent whole.
+    /// `known_state` (what the client keeps) is sent whole. A room the user left or was banned
+    /// from ends at that membership change; one they were only invited to or knocked on (or
+    /// that is new to the client) has stripped state only.
     #[allow(clippy::too_many_arguments)]
     async fn sliding_room(
         &self,
@@ -679,12 +691,25 @@ impl RoomService {
         known_state: Option<&[(String, String)]>,
     ) -> Result<BuiltRoom> {
         let summary = self.summary(user, room_id).await?;
-        let current = self
-            .storage
-            .rooms
-            .current_state(room_id)
-            .await
-            .map_err(internal)?;
+        let left = matches!(membership.membership.as_str(), "leave" | "ban");
+        let stripped = match membership.membership.as_str() {
+            "join" => false,
+            "leave" | "ban" => since.is_none(),
+            _ => true,
+        };
+        // What the user sees: the room now, or as they left it.
+        let (current, upto) = if left && !stripped {
+            let at = membership.stream_ordering.min(upto);
+            (self.state_at_position(room_id, at).await?, at)
+        } else {
+            let current = self
+                .storage
+                .rooms
+                .current_state(room_id)
+                .await
+                .map_err(internal)?;
+            (current, upto)
+        };
         let name = self.state_text(&current, "m.room.name", "name").await?;
         let avatar = self.state_text(&current, "m.room.avatar", "url").await?;
         let mut built = BuiltRoom {
@@ -698,7 +723,7 @@ impl RoomService {
             },
             positions: Vec::new(),
         };
-        if membership.membership != "join" {
+        if stripped {
             built.room.invite_state = Some(self.stripped_state(room_id, membership).await?);
             return Ok(built);
         }
@@ -709,7 +734,7 @@ impl RoomService {
             let rules = self.room_rules(room_id).await?;
             let mut vis = Visibility {
                 user,
-                joined_now: true,
+                joined_now: !left,
                 by_group: HashMap::new(),
             };
             for record in &records {
