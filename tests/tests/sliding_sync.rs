@@ -646,3 +646,43 @@ async fn list_filters_scenario(app: &TestApp) {
         assert_eq!(resp.json["errcode"], "M_BAD_JSON", "{bad}: {}", resp.text);
     }
 }
+
+/// A client that cancels a long-poll to send a new request on the same connection (to change
+/// its lists) gets its answer at once: the cancelled request does not hold the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_long_poll_does_not_hold_the_connection() {
+    run(Backend::Sqlite, false, async |app: &TestApp| {
+        let alice = app.register("alice", "pw").await;
+        let token = alice.access_token.as_str();
+        app.create_room(token, json!({"name": "r"})).await;
+        let body = all_rooms(1);
+        let first = sliding(app, token, None, &body).await;
+        let poll = {
+            // A client of its own, so that cancelling closes its connection.
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client");
+            let url = app.url(&format!("{PATH}?timeout=20000&pos={}", enc(&pos(&first))));
+            let token = token.to_owned();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let _ = client.post(url).bearer_auth(token).json(&body).send().await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!poll.is_finished(), "waits while nothing changes");
+        poll.abort();
+        let _ = poll.await;
+        let started = std::time::Instant::now();
+        let wider = all_rooms(5);
+        let again = sliding(app, token, Some(&pos(&first)), &wider).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(rooms(&again).is_empty(), "{again}");
+    })
+    .await;
+}

@@ -60,9 +60,18 @@ type ConnectionIds = (String, String, String);
 pub(super) struct Connections {
     repo: Arc<dyn SlidingSyncRepo>,
     /// Requests on one connection (user, device, conn_id) take turns in this process.
-    turns: Mutex<HashMap<ConnectionIds, Arc<tokio::sync::Mutex<()>>>>,
+    turns: Mutex<HashMap<ConnectionIds, Arc<Turn>>>,
     room_sets: Mutex<RoomSets>,
     last_sweep: Mutex<Option<Instant>>,
+}
+
+/// Requests on one connection take turns; a new one ends the long-poll of the one before (a
+/// client sends another request only once it gave up on the previous one, which may still be
+/// waiting if its cancellation went unnoticed).
+#[derive(Default)]
+struct Turn {
+    lock: tokio::sync::Mutex<()>,
+    next_waits: tokio::sync::Notify,
 }
 
 /// (connection key, room set) → its rooms; the oldest go first.
@@ -89,7 +98,7 @@ impl Connections {
         }
     }
 
-    fn turn(&self, user: &str, device: &str, conn_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn turn(&self, user: &str, device: &str, conn_id: &str) -> Arc<Turn> {
         let mut turns = locked(&self.turns);
         // Forget the turns nobody holds or waits for.
         if turns.len() >= 1024 {
@@ -257,7 +266,12 @@ impl SyncService {
             )));
         }
         let turn = self.sliding.turn(user, device, &request.conn_id);
-        let _turn = turn.lock().await;
+        turn.next_waits.notify_waiters();
+        let _turn = turn.lock.lock().await;
+        // From here on, a later request on the connection ends this one's waiting.
+        let superseded = turn.next_waits.notified();
+        tokio::pin!(superseded);
+        superseded.as_mut().enable();
         self.sliding.sweep();
         let repo = &self.sliding.repo;
         let (key, base, sent) = match &request.pos {
@@ -302,9 +316,10 @@ impl SyncService {
                 break (answer, pass.sent);
             }
             let wait = self.wait_time(deadline - now).await?;
-            self.notifier
-                .wait(answer.response.stream_position, ephemeral, wait)
-                .await;
+            tokio::select! {
+                _ = self.notifier.wait(answer.response.stream_position, ephemeral, wait) => {}
+                _ = superseded.as_mut() => break (answer, pass.sent),
+            }
         };
         answer.response.pos = self
             .sliding
