@@ -14,6 +14,7 @@ palpo_storage::conformance!(
     idle_connections_are_deleted,
     devices_hold_a_bounded_number_of_connections,
     room_account_data_of_one_type,
+    concurrent_connections_all_succeed,
 );
 
 const ALICE: &str = "@alice:test";
@@ -473,4 +474,45 @@ async fn room_account_data_of_one_type(s: Storage) {
     assert_eq!(tags.len(), 1, "{tags:?}");
     assert_eq!(tags[0].room_id.as_deref(), Some("!a:test"));
     assert_eq!(tags[0].content, r#"{"tags":{"u.x":{}}}"#);
+}
+
+/// Many connections answering at once (each writing a new room set and deleting the old one)
+/// never fail: on MySQL their gap locks can deadlock, and the transaction is retried.
+async fn concurrent_connections_all_succeed(s: Storage) {
+    let mut keys = Vec::new();
+    for n in 0..16 {
+        keys.push(
+            s.sliding
+                .start_sliding_connection(ALICE, &format!("D{n}"), "main", 1000, 10)
+                .await
+                .expect("start"),
+        );
+    }
+    let runs = keys.into_iter().enumerate().map(|(n, key)| {
+        let repo = s.sliding.clone();
+        async move {
+            let mut acknowledged = None;
+            for round in 0..30i64 {
+                // Some rounds empty: a connection without rows locks the gap up to its
+                // neighbour's.
+                let count = if (round + n as i64) % 3 == 0 { 0 } else { 20 };
+                let rooms = (0..count)
+                    .map(|r| room(&format!("!r{r}:test"), (r % 2 == 0).then_some(round), "[]"))
+                    .collect();
+                let position = repo
+                    .add_sliding_position(&NewSlidingPosition {
+                        connection_key: key,
+                        acknowledged,
+                        stream_position: round,
+                        rooms: SlidingRoomSet::New(rooms),
+                        now: 2000 + round,
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("connection {n}, round {round}: {e}"))
+                    .expect("the connection exists");
+                acknowledged = Some(position.position_id);
+            }
+        }
+    });
+    futures::future::join_all(runs).await;
 }

@@ -11,7 +11,7 @@ use rand::Rng;
 
 use super::SqlStore;
 use crate::{
-    db::{Text, Tx},
+    db::{Db, Text, Tx},
     error::{Result, StorageError},
     model::{
         AccountDataRecord, NewSlidingPosition, SlidingPositionRecord, SlidingRoomRecord,
@@ -30,8 +30,10 @@ const KEPT_POSITIONS: i64 = 8;
 /// more are deleted.
 const KEPT_CONFIGURATIONS: usize = 16;
 /// How often `start_sliding_connection` tries again when a concurrent start of the same
-/// connection (or, never in practice, a key collision) got in first.
+/// connection (or, never in practice, a key collision) got in first, or a deadlock struck.
 const START_ATTEMPTS: usize = 4;
+/// How often a transaction a deadlock rolled back is tried again.
+const TRANSIENT_ATTEMPTS: usize = 4;
 
 /// `?, ?, ?` for `n` parameters.
 fn placeholders(n: usize) -> String {
@@ -138,6 +140,216 @@ async fn write_room_set(
     Ok(())
 }
 
+/// One attempt of [`SlidingSyncRepo::start_sliding_connection`].
+async fn start_connection(
+    db: &Db,
+    user_id: &str,
+    device_id: &str,
+    conn_id: &str,
+    now: i64,
+    max_per_device: usize,
+) -> Result<i64> {
+    let mut tx = db.begin().await?;
+    let earlier: Vec<i64> = on_tx!(
+        &mut tx,
+        "SELECT connection_key FROM sliding_sync_connections WHERE user_id = ? AND device_id = ? AND conn_id = ?",
+        |c, sql| {
+            sqlx::query_scalar(sql)
+                .bind(user_id)
+                .bind(device_id)
+                .bind(conn_id)
+                .fetch_all(&mut *c)
+                .await?
+        }
+    );
+    delete_connections(&mut tx, &earlier).await?;
+    let key = new_key();
+    let inserted = on_tx!(
+        &mut tx,
+        "INSERT INTO sliding_sync_connections (connection_key, user_id, device_id, conn_id, next_position, created_ts, last_used_ts) VALUES (?, ?, ?, ?, 0, ?, ?)",
+        |c, sql| {
+            sqlx::query(sql)
+                .bind(key)
+                .bind(user_id)
+                .bind(device_id)
+                .bind(conn_id)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *c)
+                .await
+                .map(|done| done.rows_affected())
+                .map_err(|e| StorageError::conflict_or(e, "sliding sync connection"))
+        }
+    );
+    inserted?;
+    // Bound what one device may hold: its least recently used connections go.
+    let others: Vec<i64> = on_tx!(
+        &mut tx,
+        "SELECT connection_key FROM sliding_sync_connections WHERE user_id = ? AND device_id = ? AND connection_key <> ? ORDER BY last_used_ts DESC",
+        |c, sql| {
+            sqlx::query_scalar(sql)
+                .bind(user_id)
+                .bind(device_id)
+                .bind(key)
+                .fetch_all(&mut *c)
+                .await?
+        }
+    );
+    let keep = max_per_device.saturating_sub(1);
+    if others.len() > keep {
+        delete_connections(&mut tx, &others[keep..]).await?;
+    }
+    tx.commit().await?;
+    Ok(key)
+}
+
+/// One attempt of [`SlidingSyncRepo::add_sliding_position`].
+async fn add_position(db: &Db, new: &NewSlidingPosition) -> Result<Option<SlidingPositionRecord>> {
+    let key = new.connection_key;
+    let mut tx = db.begin().await?;
+    // First, so that the writes of one connection take turns.
+    let updated = on_tx!(
+        &mut tx,
+        "UPDATE sliding_sync_connections SET next_position = next_position + 1, last_used_ts = ? WHERE connection_key = ?",
+        |c, sql| {
+            sqlx::query(sql)
+                .bind(new.now)
+                .bind(key)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        }
+    );
+    if updated == 0 {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let position_id: i64 = on_tx!(
+        &mut tx,
+        "SELECT next_position FROM sliding_sync_connections WHERE connection_key = ?",
+        |c, sql| { sqlx::query_scalar(sql).bind(key).fetch_one(&mut *c).await? }
+    );
+    // The position continued from must still be there (a request continuing from a newer
+    // one may have deleted it): its room set is what the new one builds on.
+    if let Some(acknowledged) = new.acknowledged {
+        let base: Option<i64> = on_tx!(
+            &mut tx,
+            "SELECT room_set FROM sliding_sync_positions WHERE connection_key = ? AND position_id = ?",
+            |c, sql| {
+                sqlx::query_scalar(sql)
+                    .bind(key)
+                    .bind(acknowledged)
+                    .fetch_optional(&mut *c)
+                    .await?
+            }
+        );
+        let Some(base) = base else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        if let SlidingRoomSet::Same(set) = new.rooms
+            && set != base
+        {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+    }
+    let room_set = match &new.rooms {
+        SlidingRoomSet::Same(set) => *set,
+        SlidingRoomSet::New(rooms) => {
+            write_room_set(&mut tx, key, position_id, rooms).await?;
+            position_id
+        }
+    };
+    on_tx!(
+        &mut tx,
+        "INSERT INTO sliding_sync_positions (connection_key, position_id, stream_position, room_set, created_ts) VALUES (?, ?, ?, ?, ?)",
+        |c, sql| {
+            sqlx::query(sql)
+                .bind(key)
+                .bind(position_id)
+                .bind(new.stream_position)
+                .bind(room_set)
+                .bind(new.now)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        }
+    );
+    // Older than the acknowledged position: the client will not use them again. And all but
+    // the last few, the acknowledged one kept.
+    let acknowledged = new.acknowledged.unwrap_or(position_id);
+    let deleted = on_tx!(
+        &mut tx,
+        "DELETE FROM sliding_sync_positions WHERE connection_key = ? AND position_id <> ? \
+         AND (position_id < ? OR position_id <= ?)",
+        |c, sql| {
+            sqlx::query(sql)
+                .bind(key)
+                .bind(acknowledged)
+                .bind(acknowledged)
+                .bind(position_id - KEPT_POSITIONS)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        }
+    );
+    if deleted > 0 {
+        on_tx!(
+            &mut tx,
+            "DELETE FROM sliding_sync_rooms WHERE connection_key = ? AND room_set NOT IN \
+             (SELECT room_set FROM sliding_sync_positions WHERE connection_key = ?)",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(key)
+                    .bind(key)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        let configurations: i64 = on_tx!(
+            &mut tx,
+            "SELECT COUNT(*) FROM sliding_sync_required_state WHERE connection_key = ?",
+            |c, sql| { sqlx::query_scalar(sql).bind(key).fetch_one(&mut *c).await? }
+        );
+        if configurations > KEPT_CONFIGURATIONS as i64 {
+            on_tx!(
+                &mut tx,
+                "DELETE FROM sliding_sync_required_state WHERE connection_key = ? \
+                 AND required_state_id NOT IN \
+                 (SELECT required_state_id FROM sliding_sync_rooms WHERE connection_key = ?)",
+                |c, sql| {
+                    sqlx::query(sql)
+                        .bind(key)
+                        .bind(key)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected()
+                }
+            );
+        }
+    }
+    tx.commit().await?;
+    Ok(Some(SlidingPositionRecord {
+        connection_key: key,
+        position_id,
+        stream_position: new.stream_position,
+        room_set,
+        last_used_ts: new.now,
+    }))
+}
+
+/// A deadlock or serialization failure: the transaction was rolled back and may be run again.
+fn is_transient(err: &StorageError) -> bool {
+    match err {
+        StorageError::Database(sqlx::Error::Database(db)) => {
+            db.code().is_some_and(|code| code.starts_with("40"))
+        }
+        _ => false,
+    }
+}
+
 #[async_trait]
 impl SlidingSyncRepo for SqlStore {
     async fn start_sliding_connection(
@@ -148,68 +360,21 @@ impl SlidingSyncRepo for SqlStore {
         now: i64,
         max_per_device: usize,
     ) -> Result<i64> {
+        // A concurrent start of the same connection (or, never in practice, a key collision)
+        // got in first, or a deadlock rolled the transaction back: again.
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut tx = self.db.begin().await?;
-            let earlier: Vec<i64> = on_tx!(
-                &mut tx,
-                "SELECT connection_key FROM sliding_sync_connections WHERE user_id = ? AND device_id = ? AND conn_id = ?",
-                |c, sql| {
-                    sqlx::query_scalar(sql)
-                        .bind(user_id)
-                        .bind(device_id)
-                        .bind(conn_id)
-                        .fetch_all(&mut *c)
-                        .await?
-                }
-            );
-            delete_connections(&mut tx, &earlier).await?;
-            let key = new_key();
-            let inserted = on_tx!(
-                &mut tx,
-                "INSERT INTO sliding_sync_connections (connection_key, user_id, device_id, conn_id, next_position, created_ts, last_used_ts) VALUES (?, ?, ?, ?, 0, ?, ?)",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(key)
-                        .bind(user_id)
-                        .bind(device_id)
-                        .bind(conn_id)
-                        .bind(now)
-                        .bind(now)
-                        .execute(&mut *c)
-                        .await
-                        .map(|done| done.rows_affected())
-                        .map_err(|e| StorageError::conflict_or(e, "sliding sync connection"))
-                }
-            );
-            match inserted {
-                Ok(_) => {}
-                Err(StorageError::Conflict(_)) if attempt < START_ATTEMPTS => {
-                    tx.rollback().await?;
+            match start_connection(&self.db, user_id, device_id, conn_id, now, max_per_device).await
+            {
+                Err(e)
+                    if attempt < START_ATTEMPTS
+                        && (matches!(e, StorageError::Conflict(_)) || is_transient(&e)) =>
+                {
                     continue;
                 }
-                Err(e) => return Err(e),
+                result => return result,
             }
-            // Bound what one device may hold: its least recently used connections go.
-            let others: Vec<i64> = on_tx!(
-                &mut tx,
-                "SELECT connection_key FROM sliding_sync_connections WHERE user_id = ? AND device_id = ? AND connection_key <> ? ORDER BY last_used_ts DESC",
-                |c, sql| {
-                    sqlx::query_scalar(sql)
-                        .bind(user_id)
-                        .bind(device_id)
-                        .bind(key)
-                        .fetch_all(&mut *c)
-                        .await?
-                }
-            );
-            let keep = max_per_device.saturating_sub(1);
-            if others.len() > keep {
-                delete_connections(&mut tx, &others[keep..]).await?;
-            }
-            tx.commit().await?;
-            return Ok(key);
         }
     }
 
@@ -286,139 +451,17 @@ impl SlidingSyncRepo for SqlStore {
         &self,
         new: &NewSlidingPosition,
     ) -> Result<Option<SlidingPositionRecord>> {
-        let key = new.connection_key;
-        let mut tx = self.db.begin().await?;
-        // First, so that the writes of one connection take turns.
-        let updated = on_tx!(
-            &mut tx,
-            "UPDATE sliding_sync_connections SET next_position = next_position + 1, last_used_ts = ? WHERE connection_key = ?",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(new.now)
-                    .bind(key)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
-            }
-        );
-        if updated == 0 {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        let position_id: i64 = on_tx!(
-            &mut tx,
-            "SELECT next_position FROM sliding_sync_connections WHERE connection_key = ?",
-            |c, sql| { sqlx::query_scalar(sql).bind(key).fetch_one(&mut *c).await? }
-        );
-        // The position continued from must still be there (a request continuing from a newer
-        // one may have deleted it): its room set is what the new one builds on.
-        if let Some(acknowledged) = new.acknowledged {
-            let base: Option<i64> = on_tx!(
-                &mut tx,
-                "SELECT room_set FROM sliding_sync_positions WHERE connection_key = ? AND position_id = ?",
-                |c, sql| {
-                    sqlx::query_scalar(sql)
-                        .bind(key)
-                        .bind(acknowledged)
-                        .fetch_optional(&mut *c)
-                        .await?
-                }
-            );
-            let Some(base) = base else {
-                tx.rollback().await?;
-                return Ok(None);
-            };
-            if let SlidingRoomSet::Same(set) = new.rooms
-                && set != base
-            {
-                tx.rollback().await?;
-                return Ok(None);
+        // MySQL's gap locks can make two connections' transactions deadlock (a connection
+        // without rows locks the gap up to its neighbour's): the loser is rolled back, and
+        // tried again.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match add_position(&self.db, new).await {
+                Err(e) if attempt < TRANSIENT_ATTEMPTS && is_transient(&e) => continue,
+                result => return result,
             }
         }
-        let room_set = match &new.rooms {
-            SlidingRoomSet::Same(set) => *set,
-            SlidingRoomSet::New(rooms) => {
-                write_room_set(&mut tx, key, position_id, rooms).await?;
-                position_id
-            }
-        };
-        on_tx!(
-            &mut tx,
-            "INSERT INTO sliding_sync_positions (connection_key, position_id, stream_position, room_set, created_ts) VALUES (?, ?, ?, ?, ?)",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(key)
-                    .bind(position_id)
-                    .bind(new.stream_position)
-                    .bind(room_set)
-                    .bind(new.now)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
-            }
-        );
-        // Older than the acknowledged position: the client will not use them again. And all but
-        // the last few, the acknowledged one kept.
-        let acknowledged = new.acknowledged.unwrap_or(position_id);
-        let deleted = on_tx!(
-            &mut tx,
-            "DELETE FROM sliding_sync_positions WHERE connection_key = ? AND position_id <> ? \
-             AND (position_id < ? OR position_id <= ?)",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(key)
-                    .bind(acknowledged)
-                    .bind(acknowledged)
-                    .bind(position_id - KEPT_POSITIONS)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
-            }
-        );
-        if deleted > 0 {
-            on_tx!(
-                &mut tx,
-                "DELETE FROM sliding_sync_rooms WHERE connection_key = ? AND room_set NOT IN \
-                 (SELECT room_set FROM sliding_sync_positions WHERE connection_key = ?)",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(key)
-                        .bind(key)
-                        .execute(&mut *c)
-                        .await?
-                        .rows_affected()
-                }
-            );
-            let configurations: i64 = on_tx!(
-                &mut tx,
-                "SELECT COUNT(*) FROM sliding_sync_required_state WHERE connection_key = ?",
-                |c, sql| { sqlx::query_scalar(sql).bind(key).fetch_one(&mut *c).await? }
-            );
-            if configurations > KEPT_CONFIGURATIONS as i64 {
-                on_tx!(
-                    &mut tx,
-                    "DELETE FROM sliding_sync_required_state WHERE connection_key = ? \
-                     AND required_state_id NOT IN \
-                     (SELECT required_state_id FROM sliding_sync_rooms WHERE connection_key = ?)",
-                    |c, sql| {
-                        sqlx::query(sql)
-                            .bind(key)
-                            .bind(key)
-                            .execute(&mut *c)
-                            .await?
-                            .rows_affected()
-                    }
-                );
-            }
-        }
-        tx.commit().await?;
-        Ok(Some(SlidingPositionRecord {
-            connection_key: key,
-            position_id,
-            stream_position: new.stream_position,
-            room_set,
-            last_used_ts: new.now,
-        }))
     }
 
     async fn touch_sliding_connection(&self, connection_key: i64, now: i64) -> Result<()> {
