@@ -14,6 +14,7 @@ use std::{
     sync::Arc,
 };
 
+use futures::StreamExt;
 use palpo_core::Result;
 use palpo_storage::model::{Direction, EventRecord, MembershipRecord, StateMap};
 use ruma::room_version_rules::RedactionRules;
@@ -147,6 +148,17 @@ pub struct LeftRoom {
     pub state: Vec<Value>,
 }
 
+/// Rooms whose sync sections are built at the same time (bounded by the pool's connections).
+const ROOMS_AT_ONCE: usize = 8;
+
+/// One room's section of a sync answer, with the member events it sent (lazy loading).
+enum SyncSection {
+    Join(String, JoinedRoom, Vec<(String, String)>),
+    Invite(String, InvitedRoom),
+    Knock(String, InvitedRoom),
+    Leave(String, LeftRoom, Vec<(String, String)>),
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct SyncRooms {
     pub join: BTreeMap<String, JoinedRoom>,
@@ -221,71 +233,109 @@ impl RoomService {
             Some(_) => Some(HashSet::new()),
             None => None,
         };
-        for membership in memberships {
-            // Changes after `upto` belong to the next sync.
-            if membership.stream_ordering > upto
-                || membership.forgotten
-                || !request.wants_room(&membership.room_id)
-            {
-                continue;
-            }
-            let newly = since.is_none_or(|since| membership.stream_ordering > since);
-            let room_id = membership.room_id.clone();
-            match membership.membership.as_str() {
-                "join" => {
-                    let moved = changed.as_ref().is_none_or(|c| c.contains(&room_id))
-                        || also.contains(&room_id);
-                    if !(moved || newly || request.full_state) {
-                        continue;
+        // Rooms are independent: read several at once, so that an initial sync over many rooms
+        // costs the database's latency a few times, not once per query per room.
+        let sections: Vec<Result<Option<SyncSection>>> =
+            futures::stream::iter(memberships.into_iter().map(|membership| {
+                self.sync_room(
+                    user,
+                    membership,
+                    since,
+                    upto,
+                    request,
+                    also,
+                    changed.as_ref(),
+                )
+            }))
+            .buffered(ROOMS_AT_ONCE)
+            .collect()
+            .await;
+        for section in sections {
+            match section? {
+                Some(SyncSection::Join(room_id, room, members_sent)) => {
+                    if let Some(lazy) = &request.lazy_members {
+                        lazy.record(&room_id, &members_sent, upto);
                     }
-                    // A room joined since the token is new to the client: send it whole. (A
-                    // newer join event of a member, e.g. a profile change, is not a new join.)
-                    let newly_joined = match since {
-                        Some(since) if newly => !self.was_joined_at(user, &room_id, since).await?,
-                        _ => newly,
-                    };
-                    let room_since = if newly_joined { None } else { since };
-                    let (room, members_sent) = self
-                        .joined_room(user, &room_id, room_since, upto, request)
-                        .await?;
-                    if room_since.is_none()
-                        || !room.timeline.events.is_empty()
-                        || !room.state.is_empty()
-                        || also.contains(&room_id)
-                    {
-                        if let Some(lazy) = &request.lazy_members {
-                            lazy.record(&room_id, &members_sent, upto);
-                        }
-                        out.join.insert(room_id, room);
-                    }
+                    out.join.insert(room_id, room);
                 }
-                "invite" if newly || request.full_state => {
-                    let invite_state = self.stripped_state(&room_id, &membership).await?;
-                    out.invite.insert(room_id, InvitedRoom { invite_state });
+                Some(SyncSection::Invite(room_id, room)) => {
+                    out.invite.insert(room_id, room);
                 }
-                "knock" if newly || request.full_state => {
-                    let knock_state = self.stripped_state(&room_id, &membership).await?;
-                    out.knock.insert(
-                        room_id,
-                        InvitedRoom {
-                            invite_state: knock_state,
-                        },
-                    );
+                Some(SyncSection::Knock(room_id, room)) => {
+                    out.knock.insert(room_id, room);
                 }
-                "leave" | "ban"
-                    if (newly && since.is_some()) || (since.is_none() && request.include_leave) =>
-                {
-                    let (room, members_sent) =
-                        self.left_room(user, &membership, since, request).await?;
+                Some(SyncSection::Leave(room_id, room, members_sent)) => {
                     if let Some(lazy) = &request.lazy_members {
                         lazy.record(&room_id, &members_sent, upto);
                     }
                     out.leave.insert(room_id, room);
                 }
-                _ => {}
+                None => {}
             }
         }
         Ok(out)
+    }
+
+    /// One room's part of a sync answer, or `None` when the room has nothing to say.
+    #[allow(clippy::too_many_arguments)]
+    async fn sync_room(
+        &self,
+        user: &str,
+        membership: MembershipRecord,
+        since: Option<i64>,
+        upto: i64,
+        request: &SyncRequest,
+        also: &HashSet<String>,
+        changed: Option<&HashSet<String>>,
+    ) -> Result<Option<SyncSection>> {
+        // Changes after `upto` belong to the next sync.
+        if membership.stream_ordering > upto
+            || membership.forgotten
+            || !request.wants_room(&membership.room_id)
+        {
+            return Ok(None);
+        }
+        let newly = since.is_none_or(|since| membership.stream_ordering > since);
+        let room_id = membership.room_id.clone();
+        Ok(match membership.membership.as_str() {
+            "join" => {
+                let moved = changed.is_none_or(|c| c.contains(&room_id)) || also.contains(&room_id);
+                if !(moved || newly || request.full_state) {
+                    return Ok(None);
+                }
+                // A room joined since the token is new to the client: send it whole. (A
+                // newer join event of a member, e.g. a profile change, is not a new join.)
+                let newly_joined = match since {
+                    Some(since) if newly => !self.was_joined_at(user, &room_id, since).await?,
+                    _ => newly,
+                };
+                let room_since = if newly_joined { None } else { since };
+                let (room, members_sent) = self
+                    .joined_room(user, &room_id, room_since, upto, request)
+                    .await?;
+                (room_since.is_none()
+                    || !room.timeline.events.is_empty()
+                    || !room.state.is_empty()
+                    || also.contains(&room_id))
+                .then_some(SyncSection::Join(room_id, room, members_sent))
+            }
+            "invite" if newly || request.full_state => {
+                let invite_state = self.stripped_state(&room_id, &membership).await?;
+                Some(SyncSection::Invite(room_id, InvitedRoom { invite_state }))
+            }
+            "knock" if newly || request.full_state => {
+                let invite_state = self.stripped_state(&room_id, &membership).await?;
+                Some(SyncSection::Knock(room_id, InvitedRoom { invite_state }))
+            }
+            "leave" | "ban"
+                if (newly && since.is_some()) || (since.is_none() && request.include_leave) =>
+            {
+                let (room, members_sent) =
+                    self.left_room(user, &membership, since, request).await?;
+                Some(SyncSection::Leave(room_id, room, members_sent))
+            }
+            _ => None,
+        })
     }
 
     /// Which of `events` (of one room, in the timeline) `user`, joined to it now, may see under
