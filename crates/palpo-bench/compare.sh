@@ -5,7 +5,8 @@
 #   crates/palpo-bench/compare.sh
 #
 # Knobs (environment): BENCH_USERS (20) BENCH_ROOMS (5) BENCH_SENDERS (8) BENCH_LISTENERS (4)
-# BENCH_SECONDS (10) BENCH_SYNC_ROOMS (100) BENCH_SYNC_EVENTS (100) BENCH_RAW_ROWS (3000)
+# BENCH_SECONDS (10) BENCH_RATE (0 = flat out, else messages/s over all senders)
+# BENCH_SYNC_ROOMS (100) BENCH_SYNC_EVENTS (100) BENCH_RAW_ROWS (3000)
 # BENCH_TARGETS ("palpo-sqlite palpo-postgres palpo-postgres-redis synapse-sqlite synapse-postgres")
 # BENCH_PG_HOST (127.0.0.1) BENCH_PG_USER (postgres) BENCH_REDIS (redis://127.0.0.1:6379)
 # SYNAPSE_VENV (~/.cache/palpo-bench/synapse-venv) BENCH_OUT (a new /tmp/palpo-bench.* dir)
@@ -20,6 +21,7 @@ ROOMS=${BENCH_ROOMS:-5}
 SENDERS=${BENCH_SENDERS:-8}
 LISTENERS=${BENCH_LISTENERS:-4}
 SECS=${BENCH_SECONDS:-10}
+RATE=${BENCH_RATE:-0}
 SYNC_ROOMS=${BENCH_SYNC_ROOMS:-100}
 SYNC_EVENTS=${BENCH_SYNC_EVENTS:-100}
 RAW_ROWS=${BENCH_RAW_ROWS:-3000}
@@ -173,7 +175,7 @@ run_target() { # name
     fi
     sleep 2 # idle
     "$BENCH" --url "$URL" --label "$name" --phase load,sync --users "$USERS" --rooms "$ROOMS" \
-        --senders "$SENDERS" --listeners "$LISTENERS" --seconds "$SECS" --sync-rooms "$SYNC_ROOMS" \
+        --senders "$SENDERS" --listeners "$LISTENERS" --seconds "$SECS" --rate "$RATE" --sync-rooms "$SYNC_ROOMS" \
         --sync-events "$SYNC_EVENTS" --server-pid "$pid" --json "$json" || say "$name: load/sync failed"
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
