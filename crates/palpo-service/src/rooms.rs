@@ -40,6 +40,12 @@ pub const ROOM_VERSIONS: &[&str] = &[
     "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12",
 ];
 
+/// Auth events kept parsed (create, power levels, join rules and members of busy rooms).
+const AUTH_EVENT_CACHE: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
+    Some(n) => n,
+    None => std::num::NonZeroUsize::MIN,
+};
+
 pub struct RoomService {
     config: Arc<Config>,
     storage: Storage,
@@ -49,6 +55,10 @@ pub struct RoomService {
     notifier: Arc<Notifier>,
     /// One async lock per room, so local events of a room are built one at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Recently used auth events, parsed. Events never change once stored (a redaction marks
+    /// the row but leaves the PDU), so every process may keep its own copy; sending into a
+    /// room re-reads the same create, power levels and member events every time otherwise.
+    auth_events: Mutex<lru::LruCache<String, Arc<pdu::Pdu>>>,
     /// The `type` of rooms' create events (which never change), for sliding sync's filters.
     room_types: Mutex<HashMap<String, Option<String>>>,
 }
@@ -61,6 +71,7 @@ impl RoomService {
             keys: tokio::sync::OnceCell::new(),
             notifier,
             locks: Mutex::new(HashMap::new()),
+            auth_events: Mutex::new(lru::LruCache::new(AUTH_EVENT_CACHE)),
             room_types: Mutex::new(HashMap::new()),
         }
     }

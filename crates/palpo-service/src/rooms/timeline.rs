@@ -1,7 +1,7 @@
 //! Creating local events: build the PDU on the room's current state, hash and sign it, run the
 //! authorization rules, persist it with the next stream position.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use palpo_core::{Error, ErrorCode, Result, now_millis};
 use palpo_storage::{
@@ -328,6 +328,46 @@ impl RoomService {
         })
     }
 
+    /// The parsed events with these ids, from the cache or the database (then cached).
+    async fn auth_pdus(&self, ids: &[String]) -> Result<Vec<Arc<Pdu>>> {
+        let mut found = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        {
+            let mut cache = self.auth_events.lock().unwrap_or_else(|e| e.into_inner());
+            for id in ids {
+                match cache.get(id) {
+                    Some(pdu) => found.push(pdu.clone()),
+                    None => missing.push(id.clone()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let records = self
+            .storage
+            .rooms
+            .get_events(&missing)
+            .await
+            .map_err(internal)?;
+        let mut parsed = Vec::with_capacity(records.len());
+        for record in records {
+            let pdu = Pdu::parse(
+                &record.event_id,
+                &record.pdu_json,
+                record.rejected_reason.is_some(),
+            )
+            .map_err(Error::internal)?;
+            parsed.push((record.event_id, Arc::new(pdu)));
+        }
+        let mut cache = self.auth_events.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, pdu) in parsed {
+            cache.put(id, pdu.clone());
+            found.push(pdu);
+        }
+        Ok(found)
+    }
+
     /// Runs the authorization rules against the room's current state: 403 when they refuse.
     pub(super) async fn authorize(
         &self,
@@ -352,23 +392,11 @@ impl RoomService {
             .iter()
             .filter_map(|k| state.get(k).cloned())
             .collect();
-        let records = self
-            .storage
-            .rooms
-            .get_events(&ids)
-            .await
-            .map_err(internal)?;
-        let mut by_id: HashMap<OwnedEventId, Pdu> = HashMap::new();
-        let mut by_state: HashMap<(String, String), Pdu> = HashMap::new();
-        for record in records {
-            let pdu = Pdu::parse(
-                &record.event_id,
-                &record.pdu_json,
-                record.rejected_reason.is_some(),
-            )
-            .map_err(Error::internal)?;
-            if let Some(key) = &record.state_key {
-                by_state.insert((record.event_type.clone(), key.clone()), pdu.clone());
+        let mut by_id: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
+        let mut by_state: HashMap<(String, String), Arc<Pdu>> = HashMap::new();
+        for pdu in self.auth_pdus(&ids).await? {
+            if let Some(key) = &pdu.state_key {
+                by_state.insert((pdu.kind.to_string(), key.clone()), pdu.clone());
             }
             by_id.insert(pdu.event_id.clone(), pdu);
         }
