@@ -882,6 +882,9 @@ impl EphemeralService {
 /// Whether a message mentions `user`: listed in `m.mentions.user_ids` or, when the message
 /// has no `m.mentions`, its body contains one of `names` (lowercase).
 fn mentions_user(event: &EventRecord, user: &str, names: &[String]) -> bool {
+    if !may_mention(&event.pdu_json, names) {
+        return false;
+    }
     let Ok(pdu) = serde_json::from_str::<Value>(&event.pdu_json) else {
         return false;
     };
@@ -896,6 +899,26 @@ fn mentions_user(event: &EventRecord, user: &str, names: &[String]) -> bool {
     };
     let body = body.to_lowercase();
     names.iter().any(|name| body.contains(name.as_str()))
+}
+
+/// A cheap test on the stored JSON before parsing it: unread counts look at up to
+/// `MAX_UNREAD` events per room and sync, and parsing each one was most of a sync's cost. A
+/// message can only mention the user when it has `m.mentions` or its text holds one of
+/// `names`. Stored PDUs are canonical JSON, which escapes only `"`, `\` and control characters,
+/// so a name without those appears in the JSON as it appears in the body.
+fn may_mention(pdu_json: &str, names: &[String]) -> bool {
+    if pdu_json.contains("m.mentions") {
+        return true;
+    }
+    let escaped = |name: &String| {
+        name.chars()
+            .any(|c| c == '"' || c == '\\' || c.is_control())
+    };
+    if names.iter().any(escaped) {
+        return true;
+    }
+    let lower = pdu_json.to_lowercase();
+    names.iter().any(|name| lower.contains(name.as_str()))
 }
 
 /// A user's presence as of `now`: an online user inactive for `idle_ms` is `unavailable`
@@ -940,6 +963,24 @@ fn presence_event(record: &PresenceRecord, now: i64, idle_ms: i64) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use super::may_mention;
+
+    #[test]
+    fn mention_prefilter_never_hides_a_mention() {
+        let names = vec!["bob".to_owned(), "@bob:test".to_owned()];
+        // A name in the body, whatever its case, or any `m.mentions`: parse.
+        assert!(may_mention(r#"{"content":{"body":"Hi BOB"}}"#, &names));
+        assert!(may_mention(
+            r#"{"content":{"body":"x","m.mentions":{}}}"#,
+            &names
+        ));
+        // Neither: no need to parse.
+        assert!(!may_mention(r#"{"content":{"body":"hello all"}}"#, &names));
+        // A name JSON would escape cannot be found in the raw text: always parse.
+        let quoted = vec!["\"bob\"".to_owned()];
+        assert!(may_mention(r#"{"content":{"body":"hello"}}"#, &quoted));
+    }
+
     use super::*;
 
     fn message(content: Value) -> EventRecord {
