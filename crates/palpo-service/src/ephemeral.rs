@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt;
 use palpo_core::{Error, Result, now_millis};
 use palpo_storage::{
     Storage, StorageError,
@@ -30,6 +31,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const TOUCH_EVERY_MS: i64 = 10_000;
 /// The presence expiry task checks at most this often.
 const MIN_EXPIRY_CHECK: Duration = Duration::from_millis(100);
+/// Rooms whose unread counts are read at the same time.
+const UNREAD_ROOMS_AT_ONCE: usize = 8;
 /// Unread notification counts stop counting here.
 const MAX_UNREAD: i64 = 1000;
 /// Longest thread id a receipt may carry (the database column's size).
@@ -726,8 +729,18 @@ impl EphemeralService {
             return Ok(());
         }
         let mentions = self.mention_names(user).await?;
-        for room_id in rooms {
-            let (main, threads) = self.unread_counts(user, room_id, up_to, &mentions).await?;
+        // Several rooms at once, as the room sections are read: each costs a few round trips.
+        // (Collected first: a closure inside the stream would make the sync future not `Send`.)
+        let reads: Vec<_> = rooms
+            .iter()
+            .map(|room_id| self.unread_counts(user, room_id, up_to, &mentions))
+            .collect();
+        let counts: Vec<Result<_>> = futures::stream::iter(reads)
+            .buffered(UNREAD_ROOMS_AT_ONCE)
+            .collect()
+            .await;
+        for (room_id, counts) in rooms.into_iter().zip(counts) {
+            let (main, threads) = counts?;
             out.unread.insert(room_id.clone(), main);
             if !threads.is_empty() {
                 out.unread_threads.insert(room_id.clone(), threads);

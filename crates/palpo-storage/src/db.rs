@@ -445,16 +445,7 @@ impl RoomWriteLock {
             return Ok(RoomWriteLock { held: None });
         }
         let mut tx = db.begin().await?;
-        let room: Option<(i64, Option<i64>)> = crate::on_tx!(
-            &mut tx,
-            "SELECT write_version, state_group FROM rooms WHERE room_id = ? FOR UPDATE",
-            |c, sql| {
-                sqlx::query_as(sql)
-                    .bind(room_id)
-                    .fetch_optional(&mut *c)
-                    .await?
-            }
-        );
+        let room = crate::sql::lock_room_row(&mut tx, room_id).await?;
         Ok(RoomWriteLock {
             held: Some(HeldRoom { tx, room }),
         })

@@ -7,6 +7,8 @@ mod ephemeral;
 mod rooms;
 mod sliding;
 
+pub(crate) use rooms::lock_room_row;
+
 use std::sync::Arc;
 
 use crate::db::Db;

@@ -530,9 +530,9 @@ impl E2eeRepo for SqlStore {
             return Ok(None);
         }
         let mut tx = self.db.begin().await?;
-        // The same order as uploads: `e2e_keys`, then the stream.
+        // The same order as uploads: `e2e_keys`, then (last, as it serializes every stream
+        // writer until commit) the stream.
         next_counter(&mut tx, KEYS_COUNTER).await?;
-        let position = next_counter(&mut tx, STREAM).await?;
         for chunk in device_ids.chunks(CHUNK) {
             let query = format!(
                 "DELETE FROM e2e_key_signatures WHERE target_user_id = ? AND target_key_id IN ({})",
@@ -555,6 +555,7 @@ impl E2eeRepo for SqlStore {
         ] {
             delete_of_devices(&mut tx, table, user_id, device_ids).await?;
         }
+        let position = next_counter(&mut tx, STREAM).await?;
         record_change(&mut tx, user_id, position).await?;
         tx.commit().await?;
         self.db.wrote(user_id).await;
@@ -818,7 +819,6 @@ impl E2eeRepo for SqlStore {
         }
         let mut tx = self.db.begin().await?;
         next_counter(&mut tx, KEYS_COUNTER).await?;
-        let position = next_counter(&mut tx, STREAM).await?;
         for key in keys {
             on_tx!(
                 &mut tx,
@@ -847,6 +847,7 @@ impl E2eeRepo for SqlStore {
                 }
             );
         }
+        let position = next_counter(&mut tx, STREAM).await?;
         record_change(&mut tx, user_id, position).await?;
         tx.commit().await?;
         self.db.wrote(user_id).await;
@@ -859,7 +860,6 @@ impl E2eeRepo for SqlStore {
         }
         let mut tx = self.db.begin().await?;
         next_counter(&mut tx, KEYS_COUNTER).await?;
-        let position = next_counter(&mut tx, STREAM).await?;
         for sig in signatures {
             on_tx!(
                 &mut tx,
@@ -899,6 +899,7 @@ impl E2eeRepo for SqlStore {
             .iter()
             .map(|s| s.target_user_id.as_str())
             .collect();
+        let position = next_counter(&mut tx, STREAM).await?;
         for user_id in &targets {
             record_change(&mut tx, user_id, position).await?;
         }

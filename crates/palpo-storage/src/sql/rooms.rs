@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use super::SqlStore;
 use crate::{
-    db::{Backend, RoomWriteLock, Text, Tx},
+    db::{RoomWriteLock, Text, Tx},
     error::{Result, StorageError},
     model::{
         AliasRecord, Direction, EventRecord, MembershipRecord, NewEvent, NewRoom, PersistedEvent,
@@ -96,13 +96,26 @@ fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
-/// Row lock for read-modify-write inside a transaction. SQLite has none and needs none: its
-/// single writer connection serializes every write transaction.
-fn for_update(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Sqlite => "",
-        Backend::Postgres | Backend::MySql => " FOR UPDATE",
-    }
+/// Reads the room's write version and state group and locks its row until `tx` ends (SQLite
+/// has no row locks and needs none: its single writer connection serializes every write
+/// transaction). `None` when the room does not exist.
+pub(crate) async fn lock_room_row(
+    tx: &mut Tx,
+    room_id: &str,
+) -> Result<Option<(i64, Option<i64>)>> {
+    let sql = match tx {
+        Tx::Sqlite(_) => "SELECT write_version, state_group FROM rooms WHERE room_id = ?",
+        Tx::Postgres(_) | Tx::MySql(_) => {
+            "SELECT write_version, state_group FROM rooms WHERE room_id = ? FOR UPDATE"
+        }
+    };
+    let room = on_tx!(tx, sql, |c, sql| {
+        sqlx::query_as(sql)
+            .bind(room_id)
+            .fetch_optional(&mut *c)
+            .await?
+    });
+    Ok(room)
 }
 
 /// Takes the next value of a shared counter inside `tx`. The counter row stays locked until
@@ -345,16 +358,7 @@ impl RoomRepo for SqlStore {
             Some(held) => (held.tx, held.room),
             None => {
                 let mut tx = self.db.begin().await?;
-                let lock_sql = format!(
-                    "SELECT write_version, state_group FROM rooms WHERE room_id = ?{}",
-                    for_update(self.db.backend())
-                );
-                let room: Option<(i64, Option<i64>)> = on_tx!(&mut tx, &lock_sql, |c, sql| {
-                    sqlx::query_as(sql)
-                        .bind(&event.room_id)
-                        .fetch_optional(&mut *c)
-                        .await?
-                });
+                let room = lock_room_row(&mut tx, &event.room_id).await?;
                 (tx, room)
             }
         };
@@ -398,20 +402,19 @@ impl RoomRepo for SqlStore {
         }
         let accepted = !event.outlier && event.rejected_reason.is_none();
         if accepted {
-            let delete_sql = format!(
-                "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id IN ({})",
-                placeholders(event.prev_events.len().max(1))
-            );
-            on_tx!(&mut tx, &delete_sql, |c, sql| {
-                let mut query = sqlx::query(sql).bind(&event.room_id);
-                if event.prev_events.is_empty() {
-                    query = query.bind("");
-                }
-                for prev in &event.prev_events {
-                    query = query.bind(prev);
-                }
-                query.execute(&mut *c).await?.rows_affected()
-            });
+            if !event.prev_events.is_empty() {
+                let delete_sql = format!(
+                    "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id IN ({})",
+                    placeholders(event.prev_events.len())
+                );
+                on_tx!(&mut tx, &delete_sql, |c, sql| {
+                    let mut query = sqlx::query(sql).bind(&event.room_id);
+                    for prev in &event.prev_events {
+                        query = query.bind(prev);
+                    }
+                    query.execute(&mut *c).await?.rows_affected()
+                });
+            }
             on_tx!(
                 &mut tx,
                 "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)",
