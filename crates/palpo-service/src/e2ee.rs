@@ -562,18 +562,25 @@ impl E2eeService {
         since: Option<i64>,
         upto: i64,
     ) -> Result<(DeviceLists, BTreeMap<String, i64>, Vec<String>)> {
-        let device_lists = match since {
-            Some(since) => self.device_lists(user, since, upto).await?,
-            None => DeviceLists::default(),
+        // Independent reads, on every sync: at once rather than one round trip after another.
+        let device_lists = async {
+            match since {
+                Some(since) => self.device_lists(user, since, upto).await,
+                None => Ok(DeviceLists::default()),
+            }
         };
-        let counts = self.one_time_key_counts(user, device).await?;
-        let fallback = self
-            .storage
-            .e2ee
-            .unused_fallback_key_types(user, device)
-            .await
-            .map_err(internal)?;
-        Ok((device_lists, counts, fallback))
+        let fallback = async {
+            self.storage
+                .e2ee
+                .unused_fallback_key_types(user, device)
+                .await
+                .map_err(internal)
+        };
+        tokio::try_join!(
+            device_lists,
+            self.one_time_key_counts(user, device),
+            fallback
+        )
     }
 
     /// The end-to-end encryption part of a `/sync` of `device` over `(since, upto]`:
@@ -587,11 +594,10 @@ impl E2eeService {
         to_device_since: Option<i64>,
         upto: i64,
     ) -> Result<E2eeSync> {
-        let to_device = self
-            .to_device(user, device, to_device_since, upto, TO_DEVICE_LIMIT)
-            .await?;
-        let (device_lists, one_time_keys_count, unused_fallback_key_types) =
-            self.keys_sync(user, device, since, upto).await?;
+        let (to_device, (device_lists, one_time_keys_count, unused_fallback_key_types)) = tokio::try_join!(
+            self.to_device(user, device, to_device_since, upto, TO_DEVICE_LIMIT),
+            self.keys_sync(user, device, since, upto)
+        )?;
         Ok(E2eeSync {
             to_device,
             device_lists,
