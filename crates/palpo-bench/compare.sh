@@ -46,7 +46,7 @@ cleanup() {
         fi
     done
     for db in "${DBS[@]}"; do
-        dropdb -U "$PG_USER" -h "$PG_HOST" --if-exists "$db" 2>/dev/null || true
+        dropdb -U "$PG_USER" -h "$PG_HOST" --if-exists --force "$db" 2>/dev/null || true
     done
 }
 trap cleanup EXIT

@@ -594,6 +594,51 @@ async fn cross_process_scenario(app: &TestApp) {
     }
 }
 
+backend_matrix!(
+    unread_counts_across_processes,
+    unread_across_processes_scenario
+);
+
+/// A process keeps the unread counts it counted and continues them at the next sync; what
+/// another process writes in between (messages, a receipt) must still show, exactly.
+async fn unread_across_processes_scenario(app: &TestApp) {
+    let peer = app.spawn_peer(|_| {}).await;
+    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        let (alice, bob, room_id, since) = two_in_a_room(app).await;
+        let first = sync(app, &bob.access_token, Some(&since), 0).await;
+        let since = next_batch(&first);
+        peer.send_text(&alice.access_token, &room_id, "one").await;
+        let second = peer.send_text(&alice.access_token, &room_id, "two").await;
+        let next = sync(app, &bob.access_token, Some(&since), 0).await;
+        assert_eq!(unread(&next, &room_id), (2, 0), "{next}");
+
+        app.send_text(&alice.access_token, &room_id, "hi bob").await;
+        let next = sync(app, &bob.access_token, Some(&next_batch(&next)), 0).await;
+        assert_eq!(unread(&next, &room_id), (3, 1), "{next}");
+
+        // A receipt through the other process moves where the counts start.
+        post_receipt(&peer, &bob, &room_id, "m.read", &second, json!({}))
+            .await
+            .expect_ok();
+        let next = sync(app, &bob.access_token, Some(&next_batch(&next)), 0).await;
+        assert_eq!(unread(&next, &room_id), (1, 1), "{next}");
+
+        peer.send_text(&alice.access_token, &room_id, "four").await;
+        let next = sync(app, &bob.access_token, Some(&next_batch(&next)), 0).await;
+        assert_eq!(unread(&next, &room_id), (2, 1), "{next}");
+        // Both processes agree, whatever each kept.
+        let initial = sync(&peer, &bob.access_token, None, 0).await;
+        assert_eq!(unread(&initial, &room_id), (2, 1), "{initial}");
+        let initial = sync(app, &bob.access_token, None, 0).await;
+        assert_eq!(unread(&initial, &room_id), (2, 1), "{initial}");
+    }))
+    .await;
+    peer.teardown().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

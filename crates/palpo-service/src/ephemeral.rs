@@ -7,12 +7,11 @@
 //! through it in the other processes).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     sync::{Arc, Weak},
     time::Duration,
 };
 
-use futures::StreamExt;
 use palpo_core::{Error, Result, now_millis};
 use palpo_storage::{
     Storage, StorageError,
@@ -21,6 +20,8 @@ use palpo_storage::{
 use serde_json::{Map, Value, json};
 
 use crate::{RoomService, notifier::Notifier};
+
+mod unread;
 
 /// Longest a typing notification lasts, whatever the client asks for.
 pub const MAX_TYPING_TIMEOUT_MS: u64 = 30_000;
@@ -31,10 +32,6 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const TOUCH_EVERY_MS: i64 = 10_000;
 /// The presence expiry task checks at most this often.
 const MIN_EXPIRY_CHECK: Duration = Duration::from_millis(100);
-/// Rooms whose unread counts are read at the same time.
-const UNREAD_ROOMS_AT_ONCE: usize = 8;
-/// Unread notification counts stop counting here.
-const MAX_UNREAD: i64 = 1000;
 /// Longest thread id a receipt may carry (the database column's size).
 const MAX_THREAD_ID: usize = 200;
 /// What unread notification counts count.
@@ -121,6 +118,8 @@ pub struct EphemeralService {
     notifier: Arc<Notifier>,
     /// An online user inactive this long is `unavailable`.
     idle_timeout_ms: i64,
+    /// Unread counts kept between syncs.
+    unread: unread::UnreadCache,
 }
 
 fn internal(err: StorageError) -> Error {
@@ -134,6 +133,7 @@ impl EphemeralService {
             rooms,
             notifier,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT.as_millis() as i64,
+            unread: unread::UnreadCache::default(),
         }
     }
 
@@ -712,226 +712,6 @@ impl EphemeralService {
         }
         Ok(())
     }
-
-    /// Adds the unread counts of `rooms` (the joined rooms of the response) as of `up_to`, and
-    /// drops the ephemeral events of rooms that are not among them.
-    pub async fn add_unread_counts<'a>(
-        &self,
-        user: &str,
-        rooms: impl IntoIterator<Item = &'a String>,
-        up_to: i64,
-        out: &mut EphemeralSync,
-    ) -> Result<()> {
-        let rooms: Vec<&String> = rooms.into_iter().collect();
-        let keep: HashSet<&str> = rooms.iter().map(|r| r.as_str()).collect();
-        out.rooms.retain(|room, _| keep.contains(room.as_str()));
-        if rooms.is_empty() {
-            return Ok(());
-        }
-        let mentions = self.mention_names(user).await?;
-        // Several rooms at once, as the room sections are read: each costs a few round trips.
-        // (Collected first: a closure inside the stream would make the sync future not `Send`.)
-        let reads: Vec<_> = rooms
-            .iter()
-            .map(|room_id| self.unread_counts(user, room_id, up_to, &mentions))
-            .collect();
-        let counts: Vec<Result<_>> = futures::stream::iter(reads)
-            .buffered(UNREAD_ROOMS_AT_ONCE)
-            .collect()
-            .await;
-        for (room_id, counts) in rooms.into_iter().zip(counts) {
-            let (main, threads) = counts?;
-            out.unread.insert(room_id.clone(), main);
-            if !threads.is_empty() {
-                out.unread_threads.insert(room_id.clone(), threads);
-            }
-        }
-        Ok(())
-    }
-
-    /// What a message body must contain to mention `user`: their localpart and display name.
-    async fn mention_names(&self, user: &str) -> Result<Vec<String>> {
-        let mut names = Vec::new();
-        if let Some(localpart) = user
-            .strip_prefix('@')
-            .and_then(|rest| rest.split(':').next())
-            .filter(|l| !l.is_empty())
-        {
-            names.push(localpart.to_lowercase());
-        }
-        if let Some(name) = self
-            .storage
-            .profiles
-            .get_profile(user)
-            .await
-            .map_err(internal)?
-            .and_then(|p| p.displayname)
-            .filter(|n| !n.trim().is_empty())
-        {
-            names.push(name.to_lowercase());
-        }
-        Ok(names)
-    }
-
-    /// Messages of others the user may see and has not read, and of those the ones that
-    /// mention them: in the main timeline, after their latest read receipt (public or private)
-    /// that is unthreaded or for `main`; in each thread, after their latest unthreaded receipt
-    /// or receipt for that thread. Without a receipt, after their join.
-    async fn unread_counts(
-        &self,
-        user: &str,
-        room_id: &str,
-        up_to: i64,
-        mentions: &[String],
-    ) -> Result<(UnreadCounts, BTreeMap<String, UnreadCounts>)> {
-        let reads: Vec<ReceiptRecord> = self
-            .storage
-            .ephemeral
-            .receipts_of_user(room_id, user)
-            .await
-            .map_err(internal)?
-            .into_iter()
-            .filter(|r| matches!(r.receipt_type.as_str(), PUBLIC_READ | PRIVATE_READ))
-            .collect();
-        let read_ids: Vec<String> = reads.iter().map(|r| r.event_id.clone()).collect();
-        let positions: HashMap<String, i64> = if read_ids.is_empty() {
-            HashMap::new()
-        } else {
-            self.storage
-                .rooms
-                .get_events(&read_ids)
-                .await
-                .map_err(internal)?
-                .into_iter()
-                .filter_map(|e| Some((e.event_id, e.stream_ordering?)))
-                .collect()
-        };
-        let read_up_to = |thread: Option<&str>| {
-            reads
-                .iter()
-                .filter(|r| r.thread_id.as_deref() == thread)
-                .filter_map(|r| positions.get(&r.event_id).copied())
-                .max()
-        };
-        let unthreaded = read_up_to(None);
-        let main = read_up_to(Some("main"));
-        let joined_at = match unthreaded {
-            Some(_) => None,
-            None => Some(
-                self.storage
-                    .rooms
-                    .membership(room_id, user)
-                    .await
-                    .map_err(internal)?
-                    .map(|m| m.stream_ordering)
-                    .unwrap_or(0),
-            ),
-        };
-        // Thread events before this are read whatever their thread's receipt says.
-        let base = unthreaded.or(joined_at).unwrap_or(0);
-        let main_floor = match (unthreaded, main) {
-            (None, None) => base,
-            (a, b) => a.max(b).unwrap_or(base),
-        };
-        let mut counts = UnreadCounts::default();
-        if main_floor < up_to {
-            let candidates = self
-                .storage
-                .ephemeral
-                .unread_candidates(
-                    room_id,
-                    user,
-                    NOTIFYING_TYPES,
-                    main_floor,
-                    up_to,
-                    MAX_UNREAD,
-                )
-                .await
-                .map_err(internal)?;
-            for event in self.rooms.visible_to_member(user, candidates).await? {
-                counts.notification_count += 1;
-                if mentions_user(&event, user, mentions) {
-                    counts.highlight_count += 1;
-                }
-            }
-        }
-        let mut threads: BTreeMap<String, UnreadCounts> = BTreeMap::new();
-        if base < up_to {
-            let candidates = self
-                .storage
-                .ephemeral
-                .unread_thread_candidates(
-                    room_id,
-                    user,
-                    NOTIFYING_TYPES,
-                    &[PUBLIC_READ, PRIVATE_READ],
-                    base,
-                    up_to,
-                    MAX_UNREAD,
-                )
-                .await
-                .map_err(internal)?;
-            let mut thread_of: HashMap<String, String> = HashMap::new();
-            let mut events = Vec::with_capacity(candidates.len());
-            for (event, thread) in candidates {
-                thread_of.insert(event.event_id.clone(), thread);
-                events.push(event);
-            }
-            for event in self.rooms.visible_to_member(user, events).await? {
-                let Some(thread) = thread_of.remove(&event.event_id) else {
-                    continue;
-                };
-                let entry = threads.entry(thread).or_default();
-                entry.notification_count += 1;
-                if mentions_user(&event, user, mentions) {
-                    entry.highlight_count += 1;
-                }
-            }
-        }
-        Ok((counts, threads))
-    }
-}
-
-/// Whether a message mentions `user`: listed in `m.mentions.user_ids` or, when the message
-/// has no `m.mentions`, its body contains one of `names` (lowercase).
-fn mentions_user(event: &EventRecord, user: &str, names: &[String]) -> bool {
-    if !may_mention(&event.pdu_json, names) {
-        return false;
-    }
-    let Ok(pdu) = serde_json::from_str::<Value>(&event.pdu_json) else {
-        return false;
-    };
-    let content = &pdu["content"];
-    if let Some(mentions) = content.get("m.mentions") {
-        return mentions["user_ids"]
-            .as_array()
-            .is_some_and(|ids| ids.iter().any(|id| id.as_str() == Some(user)));
-    }
-    let Some(body) = content["body"].as_str() else {
-        return false;
-    };
-    let body = body.to_lowercase();
-    names.iter().any(|name| body.contains(name.as_str()))
-}
-
-/// A cheap test on the stored JSON before parsing it: unread counts look at up to
-/// `MAX_UNREAD` events per room and sync, and parsing each one was most of a sync's cost. A
-/// message can only mention the user when it has `m.mentions` or its text holds one of
-/// `names`. Stored PDUs are canonical JSON, which escapes only `"`, `\` and control characters,
-/// so a name without those appears in the JSON as it appears in the body.
-fn may_mention(pdu_json: &str, names: &[String]) -> bool {
-    if pdu_json.contains("m.mentions") {
-        return true;
-    }
-    let escaped = |name: &String| {
-        name.chars()
-            .any(|c| c == '"' || c == '\\' || c.is_control())
-    };
-    if names.iter().any(escaped) {
-        return true;
-    }
-    let lower = pdu_json.to_lowercase();
-    names.iter().any(|name| lower.contains(name.as_str()))
 }
 
 /// A user's presence as of `now`: an online user inactive for `idle_ms` is `unavailable`
@@ -976,78 +756,7 @@ fn presence_event(record: &PresenceRecord, now: i64, idle_ms: i64) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::may_mention;
-
-    #[test]
-    fn mention_prefilter_never_hides_a_mention() {
-        let names = vec!["bob".to_owned(), "@bob:test".to_owned()];
-        // A name in the body, whatever its case, or any `m.mentions`: parse.
-        assert!(may_mention(r#"{"content":{"body":"Hi BOB"}}"#, &names));
-        assert!(may_mention(
-            r#"{"content":{"body":"x","m.mentions":{}}}"#,
-            &names
-        ));
-        // Neither: no need to parse.
-        assert!(!may_mention(r#"{"content":{"body":"hello all"}}"#, &names));
-        // A name JSON would escape cannot be found in the raw text: always parse.
-        let quoted = vec!["\"bob\"".to_owned()];
-        assert!(may_mention(r#"{"content":{"body":"hello"}}"#, &quoted));
-    }
-
     use super::*;
-
-    fn message(content: Value) -> EventRecord {
-        EventRecord {
-            event_id: "$e".into(),
-            room_id: "!r:x".into(),
-            stream_ordering: Some(1),
-            depth: 1,
-            event_type: "m.room.message".into(),
-            state_key: None,
-            sender: "@a:x".into(),
-            origin_server_ts: 1,
-            state_group: Some(1),
-            outlier: false,
-            soft_failed: false,
-            rejected_reason: None,
-            redacted_by: None,
-            pdu_json: json!({ "content": content }).to_string(),
-        }
-    }
-
-    #[test]
-    fn mentions_by_list_or_by_name() {
-        let names = vec!["bob".to_owned(), "bobby tables".to_owned()];
-        let user = "@bob:x";
-        assert!(mentions_user(
-            &message(json!({"body": "hi", "m.mentions": {"user_ids": ["@bob:x"]}})),
-            user,
-            &names
-        ));
-        assert!(
-            !mentions_user(
-                &message(json!({"body": "hi bob", "m.mentions": {}})),
-                user,
-                &names
-            ),
-            "m.mentions present: the body does not count"
-        );
-        assert!(mentions_user(
-            &message(json!({"body": "Hey BOB!"})),
-            user,
-            &names
-        ));
-        assert!(mentions_user(
-            &message(json!({"body": "ask Bobby Tables"})),
-            user,
-            &names
-        ));
-        assert!(!mentions_user(
-            &message(json!({"body": "hello"})),
-            user,
-            &names
-        ));
-    }
 
     #[test]
     fn presence_states_parse() {

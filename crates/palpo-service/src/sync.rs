@@ -312,7 +312,12 @@ impl SyncService {
             .sync_rooms_at(user, since, upto, request, &also)
             .await?;
         ephemeral
-            .add_unread_counts(user, rooms.join.keys(), upto, &mut extra)
+            .add_unread_counts(
+                user,
+                rooms.join.iter().map(|(id, room)| (id, room.joined_at)),
+                upto,
+                &mut extra,
+            )
             .await?;
         if !filter.room.timeline.unread_thread_notifications {
             extra.fold_thread_counts();

@@ -259,9 +259,9 @@ pub trait EphemeralRepo: Send + Sync {
     /// goes idle is that plus the idle timeout.
     async fn oldest_online_activity(&self) -> Result<Option<i64>>;
 
-    /// Messages (`event_types`) of a room's main timeline (in no thread) in `(after, up_to]`
-    /// not sent by `user_id`, in the timeline, oldest first, at most `limit`: what unread
-    /// notification counts count.
+    /// Messages (`event_types`) of a room in `(after, up_to]` not sent by `user_id`, in the
+    /// timeline, oldest first, at most `limit`, each with its thread (`None`: the main
+    /// timeline): what unread notification counts count.
     async fn unread_candidates(
         &self,
         room_id: &str,
@@ -270,22 +270,16 @@ pub trait EphemeralRepo: Send + Sync {
         after: i64,
         up_to: i64,
         limit: i64,
-    ) -> Result<Vec<crate::model::EventRecord>>;
-    /// Messages (`event_types`) in threads of a room in `(after, up_to]` not sent by
-    /// `user_id`, in the timeline, that none of the user's receipts of `receipt_types` for
-    /// their thread covers (a receipt at that event or a later one), oldest first, at most
-    /// `limit`, each with its thread: what per-thread unread counts count.
-    #[allow(clippy::too_many_arguments)]
-    async fn unread_thread_candidates(
+    ) -> Result<Vec<(crate::model::EventRecord, Option<String>)>>;
+    /// Where the user's receipts of `receipt_types` in these rooms point: per receipt its room,
+    /// thread (`None`: unthreaded) and the stream position of its event. Receipts at events
+    /// without a position are left out.
+    async fn read_positions(
         &self,
-        room_id: &str,
         user_id: &str,
-        event_types: &[&str],
+        room_ids: &[String],
         receipt_types: &[&str],
-        after: i64,
-        up_to: i64,
-        limit: i64,
-    ) -> Result<Vec<(crate::model::EventRecord, String)>>;
+    ) -> Result<Vec<crate::model::ReadPosition>>;
 }
 
 /// Sync filters and account data (global and per room) of users.

@@ -542,13 +542,13 @@ async fn unread_candidates(s: Storage) {
         .unread_candidates(ROOM, "@b:test", &types, 0, max, 100)
         .await
         .expect("candidates");
-    let kinds: Vec<&str> = all.iter().map(|e| e.event_type.as_str()).collect();
+    let kinds: Vec<&str> = all.iter().map(|(e, _)| e.event_type.as_str()).collect();
     assert_eq!(
         kinds,
         ["m.room.message", "m.room.encrypted", "m.room.message"],
         "messages of others, oldest first"
     );
-    let after_first = all[0].stream_ordering.expect("position");
+    let after_first = all[0].0.stream_ordering.expect("position");
     let rest = s
         .ephemeral
         .unread_candidates(ROOM, "@b:test", &types, after_first, max, 100)

@@ -1,13 +1,19 @@
 //! Conformance of what per-thread unread counts and presence expiry read and write, on every
-//! backend: events remember their thread, thread messages are unread until a receipt for
-//! their thread covers them, and idle online users move to `unavailable` at one position.
+//! backend: events remember their thread, unread candidates carry their thread, receipts are
+//! found at their events' positions, and idle online users move to `unavailable` at one
+//! position.
 
 use palpo_storage::{
     Storage,
     model::{NewEvent, NewRoom, PresenceRecord, ReceiptRecord},
 };
 
-palpo_storage::conformance!(threads_of_events, unread_thread_candidates, presence_expiry);
+palpo_storage::conformance!(
+    threads_of_events,
+    unread_candidates_with_threads,
+    read_positions,
+    presence_expiry
+);
 
 const ROOM: &str = "!threads:test";
 
@@ -92,7 +98,7 @@ fn read(user: &str, thread: Option<&str>, event: &str, kind: &str) -> ReceiptRec
     }
 }
 
-async fn unread_thread_candidates(s: Storage) {
+async fn unread_candidates_with_threads(s: Storage) {
     let positions = room_with(
         &s,
         &[
@@ -108,78 +114,100 @@ async fn unread_thread_candidates(s: Storage) {
     .await;
     let max = *positions.last().expect("positions");
     let types = [MESSAGE];
-    let receipts = ["m.read", "m.read.private"];
-    let ids = |events: &[(palpo_storage::model::EventRecord, String)]| -> Vec<(String, String)> {
+    let ids = |events: &[(palpo_storage::model::EventRecord, Option<String>)]| {
         events
             .iter()
             .map(|(e, t)| (e.event_id.clone(), t.clone()))
-            .collect()
+            .collect::<Vec<_>>()
     };
+    let thread = |id: &str, t: Option<&str>| (id.to_owned(), t.map(str::to_owned));
     let all = s
         .ephemeral
-        .unread_thread_candidates(ROOM, "@b:test", &types, &receipts, 0, max, 100)
+        .unread_candidates(ROOM, "@b:test", &types, 0, max, 100)
         .await
         .expect("candidates");
     assert_eq!(
         ids(&all),
         [
-            ("$t1".to_owned(), "$root".to_owned()),
-            ("$t2".to_owned(), "$root".to_owned()),
-            ("$other1".to_owned(), "$other".to_owned()),
+            thread("$root", None),
+            thread("$t1", Some("$root")),
+            thread("$t2", Some("$root")),
+            thread("$other1", Some("$other")),
+            thread("$main", None),
         ],
-        "thread messages of others, oldest first"
+        "messages of others, oldest first, each with its thread"
     );
-    // The main timeline's candidates leave thread events out.
-    let main = s
-        .ephemeral
-        .unread_candidates(ROOM, "@b:test", &types, 0, max, 100)
-        .await
-        .expect("candidates");
-    let main: Vec<&str> = main.iter().map(|e| e.event_id.as_str()).collect();
-    assert_eq!(main, ["$root", "$main"]);
-
-    // A receipt for the thread covers it up to its event; one for another thread, or of
-    // another user or type, does not.
-    s.ephemeral
-        .put_receipt(&read("@b:test", Some("$root"), "$t1", "m.read.private"))
-        .await
-        .expect("receipt");
-    s.ephemeral
-        .put_receipt(&read("@c:test", Some("$root"), "$t2", "m.read"))
-        .await
-        .expect("receipt");
-    s.ephemeral
-        .put_receipt(&read("@b:test", Some("$other"), "$t2", "m.read"))
-        .await
-        .expect("receipt");
-    let unread = s
-        .ephemeral
-        .unread_thread_candidates(ROOM, "@b:test", &types, &receipts, 0, max, 100)
-        .await
-        .expect("candidates");
-    assert_eq!(
-        ids(&unread),
-        [
-            ("$t2".to_owned(), "$root".to_owned()),
-            ("$other1".to_owned(), "$other".to_owned()),
-        ]
-    );
-    // After, limit.
     let after_t2 = s
         .ephemeral
-        .unread_thread_candidates(ROOM, "@b:test", &types, &receipts, positions[2], max, 100)
+        .unread_candidates(ROOM, "@b:test", &types, positions[2], max, 100)
         .await
         .expect("candidates");
     assert_eq!(
         ids(&after_t2),
-        [("$other1".to_owned(), "$other".to_owned())]
+        [thread("$other1", Some("$other")), thread("$main", None)]
     );
     let one = s
         .ephemeral
-        .unread_thread_candidates(ROOM, "@b:test", &types, &receipts, 0, max, 1)
+        .unread_candidates(ROOM, "@b:test", &types, 0, max, 1)
         .await
         .expect("candidates");
-    assert_eq!(one.len(), 1);
+    assert_eq!(ids(&one), [thread("$root", None)]);
+}
+
+async fn read_positions(s: Storage) {
+    let positions = room_with(
+        &s,
+        &[
+            ("$root", MESSAGE, "@a:test", None),
+            ("$t1", MESSAGE, "@a:test", Some("$root")),
+            ("$main", MESSAGE, "@a:test", None),
+        ],
+    )
+    .await;
+    let receipts = ["m.read", "m.read.private"];
+    let rooms = [ROOM.to_owned(), "!elsewhere:test".to_owned()];
+    assert!(
+        s.ephemeral
+            .read_positions("@b:test", &rooms, &receipts)
+            .await
+            .expect("positions")
+            .is_empty()
+    );
+    for receipt in [
+        read("@b:test", None, "$main", "m.read"),
+        read("@b:test", Some("$root"), "$t1", "m.read.private"),
+        read("@b:test", Some("main"), "$root", "m.read"),
+        // Another user, another type, and an event with no position: left out.
+        read("@c:test", None, "$main", "m.read"),
+        read("@b:test", None, "$t1", "m.fully_read"),
+        read("@b:test", Some("$x"), "$unknown", "m.read"),
+    ] {
+        s.ephemeral.put_receipt(&receipt).await.expect("receipt");
+    }
+    let found = s
+        .ephemeral
+        .read_positions("@b:test", &rooms, &receipts)
+        .await
+        .expect("positions");
+    let found: Vec<(Option<&str>, i64)> = found
+        .iter()
+        .inspect(|p| assert_eq!(p.room_id, ROOM))
+        .map(|p| (p.thread_id.as_deref(), p.stream_ordering))
+        .collect();
+    let mut expected = vec![
+        (None, positions[2]),
+        (Some("$root"), positions[1]),
+        (Some("main"), positions[0]),
+    ];
+    expected.sort();
+    assert_eq!(found, expected);
+    assert!(
+        s.ephemeral
+            .read_positions("@b:test", &rooms[1..], &receipts)
+            .await
+            .expect("positions")
+            .is_empty()
+    );
 }
 
 fn presence(user: &str, state: &str, last_active_ts: i64) -> PresenceRecord {

@@ -135,6 +135,9 @@ pub struct JoinedRoom {
     pub timeline: Timeline,
     pub state: Vec<Value>,
     pub summary: RoomSummary,
+    /// The stream position of the user's current membership event (where unread counts
+    /// start without a read receipt).
+    pub joined_at: i64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -311,7 +314,7 @@ impl RoomService {
                 };
                 let room_since = if newly_joined { None } else { since };
                 let (room, members_sent) = self
-                    .joined_room(user, &room_id, room_since, upto, request)
+                    .joined_room(user, &membership, room_since, upto, request)
                     .await?;
                 (room_since.is_none()
                     || !room.timeline.events.is_empty()
@@ -713,11 +716,12 @@ impl RoomService {
     async fn joined_room(
         &self,
         user: &str,
-        room_id: &str,
+        membership: &MembershipRecord,
         since: Option<i64>,
         upto: i64,
         request: &SyncRequest,
     ) -> Result<(JoinedRoom, Vec<(String, String)>)> {
+        let room_id = membership.room_id.as_str();
         let members = self
             .storage
             .rooms
@@ -742,6 +746,7 @@ impl RoomService {
                 timeline: section.timeline,
                 state: section.state,
                 summary,
+                joined_at: membership.stream_ordering,
             },
             section.members_sent,
         ))

@@ -2,6 +2,16 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Where one of a user's read receipts points: what their unread counts start after.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReadPosition {
+    pub room_id: String,
+    /// The thread root's event id, or `main`; `None` for an unthreaded receipt.
+    pub thread_id: Option<String>,
+    /// The stream position of the event the receipt is at.
+    pub stream_ordering: i64,
+}
+
 /// A user's latest receipt of one type in a room (per thread).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiptRecord {

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     db::Text,
     error::Result,
-    model::{EventRecord, PresenceRecord, ReceiptRecord, TypingRecord},
+    model::{EventRecord, PresenceRecord, ReadPosition, ReceiptRecord, TypingRecord},
     on_pool, on_tx,
     repo::EphemeralRepo,
 };
@@ -90,7 +90,7 @@ const UNAVAILABLE: &str = "unavailable";
 struct ThreadEventRow {
     #[sqlx(flatten)]
     event: EventRow,
-    thread_id: Text,
+    thread_id: Option<Text>,
 }
 
 const PRESENCE_COLUMNS: &str = "user_id, state, status_msg, last_active_ts, stream_position";
@@ -431,64 +431,15 @@ impl EphemeralRepo for SqlStore {
         after: i64,
         up_to: i64,
         limit: i64,
-    ) -> Result<Vec<EventRecord>> {
+    ) -> Result<Vec<(EventRecord, Option<String>)>> {
         if event_types.is_empty() {
             return Ok(Vec::new());
         }
         let query = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = ? \
+            "SELECT {EVENT_COLUMNS}, thread_id FROM events WHERE room_id = ? \
              AND stream_ordering > ? AND stream_ordering <= ? AND sender <> ? \
              AND event_type IN ({}) AND outlier = ? AND soft_failed = ? \
-             AND rejected_reason IS NULL AND thread_id IS NULL \
-             ORDER BY stream_ordering ASC LIMIT ?",
-            placeholders(event_types.len())
-        );
-        let rows: Vec<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
-            let mut q = sqlx::query_as(sql)
-                .bind(room_id)
-                .bind(after)
-                .bind(up_to)
-                .bind(user_id);
-            for kind in event_types {
-                q = q.bind(*kind);
-            }
-            q.bind(false).bind(false).bind(limit).fetch_all(p).await?
-        });
-        Ok(rows.into_iter().map(Into::into).collect())
-    }
-
-    async fn unread_thread_candidates(
-        &self,
-        room_id: &str,
-        user_id: &str,
-        event_types: &[&str],
-        receipt_types: &[&str],
-        after: i64,
-        up_to: i64,
-        limit: i64,
-    ) -> Result<Vec<(EventRecord, String)>> {
-        if event_types.is_empty() {
-            return Ok(Vec::new());
-        }
-        // A thread event is read when a receipt of the user for its thread is at it or at a
-        // later event (receipts name events; their positions come from `events`).
-        let covered = if receipt_types.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "AND NOT EXISTS (SELECT 1 FROM receipts r JOIN events re \
-                 ON re.event_id = r.event_id WHERE r.room_id = e.room_id AND r.user_id = ? \
-                 AND r.thread_id = e.thread_id AND r.receipt_type IN ({}) \
-                 AND re.stream_ordering >= e.stream_ordering)",
-                placeholders(receipt_types.len())
-            )
-        };
-        let query = format!(
-            "SELECT {EVENT_COLUMNS}, thread_id FROM events e WHERE room_id = ? \
-             AND stream_ordering > ? AND stream_ordering <= ? AND sender <> ? \
-             AND event_type IN ({}) AND outlier = ? AND soft_failed = ? \
-             AND rejected_reason IS NULL AND thread_id IS NOT NULL {covered} \
-             ORDER BY stream_ordering ASC LIMIT ?",
+             AND rejected_reason IS NULL ORDER BY stream_ordering ASC LIMIT ?",
             placeholders(event_types.len())
         );
         let rows: Vec<ThreadEventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
@@ -500,19 +451,55 @@ impl EphemeralRepo for SqlStore {
             for kind in event_types {
                 q = q.bind(*kind);
             }
-            q = q.bind(false).bind(false);
-            if !receipt_types.is_empty() {
-                q = q.bind(user_id);
-                for kind in receipt_types {
-                    q = q.bind(*kind);
-                }
-            }
-            q.bind(limit).fetch_all(p).await?
+            q.bind(false).bind(false).bind(limit).fetch_all(p).await?
         });
         Ok(rows
             .into_iter()
-            .map(|row| (row.event.into(), row.thread_id.into()))
+            .map(|row| (row.event.into(), row.thread_id.map(|t| t.0)))
             .collect())
+    }
+
+    async fn read_positions(
+        &self,
+        user_id: &str,
+        room_ids: &[String],
+        receipt_types: &[&str],
+    ) -> Result<Vec<ReadPosition>> {
+        if receipt_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for chunk in room_ids.chunks(CHUNK) {
+            let query = format!(
+                "SELECT r.room_id, r.thread_id, e.stream_ordering FROM receipts r \
+                 JOIN events e ON e.event_id = r.event_id \
+                 WHERE r.user_id = ? AND r.receipt_type IN ({}) AND r.room_id IN ({}) \
+                 AND e.stream_ordering IS NOT NULL",
+                placeholders(receipt_types.len()),
+                placeholders(chunk.len())
+            );
+            let rows: Vec<(Text, Text, i64)> = on_pool!(self.db.primary(), &query, |p, sql| {
+                let mut q = sqlx::query_as(sql).bind(user_id);
+                for kind in receipt_types {
+                    q = q.bind(*kind);
+                }
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                q.fetch_all(p).await?
+            });
+            out.extend(
+                rows.into_iter()
+                    .map(|(room, thread, position)| ReadPosition {
+                        room_id: room.0,
+                        // Unthreaded receipts are stored with an empty thread id.
+                        thread_id: Some(thread.0).filter(|t| !t.is_empty()),
+                        stream_ordering: position,
+                    }),
+            );
+        }
+        out.sort();
+        Ok(out)
     }
 
     async fn expire_presence(&self, idle_before: i64) -> Result<Option<i64>> {

@@ -1,0 +1,409 @@
+//! Unread notification counts: the messages of others a member has not read, and of those
+//! the ones that mention them, per room and per thread.
+//!
+//! Counting reads events, so a sync would cost as much as the backlog of unread messages. Each
+//! process therefore keeps, per user and room, what it counted and up to which stream
+//! position; the next sync only counts the events after that. Kept counts are only reused
+//! while what they start after is unchanged (the user's read receipts, their membership
+//! position and the names a mention looks for), and events below a committed stream position
+//! never appear later (positions commit in order), so they are exact, whichever process wrote
+//! what in between.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    num::NonZeroUsize,
+    sync::Mutex,
+};
+
+use futures::StreamExt;
+use lru::LruCache;
+use palpo_core::Result;
+use palpo_storage::model::{EventRecord, ReadPosition};
+use serde_json::Value;
+
+use super::{
+    EphemeralService, EphemeralSync, NOTIFYING_TYPES, PRIVATE_READ, PUBLIC_READ, UnreadCounts,
+    internal,
+};
+
+/// Rooms whose unread counts are read at the same time.
+const UNREAD_ROOMS_AT_ONCE: usize = 8;
+/// Events one count reads at most; a longer backlog is counted over the following syncs.
+const MAX_UNREAD_READ: i64 = 1000;
+/// Users × rooms whose counts a process keeps.
+const KEPT_COUNTS: usize = 16_384;
+
+/// Counts kept between syncs, per (user, room).
+pub(super) struct UnreadCache {
+    kept: Mutex<LruCache<(String, String), Counted>>,
+}
+
+impl Default for UnreadCache {
+    fn default() -> Self {
+        UnreadCache {
+            kept: Mutex::new(LruCache::new(
+                NonZeroUsize::new(KEPT_COUNTS).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+}
+
+/// The counts of one user in one room over `(start, counted_to]`.
+#[derive(Debug, Clone)]
+struct Counted {
+    start: Floors,
+    names: Vec<String>,
+    counted_to: i64,
+    main: UnreadCounts,
+    threads: BTreeMap<String, UnreadCounts>,
+}
+
+/// What a member's counts in a room start after: their read receipts (thread, position;
+/// sorted) and, when no unthreaded receipt exists, the position of their membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Floors {
+    reads: Vec<(Option<String>, i64)>,
+    joined_at: i64,
+}
+
+impl Floors {
+    fn latest_read(&self, thread: Option<&str>) -> Option<i64> {
+        self.reads
+            .iter()
+            .filter(|(t, _)| t.as_deref() == thread)
+            .map(|(_, position)| *position)
+            .max()
+    }
+
+    /// Thread messages at or before this are read, whatever their thread's receipt says:
+    /// the latest unthreaded receipt, or else the join.
+    fn base(&self) -> i64 {
+        self.latest_read(None).unwrap_or(self.joined_at)
+    }
+
+    /// Main-timeline messages at or before this are read: the later of the unthreaded and
+    /// the `main` receipt, or else the join.
+    fn main(&self) -> i64 {
+        match (self.latest_read(None), self.latest_read(Some("main"))) {
+            (None, None) => self.joined_at,
+            (a, b) => a.max(b).unwrap_or(self.joined_at),
+        }
+    }
+}
+
+impl EphemeralService {
+    /// Adds the unread counts of `rooms` (the joined rooms of the response, each with the
+    /// stream position of the user's membership) as of `up_to`, and drops the ephemeral events
+    /// of rooms that are not among them.
+    pub async fn add_unread_counts<'a>(
+        &self,
+        user: &str,
+        rooms: impl IntoIterator<Item = (&'a String, i64)>,
+        up_to: i64,
+        out: &mut EphemeralSync,
+    ) -> Result<()> {
+        let rooms: Vec<(&String, i64)> = rooms.into_iter().collect();
+        let keep: std::collections::HashSet<&str> = rooms.iter().map(|(r, _)| r.as_str()).collect();
+        out.rooms.retain(|room, _| keep.contains(room.as_str()));
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        let mentions = self.mention_names(user).await?;
+        let room_ids: Vec<String> = rooms.iter().map(|(r, _)| (*r).clone()).collect();
+        let mut reads: HashMap<String, Vec<(Option<String>, i64)>> = HashMap::new();
+        for ReadPosition {
+            room_id,
+            thread_id,
+            stream_ordering,
+        } in self
+            .storage
+            .ephemeral
+            .read_positions(user, &room_ids, &[PUBLIC_READ, PRIVATE_READ])
+            .await
+            .map_err(internal)?
+        {
+            reads
+                .entry(room_id)
+                .or_default()
+                .push((thread_id, stream_ordering));
+        }
+        // Several rooms at once, as the room sections are read.
+        // (Collected first: a closure inside the stream would make the sync future not `Send`.)
+        let counts: Vec<_> = rooms
+            .iter()
+            .map(|(room_id, joined_at)| {
+                let mut floors = Floors {
+                    reads: reads.remove(room_id.as_str()).unwrap_or_default(),
+                    joined_at: *joined_at,
+                };
+                floors.reads.sort();
+                self.unread_counts(user, room_id, floors, up_to, &mentions)
+            })
+            .collect();
+        let counts: Vec<Result<_>> = futures::stream::iter(counts)
+            .buffered(UNREAD_ROOMS_AT_ONCE)
+            .collect()
+            .await;
+        for ((room_id, _), counts) in rooms.into_iter().zip(counts) {
+            let (main, threads) = counts?;
+            out.unread.insert(room_id.clone(), main);
+            if !threads.is_empty() {
+                out.unread_threads.insert(room_id.clone(), threads);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a message body must contain to mention `user`: their localpart and display name.
+    async fn mention_names(&self, user: &str) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        if let Some(localpart) = user
+            .strip_prefix('@')
+            .and_then(|rest| rest.split(':').next())
+            .filter(|l| !l.is_empty())
+        {
+            names.push(localpart.to_lowercase());
+        }
+        if let Some(name) = self
+            .storage
+            .profiles
+            .get_profile(user)
+            .await
+            .map_err(internal)?
+            .and_then(|p| p.displayname)
+            .filter(|n| !n.trim().is_empty())
+        {
+            names.push(name.to_lowercase());
+        }
+        Ok(names)
+    }
+
+    /// Messages of others the user may see and has not read, and of those the ones that
+    /// mention them: in the main timeline, after their latest read receipt (public or private)
+    /// that is unthreaded or for `main`; in each thread, after their latest unthreaded receipt
+    /// or receipt for that thread. Without a receipt, after their join. Continues the counts
+    /// kept from an earlier sync when they start from the same place.
+    async fn unread_counts(
+        &self,
+        user: &str,
+        room_id: &str,
+        floors: Floors,
+        up_to: i64,
+        mentions: &[String],
+    ) -> Result<(UnreadCounts, BTreeMap<String, UnreadCounts>)> {
+        let key = (user.to_owned(), room_id.to_owned());
+        let kept = self
+            .unread
+            .kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .filter(|c| c.start == floors && c.names == mentions && c.counted_to <= up_to)
+            .cloned();
+        let base = floors.base();
+        let mut counted = kept.unwrap_or_else(|| Counted {
+            counted_to: base,
+            start: floors,
+            names: mentions.to_vec(),
+            main: UnreadCounts::default(),
+            threads: BTreeMap::new(),
+        });
+        if counted.counted_to < up_to {
+            let candidates = self
+                .storage
+                .ephemeral
+                .unread_candidates(
+                    room_id,
+                    user,
+                    NOTIFYING_TYPES,
+                    counted.counted_to,
+                    up_to,
+                    MAX_UNREAD_READ,
+                )
+                .await
+                .map_err(internal)?;
+            // A backlog longer than one read continues from its last event next time.
+            let read_to = match candidates.last() {
+                Some((event, _)) if candidates.len() as i64 >= MAX_UNREAD_READ => {
+                    event.stream_ordering.unwrap_or(up_to)
+                }
+                _ => up_to,
+            };
+            let mut thread_of: HashMap<String, Option<String>> = HashMap::new();
+            let mut events = Vec::with_capacity(candidates.len());
+            for (event, thread) in candidates {
+                thread_of.insert(event.event_id.clone(), thread);
+                events.push(event);
+            }
+            let main_floor = counted.start.main();
+            for event in self.rooms.visible_to_member(user, events).await? {
+                let position = event.stream_ordering.unwrap_or_default();
+                let counts = match thread_of.remove(&event.event_id).flatten() {
+                    None if position > main_floor => &mut counted.main,
+                    None => continue,
+                    Some(thread) => {
+                        let read = counted.start.latest_read(Some(&thread));
+                        if position <= base || read.is_some_and(|read| position <= read) {
+                            continue;
+                        }
+                        counted.threads.entry(thread).or_default()
+                    }
+                };
+                counts.notification_count += 1;
+                if mentions_user(&event, user, mentions) {
+                    counts.highlight_count += 1;
+                }
+            }
+            counted.counted_to = read_to;
+            self.unread
+                .kept
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(key, counted.clone());
+        }
+        Ok((counted.main, counted.threads))
+    }
+}
+
+/// Whether a message mentions `user`: listed in `m.mentions.user_ids` or, when the message
+/// has no `m.mentions`, its body contains one of `names` (lowercase).
+fn mentions_user(event: &EventRecord, user: &str, names: &[String]) -> bool {
+    if !may_mention(&event.pdu_json, names) {
+        return false;
+    }
+    let Ok(pdu) = serde_json::from_str::<Value>(&event.pdu_json) else {
+        return false;
+    };
+    let content = &pdu["content"];
+    if let Some(mentions) = content.get("m.mentions") {
+        return mentions["user_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id.as_str() == Some(user)));
+    }
+    let Some(body) = content["body"].as_str() else {
+        return false;
+    };
+    let body = body.to_lowercase();
+    names.iter().any(|name| body.contains(name.as_str()))
+}
+
+/// A cheap test on the stored JSON before parsing it: most messages mention nobody, and
+/// parsing each one was most of a count's cost. A message can only mention the user when it
+/// has `m.mentions` or its text holds one of `names`. Stored PDUs are canonical JSON, which
+/// escapes only `"`, `\` and control characters, so a name without those appears in the JSON
+/// as it appears in the body.
+fn may_mention(pdu_json: &str, names: &[String]) -> bool {
+    if pdu_json.contains("m.mentions") {
+        return true;
+    }
+    let escaped = |name: &String| {
+        name.chars()
+            .any(|c| c == '"' || c == '\\' || c.is_control())
+    };
+    if names.iter().any(escaped) {
+        return true;
+    }
+    let lower = pdu_json.to_lowercase();
+    names.iter().any(|name| lower.contains(name.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn mention_prefilter_never_hides_a_mention() {
+        let names = vec!["bob".to_owned(), "@bob:test".to_owned()];
+        // A name in the body, whatever its case, or any `m.mentions`: parse.
+        assert!(may_mention(r#"{"content":{"body":"Hi BOB"}}"#, &names));
+        assert!(may_mention(
+            r#"{"content":{"body":"x","m.mentions":{}}}"#,
+            &names
+        ));
+        // Neither: no need to parse.
+        assert!(!may_mention(r#"{"content":{"body":"hello all"}}"#, &names));
+        // A name JSON would escape cannot be found in the raw text: always parse.
+        let quoted = vec!["\"bob\"".to_owned()];
+        assert!(may_mention(r#"{"content":{"body":"hello"}}"#, &quoted));
+    }
+
+    fn message(content: Value) -> EventRecord {
+        EventRecord {
+            event_id: "$e".into(),
+            room_id: "!r:x".into(),
+            stream_ordering: Some(1),
+            depth: 1,
+            event_type: "m.room.message".into(),
+            state_key: None,
+            sender: "@a:x".into(),
+            origin_server_ts: 1,
+            state_group: Some(1),
+            outlier: false,
+            soft_failed: false,
+            rejected_reason: None,
+            redacted_by: None,
+            pdu_json: json!({ "content": content }).to_string(),
+        }
+    }
+
+    #[test]
+    fn mentions_by_list_or_by_name() {
+        let names = vec!["bob".to_owned(), "bobby tables".to_owned()];
+        let user = "@bob:x";
+        assert!(mentions_user(
+            &message(json!({"body": "hi", "m.mentions": {"user_ids": ["@bob:x"]}})),
+            user,
+            &names
+        ));
+        assert!(
+            !mentions_user(
+                &message(json!({"body": "hi bob", "m.mentions": {}})),
+                user,
+                &names
+            ),
+            "m.mentions present: the body does not count"
+        );
+        assert!(mentions_user(
+            &message(json!({"body": "Hey BOB!"})),
+            user,
+            &names
+        ));
+        assert!(mentions_user(
+            &message(json!({"body": "ask Bobby Tables"})),
+            user,
+            &names
+        ));
+        assert!(!mentions_user(
+            &message(json!({"body": "hello"})),
+            user,
+            &names
+        ));
+    }
+
+    #[test]
+    fn floors_follow_the_receipts() {
+        let joined = Floors {
+            reads: vec![],
+            joined_at: 5,
+        };
+        assert_eq!((joined.base(), joined.main()), (5, 5));
+        let reads = Floors {
+            reads: vec![
+                (None, 10),
+                (Some("$t".into()), 30),
+                (Some("main".into()), 20),
+            ],
+            joined_at: 5,
+        };
+        assert_eq!(reads.base(), 10, "the unthreaded receipt");
+        assert_eq!(reads.main(), 20, "the later of unthreaded and main");
+        assert_eq!(reads.latest_read(Some("$t")), Some(30));
+        let main_only = Floors {
+            reads: vec![(Some("main".into()), 20)],
+            joined_at: 5,
+        };
+        assert_eq!((main_only.base(), main_only.main()), (5, 20));
+    }
+}
