@@ -271,6 +271,9 @@ fn migrator(backend: Backend) -> sqlx::migrate::Migrator {
 pub struct Db {
     backend: Backend,
     primary: Pool,
+    /// Where reads that must see every committed write go: the primary, or on SQLite its
+    /// reader connections.
+    fresh: Pool,
     reads: ReadRouter,
 }
 
@@ -328,10 +331,17 @@ impl Db {
                 .connect_lazy_with(options);
             replicas.push(pool);
         }
+        // A SQLite reader in WAL mode sees every transaction committed before its statement
+        // began, so reads need not queue behind writes on the single writer connection.
+        let fresh = match &sqlite_readers {
+            Some(readers) => Pool::Sqlite(readers.clone()),
+            None => primary.clone(),
+        };
         let reads = ReadRouter::new(primary.clone(), sqlite_readers, replicas);
         Ok(Db {
             backend,
             primary,
+            fresh,
             reads,
         })
     }
@@ -351,9 +361,16 @@ impl Db {
         self.backend
     }
 
-    /// The pool for writes and for reads that must see every committed write.
+    /// The pool for writes.
     pub fn primary(&self) -> &Pool {
         &self.primary
+    }
+
+    /// The pool for reads that must see every committed write (never a replica): the primary,
+    /// or on SQLite its reader connections, which see every commit and do not queue behind
+    /// the single writer.
+    pub fn fresh(&self) -> &Pool {
+        &self.fresh
     }
 
     /// The read router (replica selection, read-your-writes bookkeeping).

@@ -54,7 +54,7 @@ impl AccountDataRepo for SqlStore {
         // pick the same id: the primary key refuses the second, which counts again.
         for _ in 0..FILTER_ID_ATTEMPTS {
             let count: i64 = on_pool!(
-                self.db.primary(),
+                self.db.fresh(),
                 "SELECT COUNT(*) FROM user_filters WHERE user_id = ?",
                 |p, sql| { sqlx::query_scalar(sql).bind(user_id).fetch_one(p).await? }
             );
@@ -87,7 +87,7 @@ impl AccountDataRepo for SqlStore {
 
     async fn get_filter(&self, user_id: &str, filter_id: &str) -> Result<Option<String>> {
         let json: Option<Text> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT filter_json FROM user_filters WHERE user_id = ? AND filter_id = ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
@@ -156,7 +156,7 @@ impl AccountDataRepo for SqlStore {
         let query = format!(
             "SELECT {ACCOUNT_DATA_COLUMNS} FROM account_data WHERE user_id = ? AND room_id = ? AND data_type = ?"
         );
-        let row: Option<AccountDataRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let row: Option<AccountDataRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql)
                 .bind(user_id)
                 .bind(stored_room(room_id))
@@ -178,7 +178,7 @@ impl AccountDataRepo for SqlStore {
              WHERE user_id = ? AND stream_position > ? AND stream_position <= ? \
              ORDER BY stream_position"
         );
-        let rows: Vec<AccountDataRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let rows: Vec<AccountDataRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql)
                 .bind(user_id)
                 .bind(after)

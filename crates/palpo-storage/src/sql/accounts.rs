@@ -154,7 +154,7 @@ impl UserRepo for SqlStore {
 
     async fn count_users(&self) -> Result<i64> {
         Ok(on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT COUNT(*) FROM users",
             |p, sql| { sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await? }
         ))
@@ -396,7 +396,7 @@ impl DeviceRepo for SqlStore {
 
     async fn find_token(&self, token_hash: &str) -> Result<Option<TokenOwner>> {
         let row: Option<(Text, Text)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT user_id, device_id FROM access_tokens WHERE token_hash = ?",
             |p, sql| {
                 sqlx::query_as(sql)
@@ -439,7 +439,7 @@ impl DeviceRepo for SqlStore {
 impl SqlStore {
     async fn get_device_on_primary(&self, user_id: &str, device_id: &str) -> Result<Option<i64>> {
         Ok(on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT created_at FROM devices WHERE user_id = ? AND device_id = ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
@@ -483,7 +483,7 @@ impl UiaRepo for SqlStore {
     async fn get_session(&self, session_id: &str) -> Result<Option<UiaSession>> {
         // From the primary: the next round of the same authentication follows at once.
         let row: Option<UiaRow> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT session_id, user_id, purpose, completed, data, created_at FROM uia_sessions WHERE session_id = ?",
             |p, sql| {
                 sqlx::query_as(sql)

@@ -351,13 +351,13 @@ impl E2eeRepo for SqlStore {
              WHERE k.user_id = ?";
         let mut rows: Vec<DeviceKeysRow> = Vec::new();
         if device_ids.is_empty() {
-            rows = on_pool!(self.db.primary(), base, |p, sql| {
+            rows = on_pool!(self.db.fresh(), base, |p, sql| {
                 sqlx::query_as(sql).bind(user_id).fetch_all(p).await?
             });
         } else {
             for chunk in device_ids.chunks(CHUNK) {
                 let query = format!("{base} AND k.device_id IN ({})", placeholders(chunk.len()));
-                let found: Vec<DeviceKeysRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+                let found: Vec<DeviceKeysRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
                     let mut q = sqlx::query_as(sql).bind(user_id);
                     for device_id in chunk {
                         q = q.bind(device_id);
@@ -388,7 +388,7 @@ impl E2eeRepo for SqlStore {
         device_id: &str,
     ) -> Result<Vec<(String, i64)>> {
         let rows: Vec<(Text, i64)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT algorithm, COUNT(*) FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ? GROUP BY algorithm",
             |p, sql| {
                 sqlx::query_as(sql)
@@ -411,7 +411,7 @@ impl E2eeRepo for SqlStore {
     ) -> Result<Option<ClaimedKey>> {
         for _ in 0..CLAIM_ROUNDS {
             let candidates: Vec<(Text, Text)> = on_pool!(
-                self.db.primary(),
+                self.db.fresh(),
                 "SELECT key_id, key_json FROM e2e_one_time_keys \
                  WHERE user_id = ? AND device_id = ? AND algorithm = ? \
                  ORDER BY upload_seq, key_id LIMIT ?",
@@ -459,7 +459,7 @@ impl E2eeRepo for SqlStore {
             }
         }
         let fallback: Option<(Text, Text)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT key_id, key_json FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ? AND algorithm = ?",
             |p, sql| {
                 sqlx::query_as(sql)
@@ -505,7 +505,7 @@ impl E2eeRepo for SqlStore {
         device_id: &str,
     ) -> Result<Vec<String>> {
         let rows: Vec<Text> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT algorithm FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ? AND used = ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
@@ -574,7 +574,7 @@ impl E2eeRepo for SqlStore {
              WHERE c.stream_position > ? AND c.stream_position <= ? \
                AND (c.user_id = ? OR c.user_id IN ({SHARES_A_ROOM}))"
         );
-        let changed: Vec<Text> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let changed: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_scalar(sql)
                 .bind(after)
                 .bind(up_to)
@@ -589,7 +589,7 @@ impl E2eeRepo for SqlStore {
         // counts too: reporting a user whose keys did not change costs the client one key
         // query, missing one costs it the ability to encrypt for them.
         let they_joined: Vec<Text> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT DISTINCT theirs.user_id FROM room_memberships theirs \
              JOIN room_memberships mine ON mine.room_id = theirs.room_id \
              WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
@@ -606,7 +606,7 @@ impl E2eeRepo for SqlStore {
             }
         );
         let i_joined: Vec<Text> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT DISTINCT theirs.user_id FROM room_memberships mine \
              JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
              WHERE mine.user_id = ? AND mine.membership = 'join' \
@@ -646,7 +646,7 @@ impl E2eeRepo for SqlStore {
                AND mine.user_id = ? AND mine.membership = 'join' \
                AND theirs.user_id NOT IN ({SHARES_A_ROOM})"
         );
-        let they_left: Vec<Text> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let they_left: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_scalar(sql)
                 .bind(after)
                 .bind(up_to)
@@ -665,7 +665,7 @@ impl E2eeRepo for SqlStore {
                AND theirs.membership = 'join' AND theirs.user_id <> ? \
                AND theirs.user_id NOT IN ({SHARES_A_ROOM})"
         );
-        let i_left: Vec<Text> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let i_left: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_scalar(sql)
                 .bind(user_id)
                 .bind(after)
@@ -765,7 +765,7 @@ impl E2eeRepo for SqlStore {
         limit: i64,
     ) -> Result<Vec<ToDeviceRecord>> {
         let rows: Vec<ToDeviceRow> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT stream_position, sender, event_type, content FROM to_device_messages \
              WHERE user_id = ? AND device_id = ? AND stream_position > ? AND stream_position <= ? \
              ORDER BY stream_position, seq LIMIT ?",
@@ -793,7 +793,7 @@ impl E2eeRepo for SqlStore {
 
     async fn cross_signing_keys(&self, user_id: &str) -> Result<Vec<CrossSigningKeyRecord>> {
         let rows: Vec<(Text, Text)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT key_type, key_json FROM e2e_cross_signing_keys WHERE user_id = ?",
             |p, sql| { sqlx::query_as(sql).bind(user_id).fetch_all(p).await? }
         );
@@ -912,7 +912,7 @@ impl E2eeRepo for SqlStore {
 
     async fn key_signatures(&self, user_id: &str, viewer: &str) -> Result<Vec<KeySignatureRecord>> {
         let rows: Vec<(Text, Text, Text, Text)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT target_key_id, signer_user_id, signer_key_id, signature FROM e2e_key_signatures \
              WHERE target_user_id = ? AND (signer_user_id = ? OR signer_user_id = ?)",
             |p, sql| {
@@ -955,7 +955,7 @@ impl E2eeRepo for SqlStore {
         // A look first: most syncs have nothing to delete, and a delete is a write (SQLite's
         // single writer, MySQL's gap locks) even when it matches nothing.
         let any: Option<i64> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT stream_position FROM to_device_messages \
              WHERE user_id = ? AND device_id = ? AND stream_position <= ? LIMIT 1",
             |p, sql| {

@@ -166,7 +166,7 @@ impl EphemeralRepo for SqlStore {
             "SELECT {RECEIPT_COLUMNS} FROM receipts \
              WHERE room_id = ? AND receipt_type = ? AND user_id = ? AND thread_id = ?"
         );
-        let row: Option<ReceiptRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let row: Option<ReceiptRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql)
                 .bind(room_id)
                 .bind(receipt_type)
@@ -181,7 +181,7 @@ impl EphemeralRepo for SqlStore {
     async fn receipts_of_user(&self, room_id: &str, user_id: &str) -> Result<Vec<ReceiptRecord>> {
         let query =
             format!("SELECT {RECEIPT_COLUMNS} FROM receipts WHERE room_id = ? AND user_id = ?");
-        let rows: Vec<ReceiptRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let rows: Vec<ReceiptRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql)
                 .bind(room_id)
                 .bind(user_id)
@@ -204,7 +204,7 @@ impl EphemeralRepo for SqlStore {
                  AND stream_position > ? AND stream_position <= ?",
                 placeholders(chunk.len())
             );
-            let rows: Vec<ReceiptRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let rows: Vec<ReceiptRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
                 let mut q = sqlx::query_as(sql);
                 for id in chunk {
                     q = q.bind(id);
@@ -285,7 +285,7 @@ impl EphemeralRepo for SqlStore {
                  AND (expires_at > ? OR (stream_position > ? AND stream_position <= ?))",
                 placeholders(chunk.len())
             );
-            let rows: Vec<TypingRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let rows: Vec<TypingRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
                 let mut q = sqlx::query_as(sql);
                 for id in chunk {
                     q = q.bind(id);
@@ -301,7 +301,7 @@ impl EphemeralRepo for SqlStore {
     async fn expire_typing(&self, now: i64) -> Result<Option<i64>> {
         // A cheap look first: most of the time nothing ran out, and no counter is taken.
         let due: i64 = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT COUNT(*) FROM typing WHERE expires_at > 0 AND expires_at <= ?",
             |p, sql| { sqlx::query_scalar(sql).bind(now).fetch_one(p).await? }
         );
@@ -333,7 +333,7 @@ impl EphemeralRepo for SqlStore {
 
     async fn next_typing_expiry(&self) -> Result<Option<i64>> {
         let next: Option<i64> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT MIN(expires_at) FROM typing WHERE expires_at > 0",
             |p, sql| { sqlx::query_scalar(sql).fetch_one(p).await? }
         );
@@ -342,7 +342,7 @@ impl EphemeralRepo for SqlStore {
 
     async fn get_presence(&self, user_id: &str) -> Result<Option<PresenceRecord>> {
         let query = format!("SELECT {PRESENCE_COLUMNS} FROM presence WHERE user_id = ?");
-        let row: Option<PresenceRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let row: Option<PresenceRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql).bind(user_id).fetch_optional(p).await?
         });
         Ok(row.map(Into::into))
@@ -409,7 +409,7 @@ impl EphemeralRepo for SqlStore {
                WHERE mine.user_id = ? AND mine.membership = 'join' \
                  AND theirs.user_id = p.user_id AND theirs.membership = 'join'))"
         );
-        let rows: Vec<PresenceRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let rows: Vec<PresenceRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql)
                 .bind(after)
                 .bind(up_to)
@@ -442,7 +442,7 @@ impl EphemeralRepo for SqlStore {
              AND rejected_reason IS NULL ORDER BY stream_ordering ASC LIMIT ?",
             placeholders(event_types.len())
         );
-        let rows: Vec<ThreadEventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let rows: Vec<ThreadEventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             let mut q = sqlx::query_as(sql)
                 .bind(room_id)
                 .bind(after)
@@ -478,7 +478,7 @@ impl EphemeralRepo for SqlStore {
                 placeholders(receipt_types.len()),
                 placeholders(chunk.len())
             );
-            let rows: Vec<(Text, Text, i64)> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let rows: Vec<(Text, Text, i64)> = on_pool!(self.db.fresh(), &query, |p, sql| {
                 let mut q = sqlx::query_as(sql).bind(user_id);
                 for kind in receipt_types {
                     q = q.bind(*kind);
@@ -505,7 +505,7 @@ impl EphemeralRepo for SqlStore {
     async fn expire_presence(&self, idle_before: i64) -> Result<Option<i64>> {
         // A cheap look first: most of the time nobody went idle, and no counter is taken.
         let due: i64 = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT COUNT(*) FROM presence WHERE state = ? AND last_active_ts < ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
@@ -545,7 +545,7 @@ impl EphemeralRepo for SqlStore {
 
     async fn oldest_online_activity(&self) -> Result<Option<i64>> {
         let oldest: Option<i64> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT MIN(last_active_ts) FROM presence WHERE state = ?",
             |p, sql| { sqlx::query_scalar(sql).bind(ONLINE).fetch_one(p).await? }
         );

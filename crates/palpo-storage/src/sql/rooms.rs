@@ -302,7 +302,7 @@ impl RoomRepo for SqlStore {
     }
 
     async fn get_room(&self, room_id: &str) -> Result<Option<RoomRecord>> {
-        let pool = self.db.primary();
+        let pool = self.db.fresh();
         let row: Option<(Text, Text, Text, bool, Option<i64>, i64, i64)> = on_pool!(
             pool,
             "SELECT room_id, room_version, creator, is_public, state_group, max_depth, write_version FROM rooms WHERE room_id = ?",
@@ -558,7 +558,7 @@ impl RoomRepo for SqlStore {
 
     async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>> {
         let query = format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?");
-        let row: Option<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let row: Option<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql).bind(event_id).fetch_optional(p).await?
         });
         Ok(row.map(Into::into))
@@ -572,7 +572,7 @@ impl RoomRepo for SqlStore {
                 "SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({})",
                 placeholders(chunk.len())
             );
-            let rows: Vec<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let rows: Vec<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
                 let mut q = sqlx::query_as(sql);
                 for id in chunk {
                     q = q.bind(id);
@@ -586,7 +586,7 @@ impl RoomRepo for SqlStore {
 
     async fn state_at_group(&self, state_group: i64) -> Result<StateMap> {
         let rows: Vec<(i64, Text, Text, Text)> =
-            on_pool!(self.db.primary(), STATE_CHAIN_SQL, |p, sql| {
+            on_pool!(self.db.fresh(), STATE_CHAIN_SQL, |p, sql| {
                 sqlx::query_as(sql).bind(state_group).fetch_all(p).await?
             });
         Ok(merge_chain(rows))
@@ -594,7 +594,7 @@ impl RoomRepo for SqlStore {
 
     async fn current_state(&self, room_id: &str) -> Result<StateMap> {
         let rows: Vec<(Text, Text, Text)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT event_type, state_key, event_id FROM room_current_state WHERE room_id = ?",
             |p, sql| { sqlx::query_as(sql).bind(room_id).fetch_all(p).await? }
         );
@@ -617,7 +617,7 @@ impl RoomRepo for SqlStore {
             "SELECT event_type, state_key, event_id FROM room_current_state \
              WHERE room_id = ? AND ({pairs})"
         );
-        let rows: Vec<(Text, Text, Text)> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let rows: Vec<(Text, Text, Text)> = on_pool!(self.db.fresh(), &query, |p, sql| {
             let mut q = sqlx::query_as(sql).bind(room_id);
             for (kind, key) in keys {
                 q = q.bind(kind).bind(key);
@@ -652,7 +652,7 @@ impl RoomRepo for SqlStore {
              AND outlier = ? AND soft_failed = ? AND rejected_reason IS NULL \
              ORDER BY stream_ordering {order} LIMIT ?"
         );
-        let rows: Vec<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let rows: Vec<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             let mut q = sqlx::query_as(sql).bind(room_id).bind(from);
             if let Some(to) = to {
                 q = q.bind(to);
@@ -664,7 +664,7 @@ impl RoomRepo for SqlStore {
 
     async fn max_stream_ordering(&self) -> Result<i64> {
         Ok(on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT counter_value FROM id_counters WHERE name = ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
@@ -690,7 +690,7 @@ impl RoomRepo for SqlStore {
              AND stream_ordering IS NOT NULL AND outlier = ? AND soft_failed = ? AND rejected_reason IS NULL \
              ORDER BY origin_server_ts {order}, stream_ordering {order} LIMIT 1"
         );
-        let row: Option<EventRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let row: Option<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql)
                 .bind(room_id)
                 .bind(ts)
@@ -706,7 +706,7 @@ impl RoomRepo for SqlStore {
         let query = format!(
             "SELECT {MEMBERSHIP_COLUMNS} FROM room_memberships WHERE room_id = ? AND user_id = ?"
         );
-        let row: Option<MembershipRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let row: Option<MembershipRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql)
                 .bind(room_id)
                 .bind(user_id)
@@ -728,7 +728,7 @@ impl RoomRepo for SqlStore {
         };
         let query =
             format!("SELECT {MEMBERSHIP_COLUMNS} FROM room_memberships WHERE room_id = ?{filter}");
-        let rows: Vec<MembershipRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let rows: Vec<MembershipRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             let mut q = sqlx::query_as(sql).bind(room_id);
             if let Some(membership) = membership {
                 q = q.bind(membership);
@@ -743,7 +743,7 @@ impl RoomRepo for SqlStore {
 
     async fn rooms_for_user(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {
         let rooms: Vec<Text> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT room_id FROM room_memberships WHERE user_id = ? AND membership = ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
@@ -777,7 +777,7 @@ impl RoomRepo for SqlStore {
 
     async fn txn_event(&self, txn: &TxnKey) -> Result<Option<String>> {
         let id: Option<Text> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT event_id FROM event_transactions WHERE user_id = ? AND device_id = ? AND txn_id = ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
@@ -793,7 +793,7 @@ impl RoomRepo for SqlStore {
 
     async fn memberships_of_user(&self, user_id: &str) -> Result<Vec<MembershipRecord>> {
         let query = format!("SELECT {MEMBERSHIP_COLUMNS} FROM room_memberships WHERE user_id = ?");
-        let rows: Vec<MembershipRow> = on_pool!(self.db.primary(), &query, |p, sql| {
+        let rows: Vec<MembershipRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_as(sql).bind(user_id).fetch_all(p).await?
         });
         let mut memberships: Vec<MembershipRecord> = rows.into_iter().map(Into::into).collect();
@@ -803,7 +803,7 @@ impl RoomRepo for SqlStore {
 
     async fn rooms_changed_between(&self, after: i64, up_to: i64) -> Result<Vec<String>> {
         let rooms: Vec<Text> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT DISTINCT room_id FROM events WHERE stream_ordering > ? AND stream_ordering <= ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
@@ -824,7 +824,7 @@ impl RoomRepo for SqlStore {
                  AND stream_ordering IS NOT NULL GROUP BY room_id",
                 placeholders(chunk.len())
             );
-            let rows: Vec<(Text, Option<i64>)> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let rows: Vec<(Text, Option<i64>)> = on_pool!(self.db.fresh(), &query, |p, sql| {
                 let mut q = sqlx::query_as(sql);
                 for id in chunk {
                     q = q.bind(id);
@@ -841,7 +841,7 @@ impl RoomRepo for SqlStore {
 
     async fn thread_of_event(&self, event_id: &str) -> Result<Option<String>> {
         let thread: Option<Option<Text>> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT thread_id FROM events WHERE event_id = ?",
             |p, sql| {
                 sqlx::query_scalar(sql)
@@ -877,7 +877,7 @@ impl AliasRepo for SqlStore {
 
     async fn get_alias(&self, room_alias: &str) -> Result<Option<AliasRecord>> {
         let row: Option<(Text, Text, Text)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT room_alias, room_id, creator FROM room_aliases WHERE room_alias = ?",
             |p, sql| {
                 sqlx::query_as(sql)
@@ -910,7 +910,7 @@ impl AliasRepo for SqlStore {
 
     async fn aliases_of_room(&self, room_id: &str) -> Result<Vec<String>> {
         let aliases: Vec<Text> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT room_alias FROM room_aliases WHERE room_id = ?",
             |p, sql| { sqlx::query_scalar(sql).bind(room_id).fetch_all(p).await? }
         );
@@ -924,7 +924,7 @@ impl AliasRepo for SqlStore {
 impl ProfileRepo for SqlStore {
     async fn get_profile(&self, user_id: &str) -> Result<Option<ProfileRecord>> {
         let row: Option<(Option<Text>, Option<Text>, Text)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT displayname, avatar_url, fields FROM profiles WHERE user_id = ?",
             |p, sql| { sqlx::query_as(sql).bind(user_id).fetch_optional(p).await? }
         );
@@ -971,7 +971,7 @@ impl ProfileRepo for SqlStore {
 impl KeyRepo for SqlStore {
     async fn own_signing_keys(&self, server_name: &str) -> Result<Vec<SigningKeyRecord>> {
         let rows: Vec<(Text, Text, Text, Option<Text>, i64, Option<i64>, i64)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT server_name, key_id, public_key, private_key, valid_until_ts, expired_ts, created_at FROM server_signing_keys WHERE server_name = ? AND private_key IS NOT NULL ORDER BY created_at, key_id",
             |p, sql| { sqlx::query_as(sql).bind(server_name).fetch_all(p).await? }
         );

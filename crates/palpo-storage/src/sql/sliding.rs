@@ -389,7 +389,7 @@ impl SlidingSyncRepo for SqlStore {
     ) -> Result<Option<SlidingPositionRecord>> {
         // From the primary: the position may have been written by another process a moment ago.
         let row: Option<(i64, i64, i64)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT p.stream_position, p.room_set, c.last_used_ts FROM sliding_sync_positions p \
              JOIN sliding_sync_connections c ON c.connection_key = p.connection_key \
              WHERE p.connection_key = ? AND p.position_id = ? AND c.user_id = ? \
@@ -423,7 +423,7 @@ impl SlidingSyncRepo for SqlStore {
         room_set: i64,
     ) -> Result<Vec<SlidingRoomRecord>> {
         let rows: Vec<RoomRow> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT r.room_id, r.membership, r.sent_upto, q.required_state FROM sliding_sync_rooms r \
              JOIN sliding_sync_required_state q ON q.connection_key = r.connection_key \
              AND q.required_state_id = r.required_state_id \
@@ -483,7 +483,7 @@ impl SlidingSyncRepo for SqlStore {
 
     async fn delete_idle_sliding_connections(&self, before: i64, limit: i64) -> Result<u64> {
         let idle: Vec<i64> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT connection_key FROM sliding_sync_connections WHERE last_used_ts < ? \
              ORDER BY last_used_ts LIMIT ?",
             |p, sql| {
@@ -548,7 +548,7 @@ impl SlidingSyncRepo for SqlStore {
                  WHERE event_type = ? AND state_key = ? AND room_id IN ({})",
                 placeholders(chunk.len())
             );
-            let rows: Vec<(Text, Text)> = on_pool!(self.db.primary(), &query, |p, sql| {
+            let rows: Vec<(Text, Text)> = on_pool!(self.db.fresh(), &query, |p, sql| {
                 let mut q = sqlx::query_as(sql).bind(event_type).bind(state_key);
                 for id in chunk {
                     q = q.bind(*id);
@@ -566,7 +566,7 @@ impl SlidingSyncRepo for SqlStore {
         data_type: &str,
     ) -> Result<Vec<AccountDataRecord>> {
         let rows: Vec<(Text, Text, i64)> = on_pool!(
-            self.db.primary(),
+            self.db.fresh(),
             "SELECT room_id, content, stream_position FROM account_data \
              WHERE user_id = ? AND data_type = ? AND room_id <> ''",
             |p, sql| {
