@@ -3,7 +3,8 @@
 //! Without Redis on either side, the same long-poll only answers at its timeout, which shows the
 //! wake-up comes from Redis.
 //!
-//! PostgreSQL and MySQL only: SQLite is a single-process database.
+//! PostgreSQL and MySQL only, except `alternating_senders`: SQLite is a single-process
+//! database, but two processes taking turns on one file must still write a linear timeline.
 
 use std::{
     panic::{AssertUnwindSafe, resume_unwind},
@@ -47,6 +48,21 @@ mod concurrent_senders {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn mysql() {
         super::concurrent_senders(super::Backend::MySql).await;
+    }
+}
+
+mod alternating_senders {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::alternating_senders(super::Backend::Sqlite).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::alternating_senders(super::Backend::Postgres).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql() {
+        super::alternating_senders(super::Backend::MySql).await;
     }
 }
 
@@ -302,6 +318,44 @@ async fn concurrent_senders(backend: Backend) {
             let expected: Vec<String> = (0..PER_SENDER).map(|n| format!("{who} {n}")).collect();
             assert_eq!(mine, expected.iter().collect::<Vec<_>>());
         }
+    })
+    .await;
+}
+
+/// Two processes taking turns sending into one room: each builds on the event the other just
+/// wrote, although it last saw the room before that (a process keeps the head of the rooms it
+/// sends to), so every event cites the one before it.
+async fn alternating_senders(backend: Backend) {
+    with_processes(backend, &[true], async |a: &TestApp, peers: &[TestApp]| {
+        let b = &peers[0];
+        let (alice, bob, room_id) = chat(a, b).await;
+        let mut sent = Vec::new();
+        for n in 0..6 {
+            let (app, session) = if n % 2 == 0 { (a, &alice) } else { (b, &bob) };
+            sent.push(
+                app.send_text(&session.access_token, &room_id, &format!("m{n}"))
+                    .await,
+            );
+        }
+        for pair in sent.windows(2) {
+            let event = a
+                .storage()
+                .rooms
+                .get_event(&pair[1])
+                .await
+                .expect("read")
+                .expect("stored");
+            let pdu: Value = serde_json::from_str(&event.pdu_json).expect("JSON");
+            assert_eq!(pdu["prev_events"], json!([pair[0]]), "{pdu}");
+        }
+        let room = b
+            .storage()
+            .rooms
+            .get_room(&room_id)
+            .await
+            .expect("room")
+            .expect("exists");
+        assert_eq!(room.forward_extremities, [sent[5].clone()]);
     })
     .await;
 }

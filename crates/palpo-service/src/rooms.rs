@@ -40,6 +40,12 @@ pub const ROOM_VERSIONS: &[&str] = &[
     "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12",
 ];
 
+/// Rooms whose head a process keeps.
+const ROOM_HEADS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(1024) {
+    Some(n) => n,
+    None => std::num::NonZeroUsize::MIN,
+};
+
 /// Auth events kept parsed (create, power levels, join rules and members of busy rooms).
 const AUTH_EVENT_CACHE: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
     Some(n) => n,
@@ -61,6 +67,9 @@ pub struct RoomService {
     auth_events: Mutex<lru::LruCache<String, Arc<pdu::Pdu>>>,
     /// The `type` of rooms' create events (which never change), for sliding sync's filters.
     room_types: Mutex<HashMap<String, Option<String>>>,
+    /// The head of rooms this process sent to recently, to build the next event on without
+    /// reading the room again (see [`timeline::RoomHead`]).
+    heads: Mutex<lru::LruCache<String, timeline::RoomHead>>,
 }
 
 impl RoomService {
@@ -73,6 +82,7 @@ impl RoomService {
             locks: Mutex::new(HashMap::new()),
             auth_events: Mutex::new(lru::LruCache::new(AUTH_EVENT_CACHE)),
             room_types: Mutex::new(HashMap::new()),
+            heads: Mutex::new(lru::LruCache::new(ROOM_HEADS)),
         }
     }
 

@@ -9,11 +9,9 @@ use std::{borrow::Cow, str::FromStr, time::Duration};
 
 use palpo_core::config::{DatabaseConfig, redact_url};
 use sqlx::{
-    mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions},
-    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-    },
+    mysql::{MySqlConnectOptions, MySqlPool},
+    postgres::{PgConnectOptions, PgPool},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous},
 };
 
 use crate::{
@@ -295,7 +293,7 @@ impl Db {
         let (primary, sqlite_readers) = match backend {
             Backend::Postgres => {
                 let options = PgConnectOptions::from_str(&config.url).map_err(connect_err)?;
-                let pool = PgPoolOptions::new()
+                let pool = pool_options::<sqlx::Postgres>()
                     .max_connections(config.max_connections)
                     .acquire_timeout(acquire)
                     .connect_with(options)
@@ -307,7 +305,7 @@ impl Db {
                 let options = MySqlConnectOptions::from_str(&config.url)
                     .map_err(connect_err)?
                     .charset("utf8mb4");
-                let pool = MySqlPoolOptions::new()
+                let pool = pool_options::<sqlx::MySql>()
                     .max_connections(config.max_connections)
                     .acquire_timeout(acquire)
                     .connect_with(options)
@@ -325,7 +323,7 @@ impl Db {
             let options = PgConnectOptions::from_str(url)
                 .map_err(|e| StorageError::Connect(format!("{}: {e}", redact_url(url))))?;
             // Lazy: a replica that is down at start must not stop the server.
-            let pool = PgPoolOptions::new()
+            let pool = pool_options::<sqlx::Postgres>()
                 .max_connections(config.max_connections)
                 .acquire_timeout(Duration::from_secs(2))
                 .connect_lazy_with(options);
@@ -403,6 +401,25 @@ impl Db {
     }
 }
 
+/// Connections idle longer than this are checked before use.
+const PING_IF_IDLE: Duration = Duration::from_secs(30);
+
+/// Pool options shared by every backend. sqlx pings a connection on every checkout by
+/// default: one more round trip (or thread hand-off, on SQLite) per query. Only connections
+/// idle for a while are checked here; a busy one has just proven itself.
+fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new()
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// SQLite: WAL, one writer connection (SQLite allows one writer at a time; queueing in the
 /// pool is cheaper than busy-waiting), a pool of readers, and a busy timeout for both.
 async fn connect_sqlite(
@@ -424,13 +441,13 @@ async fn connect_sqlite(
             StorageError::Connect(format!("cannot create {}: {e}", parent.display()))
         })?;
     }
-    let writer = SqlitePoolOptions::new()
+    let writer = pool_options::<sqlx::Sqlite>()
         .max_connections(1)
         .acquire_timeout(acquire)
         .connect_with(options.clone())
         .await
         .map_err(err)?;
-    let readers = SqlitePoolOptions::new()
+    let readers = pool_options::<sqlx::Sqlite>()
         .max_connections(config.max_connections.max(2))
         .acquire_timeout(acquire)
         .connect_with(options.read_only(true))
@@ -466,6 +483,15 @@ impl RoomWriteLock {
         Ok(RoomWriteLock {
             held: Some(HeldRoom { tx, room }),
         })
+    }
+
+    /// The room's write version as locked: `None` on SQLite (nothing is locked there) or
+    /// when the room is unknown.
+    pub fn locked_version(&self) -> Option<i64> {
+        self.held
+            .as_ref()
+            .and_then(|held| held.room)
+            .map(|(version, _)| version)
     }
 
     /// Releases the lock without writing.

@@ -1,12 +1,15 @@
 //! Creating local events: build the PDU on the room's current state, hash and sign it, run the
 //! authorization rules, persist it with the next stream position.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use palpo_core::{Error, ErrorCode, Result, now_millis};
 use palpo_storage::{
     RoomWriteLock, StorageError,
-    model::{NewEvent, RoomRecord, StateMap, TxnKey},
+    model::{NewEvent, PersistedEvent, RoomRecord, StateMap, TxnKey},
 };
 use ruma::{
     CanonicalJsonObject, OwnedEventId,
@@ -62,6 +65,40 @@ pub(super) struct BuiltEvent {
     pub depth: i64,
 }
 
+/// A room's head as this process last saw it: what the next local event is built on. Valid
+/// while the room's write version is `room.write_version` (every write moves it).
+#[derive(Debug, Clone)]
+pub(super) struct RoomHead {
+    room: RoomRecord,
+    /// Current state entries looked up so far (`None`: the room has no such state).
+    state: HashMap<(String, String), Option<String>>,
+}
+
+impl RoomHead {
+    /// The head after `built` was persisted on it.
+    fn advance(&mut self, built: &BuiltEvent, draft: &EventDraft, state_group: Option<i64>) {
+        let room = &mut self.room;
+        let prev: HashSet<String> = built
+            .pdu
+            .prev_events
+            .iter()
+            .map(|id| id.to_string())
+            .collect();
+        room.forward_extremities.retain(|id| !prev.contains(id));
+        room.forward_extremities.push(built.event_id.clone());
+        room.forward_extremities.sort();
+        room.max_depth = room.max_depth.max(built.depth);
+        room.write_version += 1;
+        room.state_group = state_group;
+        if let Some(state_key) = &draft.state_key {
+            self.state.insert(
+                (draft.event_type.clone(), state_key.clone()),
+                Some(built.event_id.clone()),
+            );
+        }
+    }
+}
+
 /// Checks the limits on what a client may put into an event.
 pub(super) fn check_draft(draft: &EventDraft) -> Result<()> {
     if draft.event_type.is_empty() || draft.event_type.len() > 255 {
@@ -104,24 +141,25 @@ impl RoomService {
                 .lock_room_writes(room_id)
                 .await
                 .map_err(internal)?;
-            let room = self
-                .storage
-                .rooms
-                .get_room(room_id)
-                .await
-                .map_err(internal)?
-                .ok_or_else(|| Error::not_found("Unknown room"))?;
-            let (_, rules) = room_version_rules(&room.room_version)?;
+            let mut head = self.room_head(room_id, db_lock.locked_version()).await?;
+            let (_, rules) = room_version_rules(&head.room.room_version)?;
             // Only the state the auth rules look at, not the whole room state.
-            let state = self.auth_state(room_id, &rules, sender, &draft).await?;
-            let built = self.build_on(&room, &rules, sender, &draft, &state).await?;
+            let state = self.auth_state(&mut head, &rules, sender, &draft).await?;
+            let built = self
+                .build_on(&head.room, &rules, sender, &draft, &state)
+                .await?;
             self.authorize(&rules, &built.pdu, &state).await?;
             match self
-                .persist(&room, &built, &draft, txn.clone(), Some(db_lock))
+                .persist(&head.room, &built, &draft, txn.clone(), Some(db_lock))
                 .await
             {
-                Ok(_) => return Ok(built.event_id),
+                Ok(persisted) => {
+                    head.advance(&built, &draft, persisted.state_group);
+                    self.keep_head(head);
+                    return Ok(built.event_id);
+                }
                 Err(StorageError::Conflict(what)) if what == "transaction id" => {
+                    self.forget_head(room_id);
                     if let Some(txn) = &txn
                         && let Some(id) =
                             self.storage.rooms.txn_event(txn).await.map_err(internal)?
@@ -130,8 +168,15 @@ impl RoomService {
                     }
                     return Err(Error::internal("transaction id conflict without an event"));
                 }
-                Err(StorageError::Conflict(_)) => continue,
-                Err(e) => return Err(internal(e)),
+                Err(StorageError::Conflict(_)) => {
+                    // Another process wrote to the room: read it again.
+                    self.forget_head(room_id);
+                    continue;
+                }
+                Err(e) => {
+                    self.forget_head(room_id);
+                    return Err(internal(e));
+                }
             }
         }
         Err(Error::internal(format!(
@@ -139,11 +184,54 @@ impl RoomService {
         )))
     }
 
+    /// The room's head to build on: the one this process kept when it is still the room's
+    /// (its write version is the one `locked_version` locked), else read from the database.
+    /// Without a locked version (SQLite) the kept head is trusted, and persisting checks the
+    /// write version: a stale head then fails with a conflict and is read again.
+    async fn room_head(&self, room_id: &str, locked_version: Option<i64>) -> Result<RoomHead> {
+        let kept = self
+            .heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(room_id)
+            .filter(|head| locked_version.is_none_or(|v| v == head.room.write_version))
+            .cloned();
+        if let Some(head) = kept {
+            return Ok(head);
+        }
+        let room = self
+            .storage
+            .rooms
+            .get_room(room_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::not_found("Unknown room"))?;
+        Ok(RoomHead {
+            room,
+            state: HashMap::new(),
+        })
+    }
+
+    fn keep_head(&self, head: RoomHead) {
+        self.heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(head.room.room_id.clone(), head);
+    }
+
+    fn forget_head(&self, room_id: &str) {
+        self.heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop(room_id);
+    }
+
     /// The current state entries an event of `draft` is authorized against (and cites in
-    /// `auth_events`), plus the create event.
+    /// `auth_events`), plus the create event: from the head's entries, reading the missing
+    /// ones.
     async fn auth_state(
         &self,
-        room_id: &str,
+        head: &mut RoomHead,
         rules: &RoomVersionRules,
         sender: &str,
         draft: &EventDraft,
@@ -163,11 +251,30 @@ impl RoomService {
         .map(|(kind, key)| (kind.to_string(), key))
         .collect();
         keys.push(("m.room.create".into(), String::new()));
-        self.storage
-            .rooms
-            .current_state_entries(room_id, &keys)
-            .await
-            .map_err(internal)
+        let missing: Vec<(String, String)> = keys
+            .iter()
+            .filter(|key| !head.state.contains_key(*key))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            let found = self
+                .storage
+                .rooms
+                .current_state_entries(&head.room.room_id, &missing)
+                .await
+                .map_err(internal)?;
+            for key in missing {
+                let event_id = found.get(&key).cloned();
+                head.state.insert(key, event_id);
+            }
+        }
+        Ok(keys
+            .into_iter()
+            .filter_map(|key| {
+                let event_id = head.state.get(&key).cloned().flatten()?;
+                Some((key, event_id))
+            })
+            .collect())
     }
 
     /// Persists a built event, expecting the room at `room.write_version`.
@@ -178,7 +285,7 @@ impl RoomService {
         draft: &EventDraft,
         txn: Option<TxnKey>,
         lock: Option<RoomWriteLock>,
-    ) -> Result<i64, StorageError> {
+    ) -> Result<PersistedEvent, StorageError> {
         let membership = (draft.event_type == "m.room.member")
             .then(|| draft.content.get("membership").and_then(Value::as_str))
             .flatten()
@@ -214,10 +321,7 @@ impl RoomService {
                 lock,
             )
             .await
-            .map(|persisted| {
-                self.notifier.stream_advanced(persisted.stream_ordering);
-                persisted.stream_ordering
-            })
+            .inspect(|persisted| self.notifier.stream_advanced(persisted.stream_ordering))
     }
 
     /// Builds an event on top of the room's forward extremities and current state.
