@@ -106,6 +106,18 @@ async fn two_users_chat_scenario(app: &TestApp) {
             .is_none_or(|j| j.is_empty()),
         "{quiet}"
     );
+    // A quiet long-poll answers at its timeout, empty, with a token for the same place.
+    let since = quiet["next_batch"].as_str().expect("next_batch").to_owned();
+    let started = Instant::now();
+    let timed_out = sync(app, &bob.access_token, Some(&since), 400).await;
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(
+        timed_out["rooms"]["join"]
+            .as_object()
+            .is_none_or(|j| j.is_empty()),
+        "{timed_out}"
+    );
+    assert_eq!(timed_out["next_batch"], since.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,6 +111,15 @@ impl RoomService {
         locks.entry(room_id.to_owned()).or_default().clone()
     }
 
+    /// The latest committed position of the global stream.
+    pub async fn stream_position(&self) -> Result<i64> {
+        self.storage
+            .rooms
+            .max_stream_ordering()
+            .await
+            .map_err(internal)
+    }
+
     /// Where sliding sync connections are kept.
     pub(crate) fn sliding_repo(&self) -> Arc<dyn palpo_storage::SlidingSyncRepo> {
         self.storage.sliding.clone()

@@ -326,6 +326,19 @@ impl SyncService {
         Ok((rooms, extra, account_data))
     }
 
+    /// Whether nothing took a stream position after `position` (typing notifications that
+    /// ran out become a change first). Every change of every section takes one.
+    async fn stream_is_at(&self, position: i64) -> Result<bool> {
+        let current = match &self.ephemeral {
+            Some(ephemeral) => {
+                ephemeral.expire_typing().await?;
+                ephemeral.stream_position().await?
+            }
+            None => self.rooms.stream_position().await?,
+        };
+        Ok(current == position)
+    }
+
     /// How long a long-poll may wait: until `deadline`, or until the next typing notification
     /// runs out (which the next pass announces), whichever comes first.
     async fn wait_time(&self, left: Duration) -> Result<Duration> {
@@ -391,6 +404,21 @@ impl SyncService {
         loop {
             // Read the serial first: a change after this point wakes the wait below.
             let ephemeral = self.notifier.ephemeral_serial();
+            // A long-poll that starts where the stream is has nothing to answer yet: wait
+            // without reading every section first.
+            if let Some(since) = since
+                && since.ephemeral == ephemeral
+                && since.to_device.is_none()
+                && !options.rooms.full_state
+                && tokio::time::Instant::now() < deadline
+                && self.stream_is_at(since.stream).await?
+            {
+                let wait = self
+                    .wait_time(deadline - tokio::time::Instant::now())
+                    .await?;
+                self.notifier.wait(since.stream, ephemeral, wait).await;
+                continue;
+            }
             let (mut rooms, extra, account_data) = self
                 .sync_pass(user, since.map(|s| s.stream), &request, &options.filter)
                 .await?;
