@@ -70,6 +70,8 @@ pub struct RoomService {
     /// The head of rooms this process sent to recently, to build the next event on without
     /// reading the room again (see [`timeline::RoomHead`]).
     heads: Mutex<lru::LruCache<String, timeline::RoomHead>>,
+    /// Rooms' versions, which never change.
+    versions: Mutex<lru::LruCache<String, String>>,
 }
 
 impl RoomService {
@@ -83,6 +85,7 @@ impl RoomService {
             auth_events: Mutex::new(lru::LruCache::new(AUTH_EVENT_CACHE)),
             room_types: Mutex::new(HashMap::new()),
             heads: Mutex::new(lru::LruCache::new(ROOM_HEADS)),
+            versions: Mutex::new(lru::LruCache::new(AUTH_EVENT_CACHE)),
         }
     }
 
@@ -109,6 +112,32 @@ impl RoomService {
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         }
         locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    /// The room's version (kept once read: it never changes); `None` for an unknown room.
+    pub(crate) async fn room_version(&self, room_id: &str) -> Result<Option<String>> {
+        if let Some(version) = self
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(room_id)
+        {
+            return Ok(Some(version.clone()));
+        }
+        let Some(room) = self
+            .storage
+            .rooms
+            .get_room(room_id)
+            .await
+            .map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        self.versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(room_id.to_owned(), room.room_version.clone());
+        Ok(Some(room.room_version))
     }
 
     /// The latest committed position of the global stream.

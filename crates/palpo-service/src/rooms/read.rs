@@ -113,14 +113,11 @@ impl RoomService {
     }
 
     pub(super) async fn room_rules(&self, room_id: &str) -> Result<Option<RedactionRules>> {
-        let room = self
-            .storage
-            .rooms
-            .get_room(room_id)
-            .await
-            .map_err(internal)?
+        let version = self
+            .room_version(room_id)
+            .await?
             .ok_or_else(|| Error::forbidden("You are not allowed to see this room"))?;
-        Ok(Self::redaction_rules(&room.room_version))
+        Ok(Self::redaction_rules(&version))
     }
 
     pub(super) fn to_client(rules: Option<&RedactionRules>, event: &EventRecord) -> Value {

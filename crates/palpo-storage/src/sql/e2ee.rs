@@ -568,66 +568,47 @@ impl E2eeRepo for SqlStore {
         after: i64,
         up_to: i64,
     ) -> Result<Vec<String>> {
-        // Whose keys changed: the user, and those sharing a joined room with them.
+        // In one query, whose keys changed (the user, and those sharing a joined room with
+        // them), and who started sharing a joined room: they joined one of the user's rooms
+        // (read from the memberships that changed in the range), or the user joined theirs
+        // (every member of the rooms the user joined in the range). A join that only changed
+        // a profile counts too: reporting a user whose keys did not change costs the client
+        // one key query, missing one costs it the ability to encrypt for them.
         let query = format!(
             "SELECT c.user_id FROM device_list_changes c \
              WHERE c.stream_position > ? AND c.stream_position <= ? \
-               AND (c.user_id = ? OR c.user_id IN ({SHARES_A_ROOM}))"
+               AND (c.user_id = ? OR c.user_id IN ({SHARES_A_ROOM})) \
+             UNION \
+             SELECT theirs.user_id FROM room_memberships theirs \
+             JOIN room_memberships mine ON mine.room_id = theirs.room_id \
+             WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
+               AND theirs.membership = 'join' AND theirs.user_id <> ? \
+               AND mine.user_id = ? AND mine.membership = 'join' \
+             UNION \
+             SELECT theirs.user_id FROM room_memberships mine \
+             JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
+             WHERE mine.user_id = ? AND mine.membership = 'join' \
+               AND mine.stream_ordering > ? AND mine.stream_ordering <= ? \
+               AND theirs.membership = 'join' AND theirs.user_id <> ?"
         );
-        let changed: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
+        let users: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_scalar(sql)
                 .bind(after)
                 .bind(up_to)
                 .bind(user_id)
                 .bind(user_id)
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id)
                 .fetch_all(p)
                 .await?
         });
-        // Who started sharing a joined room: they joined one of the user's rooms (read from
-        // the memberships that changed in the range), or the user joined theirs (every member
-        // of the rooms the user joined in the range). A join that only changed a profile
-        // counts too: reporting a user whose keys did not change costs the client one key
-        // query, missing one costs it the ability to encrypt for them.
-        let they_joined: Vec<Text> = on_pool!(
-            self.db.fresh(),
-            "SELECT DISTINCT theirs.user_id FROM room_memberships theirs \
-             JOIN room_memberships mine ON mine.room_id = theirs.room_id \
-             WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
-               AND theirs.membership = 'join' AND theirs.user_id <> ? \
-               AND mine.user_id = ? AND mine.membership = 'join'",
-            |p, sql| {
-                sqlx::query_scalar(sql)
-                    .bind(after)
-                    .bind(up_to)
-                    .bind(user_id)
-                    .bind(user_id)
-                    .fetch_all(p)
-                    .await?
-            }
-        );
-        let i_joined: Vec<Text> = on_pool!(
-            self.db.fresh(),
-            "SELECT DISTINCT theirs.user_id FROM room_memberships mine \
-             JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
-             WHERE mine.user_id = ? AND mine.membership = 'join' \
-               AND mine.stream_ordering > ? AND mine.stream_ordering <= ? \
-               AND theirs.membership = 'join' AND theirs.user_id <> ?",
-            |p, sql| {
-                sqlx::query_scalar(sql)
-                    .bind(user_id)
-                    .bind(after)
-                    .bind(up_to)
-                    .bind(user_id)
-                    .fetch_all(p)
-                    .await?
-            }
-        );
-        let users: BTreeSet<String> = changed
-            .into_iter()
-            .chain(they_joined)
-            .chain(i_joined)
-            .map(String::from)
-            .collect();
+        let users: BTreeSet<String> = users.into_iter().map(String::from).collect();
         Ok(users.into_iter().collect())
     }
 
@@ -637,36 +618,31 @@ impl E2eeRepo for SqlStore {
         after: i64,
         up_to: i64,
     ) -> Result<Vec<String>> {
-        // They left one of the user's rooms (from the memberships that changed in the range).
+        // In one query: they left one of the user's rooms (from the memberships that changed
+        // in the range), or the user left theirs (the members of the rooms the user left in
+        // the range); either way only those sharing no joined room with the user any more.
         let query = format!(
-            "SELECT DISTINCT theirs.user_id FROM room_memberships theirs \
+            "SELECT theirs.user_id FROM room_memberships theirs \
              JOIN room_memberships mine ON mine.room_id = theirs.room_id \
              WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
                AND theirs.membership IN ('leave', 'ban') AND theirs.user_id <> ? \
                AND mine.user_id = ? AND mine.membership = 'join' \
-               AND theirs.user_id NOT IN ({SHARES_A_ROOM})"
-        );
-        let they_left: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
-            sqlx::query_scalar(sql)
-                .bind(after)
-                .bind(up_to)
-                .bind(user_id)
-                .bind(user_id)
-                .bind(user_id)
-                .fetch_all(p)
-                .await?
-        });
-        // The user left their rooms (the members of the rooms the user left in the range).
-        let query = format!(
-            "SELECT DISTINCT theirs.user_id FROM room_memberships mine \
+               AND theirs.user_id NOT IN ({SHARES_A_ROOM}) \
+             UNION \
+             SELECT theirs.user_id FROM room_memberships mine \
              JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
              WHERE mine.user_id = ? AND mine.membership IN ('leave', 'ban') \
                AND mine.stream_ordering > ? AND mine.stream_ordering <= ? \
                AND theirs.membership = 'join' AND theirs.user_id <> ? \
                AND theirs.user_id NOT IN ({SHARES_A_ROOM})"
         );
-        let i_left: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
+        let users: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_scalar(sql)
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(user_id)
                 .bind(user_id)
                 .bind(after)
                 .bind(up_to)
@@ -675,11 +651,7 @@ impl E2eeRepo for SqlStore {
                 .fetch_all(p)
                 .await?
         });
-        let users: BTreeSet<String> = they_left
-            .into_iter()
-            .chain(i_left)
-            .map(String::from)
-            .collect();
+        let users: BTreeSet<String> = users.into_iter().map(String::from).collect();
         Ok(users.into_iter().collect())
     }
 
