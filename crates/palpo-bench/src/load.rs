@@ -101,6 +101,7 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
     let stop_listeners = Arc::new(AtomicBool::new(false));
     let delivery = Arc::new(Mutex::new(Vec::<f64>::new()));
     let listener_errors = Arc::new(AtomicU64::new(0));
+    let listener_syncs = Arc::new(AtomicU64::new(0));
 
     // Each listener takes its position first, so it only sees events sent from now on.
     let mut listener_tasks = Vec::new();
@@ -109,11 +110,12 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        let (hs, stop, delivery, errors) = (
+        let (hs, stop, delivery, errors, syncs) = (
             hs.clone(),
             stop_listeners.clone(),
             delivery.clone(),
             listener_errors.clone(),
+            listener_syncs.clone(),
         );
         let run_id = run_id.to_owned();
         listener_tasks.push(tokio::spawn(async move {
@@ -122,6 +124,7 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
             while !stop.load(Ordering::Relaxed) && Instant::now() < hard_stop {
                 match hs.sync(&user, Some(&since), 1_000, Some(filter)).await {
                     Ok(v) => {
+                        syncs.fetch_add(1, Ordering::Relaxed);
                         let now = t0.elapsed().as_secs_f64() * 1e3;
                         let mut seen = Vec::new();
                         for ev in timeline_events(&v) {
@@ -276,6 +279,12 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
     f.set(
         "load.sync_errors",
         listener_errors.load(Ordering::Relaxed) as f64,
+    );
+    // How often listeners were answered: under a flat-out load they share the cores with the
+    // senders, so a cheaper sync means more syncs, not only more sends.
+    f.set(
+        "load.syncs_per_s",
+        listener_syncs.load(Ordering::Relaxed) as f64 / send_elapsed,
     );
     let peak = peak_rss.load(Ordering::Relaxed);
     if peak > 0 {

@@ -46,6 +46,12 @@ const ROOM_HEADS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(102
     None => std::num::NonZeroUsize::MIN,
 };
 
+/// (state group, user) pairs whose visibility facts a process keeps.
+const GROUP_VISIBILITY: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(16_384) {
+    Some(n) => n,
+    None => std::num::NonZeroUsize::MIN,
+};
+
 /// Auth events kept parsed (create, power levels, join rules and members of busy rooms).
 const AUTH_EVENT_CACHE: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
     Some(n) => n,
@@ -72,6 +78,9 @@ pub struct RoomService {
     heads: Mutex<lru::LruCache<String, timeline::RoomHead>>,
     /// Rooms' versions, which never change.
     versions: Mutex<lru::LruCache<String, String>>,
+    /// Per state group and user, the room's history visibility and the user's membership in
+    /// that state (both immutable): what deciding whether they see an event needs.
+    group_visibility: Mutex<lru::LruCache<(i64, String), (String, String)>>,
 }
 
 impl RoomService {
@@ -86,6 +95,7 @@ impl RoomService {
             room_types: Mutex::new(HashMap::new()),
             heads: Mutex::new(lru::LruCache::new(ROOM_HEADS)),
             versions: Mutex::new(lru::LruCache::new(AUTH_EVENT_CACHE)),
+            group_visibility: Mutex::new(lru::LruCache::new(GROUP_VISIBILITY)),
         }
     }
 

@@ -304,6 +304,27 @@ impl RoomService {
         if let Some(seen) = vis.by_group.get(&group) {
             return Ok(*seen);
         }
+        let (visibility, membership) = self.group_visibility(group, vis.user).await?;
+        let allowed = visibility == "world_readable"
+            || membership == "join"
+            || (visibility == "shared" && vis.joined_now)
+            || (visibility == "invited" && membership == "invite");
+        vis.by_group.insert(group, allowed);
+        Ok(allowed)
+    }
+
+    /// The room's history visibility and the user's membership in state group `group` (kept
+    /// once read: a group's state and the events in it never change).
+    async fn group_visibility(&self, group: i64, user: &str) -> Result<(String, String)> {
+        let key = (group, user.to_owned());
+        if let Some(facts) = self
+            .group_visibility
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(facts.clone());
+        }
         let state = self
             .storage
             .rooms
@@ -312,7 +333,7 @@ impl RoomService {
             .map_err(internal)?;
         let visibility = self.history_visibility(&state).await?;
         let membership = self
-            .state_content(&state, "m.room.member", vis.user)
+            .state_content(&state, "m.room.member", user)
             .await?
             .and_then(|c| {
                 c.get("membership")
@@ -320,12 +341,12 @@ impl RoomService {
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| "leave".to_owned());
-        let allowed = visibility == "world_readable"
-            || membership == "join"
-            || (visibility == "shared" && vis.joined_now)
-            || (visibility == "invited" && membership == "invite");
-        vis.by_group.insert(group, allowed);
-        Ok(allowed)
+        let facts = (visibility, membership);
+        self.group_visibility
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(key, facts.clone());
+        Ok(facts)
     }
 
     /// `GET /rooms/{roomId}/event/{eventId}`.
