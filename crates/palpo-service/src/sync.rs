@@ -285,6 +285,7 @@ impl SyncService {
         since: Option<i64>,
         request: &SyncRequest,
         filter: &SyncFilter,
+        position: Option<i64>,
     ) -> Result<(SyncRooms, EphemeralSync, AccountDataSync)> {
         let Some(ephemeral) = &self.ephemeral else {
             let rooms = self.rooms.sync_rooms(user, since, request).await?;
@@ -293,9 +294,15 @@ impl SyncService {
             account_data.retain_rooms(&rooms.join.keys().chain(rooms.leave.keys()).collect());
             return Ok((rooms, EphemeralSync::default(), account_data));
         };
-        // Typing notifications that ran out become a change of the stream first.
-        ephemeral.expire_typing().await?;
-        let upto = ephemeral.stream_position().await?;
+        // Typing notifications that ran out become a change of the stream first (unless the
+        // caller just did that and read the position).
+        let upto = match position {
+            Some(position) => position,
+            None => {
+                ephemeral.expire_typing().await?;
+                ephemeral.stream_position().await?
+            }
+        };
         let mut extra = ephemeral.sync(user, since, upto).await?;
         let mut account_data = self.account_data_pass(user, since, upto).await?;
         // Filtered out before choosing rooms: what the filter drops is no news.
@@ -326,17 +333,17 @@ impl SyncService {
         Ok((rooms, extra, account_data))
     }
 
-    /// Whether nothing took a stream position after `position` (typing notifications that
-    /// ran out become a change first). Every change of every section takes one.
-    async fn stream_is_at(&self, position: i64) -> Result<bool> {
-        let current = match &self.ephemeral {
+    /// The stream's position, after typing notifications that ran out became a change.
+    /// Every change of every section takes a position, so an unchanged position means there
+    /// is nothing new.
+    async fn current_position(&self) -> Result<i64> {
+        match &self.ephemeral {
             Some(ephemeral) => {
                 ephemeral.expire_typing().await?;
-                ephemeral.stream_position().await?
+                ephemeral.stream_position().await
             }
-            None => self.rooms.stream_position().await?,
-        };
-        Ok(current == position)
+            None => self.rooms.stream_position().await,
+        }
     }
 
     /// How long a long-poll may wait: until `deadline`, or until the next typing notification
@@ -406,21 +413,31 @@ impl SyncService {
             let ephemeral = self.notifier.ephemeral_serial();
             // A long-poll that starts where the stream is has nothing to answer yet: wait
             // without reading every section first.
+            let mut position = None;
             if let Some(since) = since
                 && since.ephemeral == ephemeral
                 && since.to_device.is_none()
                 && !options.rooms.full_state
                 && tokio::time::Instant::now() < deadline
-                && self.stream_is_at(since.stream).await?
             {
-                let wait = self
-                    .wait_time(deadline - tokio::time::Instant::now())
-                    .await?;
-                self.notifier.wait(since.stream, ephemeral, wait).await;
-                continue;
+                let current = self.current_position().await?;
+                if current == since.stream {
+                    let wait = self
+                        .wait_time(deadline - tokio::time::Instant::now())
+                        .await?;
+                    self.notifier.wait(since.stream, ephemeral, wait).await;
+                    continue;
+                }
+                position = Some(current);
             }
             let (mut rooms, extra, account_data) = self
-                .sync_pass(user, since.map(|s| s.stream), &request, &options.filter)
+                .sync_pass(
+                    user,
+                    since.map(|s| s.stream),
+                    &request,
+                    &options.filter,
+                    position,
+                )
                 .await?;
             let e2ee = self.e2ee_pass(user, device, since, rooms.position).await?;
             if let Some(fields) = &options.filter.event_fields {
