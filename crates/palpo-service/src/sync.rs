@@ -285,26 +285,29 @@ impl SyncService {
         since: Option<i64>,
         request: &SyncRequest,
         filter: &SyncFilter,
-        position: Option<i64>,
+        upto: i64,
     ) -> Result<(SyncRooms, EphemeralSync, AccountDataSync)> {
         let Some(ephemeral) = &self.ephemeral else {
-            let rooms = self.rooms.sync_rooms(user, since, request).await?;
-            let mut account_data = self.account_data_pass(user, since, rooms.position).await?;
+            let rooms = self
+                .rooms
+                .sync_rooms_at(
+                    user,
+                    since,
+                    upto,
+                    request,
+                    &std::collections::HashSet::new(),
+                )
+                .await?;
+            let mut account_data = self.account_data_pass(user, since, upto).await?;
             filter_account_data(filter, &mut account_data);
             account_data.retain_rooms(&rooms.join.keys().chain(rooms.leave.keys()).collect());
             return Ok((rooms, EphemeralSync::default(), account_data));
         };
-        // Typing notifications that ran out become a change of the stream first (unless the
-        // caller just did that and read the position).
-        let upto = match position {
-            Some(position) => position,
-            None => {
-                ephemeral.expire_typing().await?;
-                ephemeral.stream_position().await?
-            }
-        };
-        let mut extra = ephemeral.sync(user, since, upto).await?;
-        let mut account_data = self.account_data_pass(user, since, upto).await?;
+        // Independent reads, at once: a pass's latency is its longest chain of queries.
+        let (mut extra, mut account_data) = futures::try_join!(
+            ephemeral.sync(user, since, upto),
+            self.account_data_pass(user, since, upto)
+        )?;
         // Filtered out before choosing rooms: what the filter drops is no news.
         filter_ephemeral(filter, &mut extra);
         filter_account_data(filter, &mut account_data);
@@ -413,33 +416,30 @@ impl SyncService {
             let ephemeral = self.notifier.ephemeral_serial();
             // A long-poll that starts where the stream is has nothing to answer yet: wait
             // without reading every section first.
-            let mut position = None;
+            let upto = self.current_position().await?;
             if let Some(since) = since
+                && upto == since.stream
                 && since.ephemeral == ephemeral
                 && since.to_device.is_none()
                 && !options.rooms.full_state
                 && tokio::time::Instant::now() < deadline
             {
-                let current = self.current_position().await?;
-                if current == since.stream {
-                    let wait = self
-                        .wait_time(deadline - tokio::time::Instant::now())
-                        .await?;
-                    self.notifier.wait(since.stream, ephemeral, wait).await;
-                    continue;
-                }
-                position = Some(current);
+                let wait = self
+                    .wait_time(deadline - tokio::time::Instant::now())
+                    .await?;
+                self.notifier.wait(since.stream, ephemeral, wait).await;
+                continue;
             }
-            let (mut rooms, extra, account_data) = self
-                .sync_pass(
+            let ((mut rooms, extra, account_data), e2ee) = futures::try_join!(
+                self.sync_pass(
                     user,
                     since.map(|s| s.stream),
                     &request,
                     &options.filter,
-                    position,
-                )
-                .await?;
-            let e2ee = self.e2ee_pass(user, device, since, rooms.position).await?;
+                    upto,
+                ),
+                self.e2ee_pass(user, device, since, upto)
+            )?;
             if let Some(fields) = &options.filter.event_fields {
                 project_room_events(&mut rooms, fields);
             }

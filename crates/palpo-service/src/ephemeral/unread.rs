@@ -108,19 +108,21 @@ impl EphemeralService {
         if rooms.is_empty() {
             return Ok(());
         }
-        let mentions = self.mention_names(user).await?;
         let room_ids: Vec<String> = rooms.iter().map(|(r, _)| (*r).clone()).collect();
+        let positions = async {
+            self.storage
+                .ephemeral
+                .read_positions(user, &room_ids, &[PUBLIC_READ, PRIVATE_READ])
+                .await
+                .map_err(internal)
+        };
+        let (mentions, positions) = futures::try_join!(self.mention_names(user), positions)?;
         let mut reads: HashMap<String, Vec<(Option<String>, i64)>> = HashMap::new();
         for ReadPosition {
             room_id,
             thread_id,
             stream_ordering,
-        } in self
-            .storage
-            .ephemeral
-            .read_positions(user, &room_ids, &[PUBLIC_READ, PRIVATE_READ])
-            .await
-            .map_err(internal)?
+        } in positions
         {
             reads
                 .entry(room_id)

@@ -15,7 +15,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use palpo_core::Result;
+use palpo_core::{Error, Result};
 use palpo_storage::model::{Direction, EventRecord, MembershipRecord, StateMap};
 use ruma::room_version_rules::RedactionRules;
 use serde_json::{Value, json};
@@ -216,26 +216,31 @@ impl RoomService {
             position: upto,
             ..SyncRooms::default()
         };
-        let memberships = self
-            .storage
-            .rooms
-            .memberships_of_user(user)
-            .await
-            .map_err(internal)?;
-        // Rooms whose timeline moved since the token (all of them on an initial sync).
-        let changed: Option<HashSet<String>> = match since {
-            Some(since) if since < upto => Some(
-                self.storage
-                    .rooms
-                    .rooms_changed_between(since, upto)
-                    .await
-                    .map_err(internal)?
-                    .into_iter()
-                    .collect(),
-            ),
-            Some(_) => Some(HashSet::new()),
-            None => None,
+        // The user's rooms, and those whose timeline moved since the token (all of them on an
+        // initial sync), read at once.
+        let changed = async {
+            Ok::<_, Error>(match since {
+                Some(since) if since < upto => Some(
+                    self.storage
+                        .rooms
+                        .rooms_changed_between(since, upto)
+                        .await
+                        .map_err(internal)?
+                        .into_iter()
+                        .collect::<HashSet<String>>(),
+                ),
+                Some(_) => Some(HashSet::new()),
+                None => None,
+            })
         };
+        let memberships = async {
+            self.storage
+                .rooms
+                .memberships_of_user(user)
+                .await
+                .map_err(internal)
+        };
+        let (memberships, changed) = futures::try_join!(memberships, changed)?;
         // Rooms are independent: read several at once, so that an initial sync over many rooms
         // costs the database's latency a few times, not once per query per room.
         let sections: Vec<Result<Option<SyncSection>>> =
