@@ -594,6 +594,41 @@ async fn cross_process_scenario(app: &TestApp) {
     }
 }
 
+backend_matrix!(unread_after_a_main_receipt, main_receipt_scenario);
+
+/// A receipt for the main timeline only (no unthreaded one): the main timeline's unread
+/// messages count from it, even when the user's membership event is newer (a profile change).
+async fn main_receipt_scenario(app: &TestApp) {
+    let (alice, bob, room_id, since) = two_in_a_room(app).await;
+    let first = app.send_text(&alice.access_token, &room_id, "one").await;
+    app.send_text(&alice.access_token, &room_id, "two").await;
+    post_receipt(
+        app,
+        &bob,
+        &room_id,
+        "m.read",
+        &first,
+        json!({"thread_id": "main"}),
+    )
+    .await
+    .expect_ok();
+    let path = format!(
+        "/_matrix/client/v3/profile/{}/displayname",
+        enc(&bob.user_id)
+    );
+    app.put(
+        &path,
+        Some(&bob.access_token),
+        json!({"displayname": "Robert"}),
+    )
+    .await
+    .expect_ok();
+    let next = sync(app, &bob.access_token, Some(&since), 0).await;
+    assert_eq!(unread(&next, &room_id), (1, 0), "{next}");
+    let initial = sync(app, &bob.access_token, None, 0).await;
+    assert_eq!(unread(&initial, &room_id), (1, 0), "{initial}");
+}
+
 backend_matrix!(
     unread_counts_across_processes,
     unread_across_processes_scenario

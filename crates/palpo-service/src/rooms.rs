@@ -46,6 +46,12 @@ const ROOM_HEADS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(102
     None => std::num::NonZeroUsize::MIN,
 };
 
+/// Rooms whose version a process keeps.
+const KEPT_ROOM_VERSIONS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
+    Some(n) => n,
+    None => std::num::NonZeroUsize::MIN,
+};
+
 /// (state group, user) pairs whose visibility facts a process keeps.
 const GROUP_VISIBILITY: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(16_384) {
     Some(n) => n,
@@ -94,7 +100,7 @@ impl RoomService {
             auth_events: Mutex::new(lru::LruCache::new(AUTH_EVENT_CACHE)),
             room_types: Mutex::new(HashMap::new()),
             heads: Mutex::new(lru::LruCache::new(ROOM_HEADS)),
-            versions: Mutex::new(lru::LruCache::new(AUTH_EVENT_CACHE)),
+            versions: Mutex::new(lru::LruCache::new(KEPT_ROOM_VERSIONS)),
             group_visibility: Mutex::new(lru::LruCache::new(GROUP_VISIBILITY)),
         }
     }

@@ -139,6 +139,11 @@ impl EphemeralService {
                     joined_at: *joined_at,
                 };
                 floors.reads.sort();
+                // With an unthreaded receipt the join is not a floor: a profile change (a new
+                // membership event) must not throw the kept counts away.
+                if floors.latest_read(None).is_some() {
+                    floors.joined_at = 0;
+                }
                 self.unread_counts(user, room_id, floors, up_to, &mentions)
             })
             .collect();
@@ -204,7 +209,9 @@ impl EphemeralService {
             .cloned();
         let base = floors.base();
         let mut counted = kept.unwrap_or_else(|| Counted {
-            counted_to: base,
+            // The main timeline may start before the threads do (a `main` receipt older than
+            // the join), and the other way round.
+            counted_to: base.min(floors.main()),
             start: floors,
             names: mentions.to_vec(),
             main: UnreadCounts::default(),
