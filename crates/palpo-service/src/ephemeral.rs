@@ -581,15 +581,6 @@ impl EphemeralService {
     // -----------------------------------------------------------------------------------------
     // Sync
 
-    /// The latest committed stream position: where a sync pass reads up to.
-    pub async fn stream_position(&self) -> Result<i64> {
-        self.storage
-            .rooms
-            .max_stream_ordering()
-            .await
-            .map_err(internal)
-    }
-
     /// The ephemeral part of a sync over `(since, up_to]` (everything current when `since` is
     /// `None`): `m.typing` for joined rooms whose typers changed (initially: where someone
     /// types), `m.receipt` with the receipts that changed (initially: all; private receipts

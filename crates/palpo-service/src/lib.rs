@@ -25,6 +25,14 @@ pub use ephemeral::EphemeralService;
 pub use rooms::RoomService;
 pub use sync::SyncService;
 
+/// The capacity of an in-process LRU cache (at least 1).
+pub(crate) const fn cache_capacity(entries: usize) -> std::num::NonZeroUsize {
+    match std::num::NonZeroUsize::new(entries) {
+        Some(n) => n,
+        None => std::num::NonZeroUsize::MIN,
+    }
+}
+
 /// Every service, wired together. Built once at start-up and shared by the api layer.
 #[derive(Clone)]
 pub struct Services {

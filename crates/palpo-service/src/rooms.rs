@@ -41,28 +41,16 @@ pub const ROOM_VERSIONS: &[&str] = &[
 ];
 
 /// Rooms whose head a process keeps.
-const ROOM_HEADS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(1024) {
-    Some(n) => n,
-    None => std::num::NonZeroUsize::MIN,
-};
+const ROOM_HEADS: std::num::NonZeroUsize = crate::cache_capacity(1024);
 
 /// Rooms whose version a process keeps.
-const KEPT_ROOM_VERSIONS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
-    Some(n) => n,
-    None => std::num::NonZeroUsize::MIN,
-};
+const KEPT_ROOM_VERSIONS: std::num::NonZeroUsize = crate::cache_capacity(4096);
 
 /// (state group, user) pairs whose visibility facts a process keeps.
-const GROUP_VISIBILITY: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(16_384) {
-    Some(n) => n,
-    None => std::num::NonZeroUsize::MIN,
-};
+const GROUP_VISIBILITY: std::num::NonZeroUsize = crate::cache_capacity(16_384);
 
 /// Auth events kept parsed (create, power levels, join rules and members of busy rooms).
-const AUTH_EVENT_CACHE: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
-    Some(n) => n,
-    None => std::num::NonZeroUsize::MIN,
-};
+const AUTH_EVENT_CACHE: std::num::NonZeroUsize = crate::cache_capacity(4096);
 
 pub struct RoomService {
     config: Arc<Config>,

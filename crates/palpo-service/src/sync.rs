@@ -340,13 +340,10 @@ impl SyncService {
     /// Every change of every section takes a position, so an unchanged position means there
     /// is nothing new.
     async fn current_position(&self) -> Result<i64> {
-        match &self.ephemeral {
-            Some(ephemeral) => {
-                ephemeral.expire_typing().await?;
-                ephemeral.stream_position().await
-            }
-            None => self.rooms.stream_position().await,
+        if let Some(ephemeral) = &self.ephemeral {
+            ephemeral.expire_typing().await?;
         }
+        self.rooms.stream_position().await
     }
 
     /// How long a long-poll may wait: until `deadline`, or until the next typing notification

@@ -11,7 +11,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    num::NonZeroUsize,
     sync::Mutex,
 };
 
@@ -41,9 +40,7 @@ pub(super) struct UnreadCache {
 impl Default for UnreadCache {
     fn default() -> Self {
         UnreadCache {
-            kept: Mutex::new(LruCache::new(
-                NonZeroUsize::new(KEPT_COUNTS).unwrap_or(NonZeroUsize::MIN),
-            )),
+            kept: Mutex::new(LruCache::new(crate::cache_capacity(KEPT_COUNTS))),
         }
     }
 }
@@ -67,6 +64,18 @@ struct Floors {
 }
 
 impl Floors {
+    /// The floors of a member: their read receipts (thread, position) and the position of
+    /// their membership. With an unthreaded receipt the join is no floor, so it is left out:
+    /// a profile change (a new membership event) must not throw kept counts away.
+    fn new(mut reads: Vec<(Option<String>, i64)>, joined_at: i64) -> Self {
+        reads.sort();
+        let unthreaded = reads.iter().any(|(thread, _)| thread.is_none());
+        Floors {
+            reads,
+            joined_at: if unthreaded { 0 } else { joined_at },
+        }
+    }
+
     fn latest_read(&self, thread: Option<&str>) -> Option<i64> {
         self.reads
             .iter()
@@ -134,16 +143,10 @@ impl EphemeralService {
         let counts: Vec<_> = rooms
             .iter()
             .map(|(room_id, joined_at)| {
-                let mut floors = Floors {
-                    reads: reads.remove(room_id.as_str()).unwrap_or_default(),
-                    joined_at: *joined_at,
-                };
-                floors.reads.sort();
-                // With an unthreaded receipt the join is not a floor: a profile change (a new
-                // membership event) must not throw the kept counts away.
-                if floors.latest_read(None).is_some() {
-                    floors.joined_at = 0;
-                }
+                let floors = Floors::new(
+                    reads.remove(room_id.as_str()).unwrap_or_default(),
+                    *joined_at,
+                );
                 self.unread_counts(user, room_id, floors, up_to, &mentions)
             })
             .collect();

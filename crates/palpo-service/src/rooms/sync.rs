@@ -190,12 +190,7 @@ impl RoomService {
         since: Option<i64>,
         request: &SyncRequest,
     ) -> Result<SyncRooms> {
-        let upto = self
-            .storage
-            .rooms
-            .max_stream_ordering()
-            .await
-            .map_err(internal)?;
+        let upto = self.stream_position().await?;
         self.sync_rooms_at(user, since, upto, request, &HashSet::new())
             .await
     }
