@@ -29,7 +29,11 @@ use palpo_core::config::{CacheConfig, DatabaseConfig, redact_url};
 use rand::{Rng, distributions::Alphanumeric};
 use sqlx::{Connection, mysql::MySqlConnection, postgres::PgConnection};
 
-use crate::{Storage, db::Backend};
+use crate::{
+    Storage,
+    db::Backend,
+    model::{NewEvent, RoomRecord},
+};
 
 pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const DEFAULT_MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
@@ -678,4 +682,34 @@ macro_rules! conformance {
             async fn mysql() { run_scenario(Backend::MySql, false, super::$scenario).await }
         }
     )*};
+}
+
+/// The `n`th test event of `room`, built on its current head: a `{}` PDU with no state key,
+/// membership, relation or transaction (set those with struct update syntax).
+pub fn event_on(
+    room: &RoomRecord,
+    event_id: &str,
+    event_type: &str,
+    sender: &str,
+    n: i64,
+) -> NewEvent {
+    NewEvent {
+        event_id: event_id.to_owned(),
+        room_id: room.room_id.clone(),
+        depth: n + 1,
+        event_type: event_type.to_owned(),
+        state_key: None,
+        sender: sender.to_owned(),
+        origin_server_ts: 1000 + n,
+        pdu_json: "{}".to_owned(),
+        prev_events: room.forward_extremities.clone(),
+        outlier: false,
+        soft_failed: false,
+        rejected_reason: None,
+        expected_write_version: room.write_version,
+        membership: None,
+        redacts: None,
+        txn: None,
+        thread_id: None,
+    }
 }

@@ -10,6 +10,7 @@ use palpo_storage::{
         CrossSigningKeyRecord, DeviceLogin, DeviceTarget, KeySignatureRecord, KeyUpload, NewEvent,
         NewRoom, OneTimeKeyRecord, ToDeviceBatch, ToDeviceMessage,
     },
+    testing::event_on,
 };
 
 palpo_storage::conformance!(
@@ -401,23 +402,9 @@ async fn member(s: &Storage, room_id: &str, user: &str, membership: &str) -> i64
     let n = s.rooms.max_stream_ordering().await.expect("max");
     s.rooms
         .persist_event(&NewEvent {
-            event_id: format!("${room_id}{n}"),
-            room_id: room_id.to_owned(),
-            depth: n + 1,
-            event_type: "m.room.member".to_owned(),
             state_key: Some(user.to_owned()),
-            sender: user.to_owned(),
-            origin_server_ts: 1000 + n,
-            pdu_json: "{}".to_owned(),
-            prev_events: room.forward_extremities.clone(),
-            outlier: false,
-            soft_failed: false,
-            rejected_reason: None,
-            expected_write_version: room.write_version,
             membership: Some(membership.to_owned()),
-            redacts: None,
-            txn: None,
-            thread_id: None,
+            ..event_on(&room, &format!("${room_id}{n}"), "m.room.member", user, n)
         })
         .await
         .expect("persist")

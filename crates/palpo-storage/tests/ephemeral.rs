@@ -5,6 +5,7 @@
 use palpo_storage::{
     Storage,
     model::{NewEvent, NewRoom, PresenceRecord, ReceiptRecord},
+    testing::event_on,
 };
 
 palpo_storage::conformance!(
@@ -41,23 +42,15 @@ async fn room_with_events(s: &Storage, room_id: &str, events: &[(&str, &str, Opt
         let is_member = *event_type == "m.room.member";
         s.rooms
             .persist_event(&NewEvent {
-                event_id: format!("${room_id}{n}"),
-                room_id: room_id.to_owned(),
-                depth: n as i64 + 1,
-                event_type: (*event_type).to_owned(),
                 state_key: is_member.then(|| (*sender).to_owned()),
-                sender: (*sender).to_owned(),
-                origin_server_ts: 1000 + n as i64,
-                pdu_json: "{}".to_owned(),
-                prev_events: room.forward_extremities.clone(),
-                outlier: false,
-                soft_failed: false,
-                rejected_reason: None,
-                expected_write_version: room.write_version,
                 membership: member.map(str::to_owned),
-                redacts: None,
-                txn: None,
-                thread_id: None,
+                ..event_on(
+                    &room,
+                    &format!("${room_id}{n}"),
+                    event_type,
+                    sender,
+                    n as i64,
+                )
             })
             .await
             .expect("persist");
@@ -489,23 +482,8 @@ async fn one_stream_with_events(s: Storage) {
     let persisted = s
         .rooms
         .persist_event(&NewEvent {
-            event_id: "$after".to_owned(),
-            room_id: ROOM.to_owned(),
-            depth: 2,
-            event_type: "m.room.message".to_owned(),
-            state_key: None,
-            sender: "@a:test".to_owned(),
             origin_server_ts: 5,
-            pdu_json: "{}".to_owned(),
-            prev_events: room.forward_extremities,
-            outlier: false,
-            soft_failed: false,
-            rejected_reason: None,
-            expected_write_version: room.write_version,
-            membership: None,
-            redacts: None,
-            txn: None,
-            thread_id: None,
+            ..event_on(&room, "$after", "m.room.message", "@a:test", 1)
         })
         .await
         .expect("persist");

@@ -6,6 +6,7 @@
 use palpo_storage::{
     Storage,
     model::{NewEvent, NewRoom, PresenceRecord, ReceiptRecord},
+    testing::event_on,
 };
 
 palpo_storage::conformance!(
@@ -36,23 +37,8 @@ async fn room_with(s: &Storage, events: &[(&str, &str, &str, Option<&str>)]) -> 
         let persisted = s
             .rooms
             .persist_event(&NewEvent {
-                event_id: (*event_id).to_owned(),
-                room_id: ROOM.to_owned(),
-                depth: n as i64 + 1,
-                event_type: (*event_type).to_owned(),
-                state_key: None,
-                sender: (*sender).to_owned(),
-                origin_server_ts: 1000 + n as i64,
-                pdu_json: "{}".to_owned(),
-                prev_events: room.forward_extremities.clone(),
-                outlier: false,
-                soft_failed: false,
-                rejected_reason: None,
-                expected_write_version: room.write_version,
-                membership: None,
-                redacts: None,
-                txn: None,
                 thread_id: thread.map(str::to_owned),
+                ..event_on(&room, event_id, event_type, sender, n as i64)
             })
             .await
             .expect("persist");
