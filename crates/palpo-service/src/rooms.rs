@@ -10,6 +10,7 @@ mod directory;
 mod lazy;
 mod membership;
 pub mod pdu;
+mod prefetch;
 mod read;
 mod resolve;
 pub mod sliding;
@@ -142,6 +143,14 @@ impl RoomService {
             .unwrap_or_else(|e| e.into_inner())
             .put(room_id.to_owned(), room.room_version.clone());
         Ok(Some(room.room_version))
+    }
+
+    /// Keeps rooms' versions read along with something else.
+    fn keep_versions(&self, versions: Vec<(String, String)>) {
+        let mut kept = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        for (room_id, version) in versions {
+            kept.put(room_id, version);
+        }
     }
 
     /// The latest committed position of the global stream.

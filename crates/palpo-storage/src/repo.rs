@@ -97,8 +97,20 @@ pub trait RoomRepo: Send + Sync {
     async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>>;
     /// The events with these ids that exist, in no particular order.
     async fn get_events(&self, event_ids: &[String]) -> Result<Vec<EventRecord>>;
-    /// The full state of a state group (parent chain merged).
-    async fn state_at_group(&self, state_group: i64) -> Result<StateMap>;
+    /// The full state of a state group (parent chain merged); empty for an unknown group.
+    async fn state_at_group(&self, state_group: i64) -> Result<StateMap> {
+        Ok(self
+            .states_at_groups(&[state_group])
+            .await?
+            .remove(&state_group)
+            .unwrap_or_default())
+    }
+    /// The full state of each of several state groups, in one round trip per hundred
+    /// groups. Unknown groups are absent.
+    async fn states_at_groups(
+        &self,
+        state_groups: &[i64],
+    ) -> Result<std::collections::HashMap<i64, StateMap>>;
     /// The room's current state, from the primary.
     async fn current_state(&self, room_id: &str) -> Result<StateMap>;
     /// The current state entries of a room for the given `(type, state key)` pairs only.
@@ -118,6 +130,15 @@ pub trait RoomRepo: Send + Sync {
         dir: Direction,
         limit: i64,
     ) -> Result<Vec<EventRecord>>;
+    /// For each room, its newest `limit` timeline events before stream position `before`,
+    /// newest first: what `room_events(room, before, None, Backward, limit)` reads for each,
+    /// in one statement per fifty rooms. The rooms' events come one room after the other.
+    async fn latest_events_in(
+        &self,
+        room_ids: &[String],
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRecord>>;
     /// The latest stream position committed.
     async fn max_stream_ordering(&self) -> Result<i64>;
     /// The timeline event of a room closest to `ts` in the given direction.
@@ -134,6 +155,10 @@ pub trait RoomRepo: Send + Sync {
         room_id: &str,
         membership: Option<&str>,
     ) -> Result<Vec<MembershipRecord>>;
+    /// Current memberships (all states) of several rooms, by room then user id.
+    async fn members_of_rooms(&self, room_ids: &[String]) -> Result<Vec<MembershipRecord>>;
+    /// `(room id, room version)` of the rooms that exist among `room_ids`.
+    async fn room_versions(&self, room_ids: &[String]) -> Result<Vec<(String, String)>>;
     /// Rooms where the user's current membership is `membership`.
     async fn rooms_for_user(&self, user_id: &str, membership: &str) -> Result<Vec<String>>;
     /// Marks a left room as forgotten for the user.
@@ -259,15 +284,15 @@ pub trait EphemeralRepo: Send + Sync {
     /// goes idle is that plus the idle timeout.
     async fn oldest_online_activity(&self) -> Result<Option<i64>>;
 
-    /// Messages (`event_types`) of a room in `(after, up_to]` not sent by `user_id`, in the
-    /// timeline, oldest first, at most `limit`, each with its thread (`None`: the main
-    /// timeline): what unread notification counts count.
+    /// For each `(room, after)` of `ranges`: the messages (`event_types`) of that room in
+    /// `(after, up_to]` not sent by `user_id`, in the timeline, oldest first, at most `limit`
+    /// per room, each with its thread (`None`: the main timeline): what unread notification
+    /// counts count. One statement per fifty rooms; the result is in stream order.
     async fn unread_candidates(
         &self,
-        room_id: &str,
+        ranges: &[(String, i64)],
         user_id: &str,
         event_types: &[&str],
-        after: i64,
         up_to: i64,
         limit: i64,
     ) -> Result<Vec<(crate::model::EventRecord, Option<String>)>>;

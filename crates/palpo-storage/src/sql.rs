@@ -9,6 +9,27 @@ mod sliding;
 
 pub(crate) use rooms::lock_room_row;
 
+/// `?, ?, ?` for `n` parameters.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// One statement for several rooms: `per_room` (a `SELECT` with its own `ORDER BY ... LIMIT`,
+/// its parameters bound once per room, in order) for each of `rooms`, joined by `UNION ALL`.
+/// Each part runs on the `(room_id, stream_ordering)` index and stops at its limit, which a
+/// window function over the rooms' whole history would not; every backend runs this form
+/// (SQLite wants each limited part wrapped as a subquery, PostgreSQL and MySQL want it named).
+fn per_room_union(rooms: usize, per_room: &str) -> String {
+    (0..rooms)
+        .map(|n| format!("SELECT * FROM ({per_room}) AS part{n}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
+}
+
+/// Rooms per [`per_room_union`] statement: well within SQLite's 500 compound parts and every
+/// backend's parameter limit.
+const ROOMS_PER_UNION: usize = 50;
+
 use std::sync::Arc;
 
 use crate::db::Db;

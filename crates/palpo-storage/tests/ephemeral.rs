@@ -517,7 +517,7 @@ async fn unread_candidates(s: Storage) {
     let types = ["m.room.message", "m.room.encrypted"];
     let all = s
         .ephemeral
-        .unread_candidates(ROOM, "@b:test", &types, 0, max, 100)
+        .unread_candidates(&[(ROOM.to_owned(), 0)], "@b:test", &types, max, 100)
         .await
         .expect("candidates");
     let kinds: Vec<&str> = all.iter().map(|(e, _)| e.event_type.as_str()).collect();
@@ -529,19 +529,25 @@ async fn unread_candidates(s: Storage) {
     let after_first = all[0].0.stream_ordering.expect("position");
     let rest = s
         .ephemeral
-        .unread_candidates(ROOM, "@b:test", &types, after_first, max, 100)
+        .unread_candidates(
+            &[(ROOM.to_owned(), after_first)],
+            "@b:test",
+            &types,
+            max,
+            100,
+        )
         .await
         .expect("candidates");
     assert_eq!(rest.len(), 2);
     let limited = s
         .ephemeral
-        .unread_candidates(ROOM, "@b:test", &types, 0, max, 1)
+        .unread_candidates(&[(ROOM.to_owned(), 0)], "@b:test", &types, max, 1)
         .await
         .expect("candidates");
     assert_eq!(limited.len(), 1);
     assert!(
         s.ephemeral
-            .unread_candidates(ROOM, "@b:test", &[], 0, max, 10)
+            .unread_candidates(&[(ROOM.to_owned(), 0)], "@b:test", &[], max, 10)
             .await
             .expect("candidates")
             .is_empty()

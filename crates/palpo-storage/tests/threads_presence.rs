@@ -109,7 +109,7 @@ async fn unread_candidates_with_threads(s: Storage) {
     let thread = |id: &str, t: Option<&str>| (id.to_owned(), t.map(str::to_owned));
     let all = s
         .ephemeral
-        .unread_candidates(ROOM, "@b:test", &types, 0, max, 100)
+        .unread_candidates(&[(ROOM.to_owned(), 0)], "@b:test", &types, max, 100)
         .await
         .expect("candidates");
     assert_eq!(
@@ -125,7 +125,13 @@ async fn unread_candidates_with_threads(s: Storage) {
     );
     let after_t2 = s
         .ephemeral
-        .unread_candidates(ROOM, "@b:test", &types, positions[2], max, 100)
+        .unread_candidates(
+            &[(ROOM.to_owned(), positions[2])],
+            "@b:test",
+            &types,
+            max,
+            100,
+        )
         .await
         .expect("candidates");
     assert_eq!(
@@ -134,7 +140,7 @@ async fn unread_candidates_with_threads(s: Storage) {
     );
     let one = s
         .ephemeral
-        .unread_candidates(ROOM, "@b:test", &types, 0, max, 1)
+        .unread_candidates(&[(ROOM.to_owned(), 0)], "@b:test", &types, max, 1)
         .await
         .expect("candidates");
     assert_eq!(ids(&one), [thread("$root", None)]);

@@ -14,7 +14,6 @@ use std::{
     sync::Mutex,
 };
 
-use futures::StreamExt;
 use lru::LruCache;
 use palpo_core::Result;
 use palpo_storage::model::{EventRecord, ReadPosition};
@@ -25,8 +24,6 @@ use super::{
     internal,
 };
 
-/// Rooms whose unread counts are read at the same time.
-const UNREAD_ROOMS_AT_ONCE: usize = 8;
 /// Events one count reads at most; a longer backlog is counted over the following syncs.
 const MAX_UNREAD_READ: i64 = 1000;
 /// Users × rooms whose counts a process keeps.
@@ -138,27 +135,62 @@ impl EphemeralService {
                 .or_default()
                 .push((thread_id, stream_ordering));
         }
-        // Several rooms at once, as the room sections are read.
-        // (Collected first: a closure inside the stream would make the sync future not `Send`.)
-        let counts: Vec<_> = rooms
+        let mut counts: Vec<(&String, Counted)> = rooms
             .iter()
             .map(|(room_id, joined_at)| {
                 let floors = Floors::new(
                     reads.remove(room_id.as_str()).unwrap_or_default(),
                     *joined_at,
                 );
-                self.unread_counts(user, room_id, floors, up_to, &mentions)
+                (
+                    *room_id,
+                    self.kept_or_new(user, room_id, floors, up_to, &mentions),
+                )
             })
             .collect();
-        let counts: Vec<Result<_>> = futures::stream::iter(counts)
-            .buffered(UNREAD_ROOMS_AT_ONCE)
-            .collect()
-            .await;
-        for ((room_id, _), counts) in rooms.into_iter().zip(counts) {
-            let (main, threads) = counts?;
-            out.unread.insert(room_id.clone(), main);
-            if !threads.is_empty() {
-                out.unread_threads.insert(room_id.clone(), threads);
+        // The events after each count, for all rooms at once.
+        let ranges: Vec<(String, i64)> = counts
+            .iter()
+            .filter(|(_, counted)| counted.counted_to < up_to)
+            .map(|(room_id, counted)| ((*room_id).clone(), counted.counted_to))
+            .collect();
+        let candidates = if ranges.is_empty() {
+            Vec::new()
+        } else {
+            self.storage
+                .ephemeral
+                .unread_candidates(&ranges, user, NOTIFYING_TYPES, up_to, MAX_UNREAD_READ)
+                .await
+                .map_err(internal)?
+        };
+        // What the user may see, for all rooms at once (one read of visibility facts).
+        let events: Vec<&EventRecord> = candidates.iter().map(|(event, _)| event).collect();
+        let visible = self.rooms.visible_to_member(user, &events).await?;
+        let mut by_room: HashMap<String, Candidates> = HashMap::new();
+        for ((event, thread), visible) in candidates.into_iter().zip(visible) {
+            let room = by_room.entry(event.room_id.clone()).or_default();
+            // The last one read, seen or not, is where a read that hit its limit stopped.
+            room.last_read = event.stream_ordering;
+            room.read += 1;
+            if !visible {
+                continue;
+            }
+            room.visible.push((event, thread));
+        }
+        for (room_id, counted) in &mut counts {
+            if counted.counted_to < up_to {
+                let candidates = by_room.remove(room_id.as_str()).unwrap_or_default();
+                count_more(user, counted, candidates, up_to, &mentions);
+                self.unread
+                    .kept
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .put((user.to_owned(), (*room_id).clone()), counted.clone());
+            }
+            out.unread.insert((*room_id).clone(), counted.main.clone());
+            if !counted.threads.is_empty() {
+                out.unread_threads
+                    .insert((*room_id).clone(), counted.threads.clone());
             }
         }
         Ok(())
@@ -192,15 +224,15 @@ impl EphemeralService {
     /// mention them: in the main timeline, after their latest read receipt (public or private)
     /// that is unthreaded or for `main`; in each thread, after their latest unthreaded receipt
     /// or receipt for that thread. Without a receipt, after their join. Continues the counts
-    /// kept from an earlier sync when they start from the same place.
-    async fn unread_counts(
+    /// kept from an earlier sync when they start from the same place; otherwise starts anew.
+    fn kept_or_new(
         &self,
         user: &str,
         room_id: &str,
         floors: Floors,
         up_to: i64,
         mentions: &[String],
-    ) -> Result<(UnreadCounts, BTreeMap<String, UnreadCounts>)> {
+    ) -> Counted {
         let key = (user.to_owned(), room_id.to_owned());
         let kept = self
             .unread
@@ -210,71 +242,63 @@ impl EphemeralService {
             .get(&key)
             .filter(|c| c.start == floors && c.names == mentions && c.counted_to <= up_to)
             .cloned();
-        let base = floors.base();
-        let mut counted = kept.unwrap_or_else(|| Counted {
+        kept.unwrap_or_else(|| Counted {
             // The main timeline may start before the threads do (a `main` receipt older than
             // the join), and the other way round.
-            counted_to: base.min(floors.main()),
+            counted_to: floors.base().min(floors.main()),
             start: floors,
             names: mentions.to_vec(),
             main: UnreadCounts::default(),
             threads: BTreeMap::new(),
-        });
-        if counted.counted_to < up_to {
-            let candidates = self
-                .storage
-                .ephemeral
-                .unread_candidates(
-                    room_id,
-                    user,
-                    NOTIFYING_TYPES,
-                    counted.counted_to,
-                    up_to,
-                    MAX_UNREAD_READ,
-                )
-                .await
-                .map_err(internal)?;
-            // A backlog longer than one read continues from its last event next time.
-            let read_to = match candidates.last() {
-                Some((event, _)) if candidates.len() as i64 >= MAX_UNREAD_READ => {
-                    event.stream_ordering.unwrap_or(up_to)
-                }
-                _ => up_to,
-            };
-            let mut thread_of: HashMap<String, Option<String>> = HashMap::new();
-            let mut events = Vec::with_capacity(candidates.len());
-            for (event, thread) in candidates {
-                thread_of.insert(event.event_id.clone(), thread);
-                events.push(event);
-            }
-            let main_floor = counted.start.main();
-            for event in self.rooms.visible_to_member(user, events).await? {
-                let position = event.stream_ordering.unwrap_or_default();
-                let counts = match thread_of.remove(&event.event_id).flatten() {
-                    None if position > main_floor => &mut counted.main,
-                    None => continue,
-                    Some(thread) => {
-                        let read = counted.start.latest_read(Some(&thread));
-                        if position <= base || read.is_some_and(|read| position <= read) {
-                            continue;
-                        }
-                        counted.threads.entry(thread).or_default()
-                    }
-                };
-                counts.notification_count += 1;
-                if mentions_user(&event, user, mentions) {
-                    counts.highlight_count += 1;
-                }
-            }
-            counted.counted_to = read_to;
-            self.unread
-                .kept
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .put(key, counted.clone());
-        }
-        Ok((counted.main, counted.threads))
+        })
     }
+}
+
+/// The events of one room after a kept count, as read for it.
+#[derive(Default)]
+struct Candidates {
+    /// Those the user may see, oldest first, each with its thread.
+    visible: Vec<(EventRecord, Option<String>)>,
+    /// How many were read, and the position of the last.
+    read: i64,
+    last_read: Option<i64>,
+}
+
+/// Counts `candidates` (read after `counted.counted_to`) into `counted`, and moves it on to
+/// `up_to`, or to the last event read when the read stopped at its limit (a longer backlog
+/// is counted on next time).
+fn count_more(
+    user: &str,
+    counted: &mut Counted,
+    candidates: Candidates,
+    up_to: i64,
+    mentions: &[String],
+) {
+    let read_to = match candidates.last_read {
+        Some(last) if candidates.read >= MAX_UNREAD_READ => last,
+        _ => up_to,
+    };
+    let base = counted.start.base();
+    let main_floor = counted.start.main();
+    for (event, thread) in candidates.visible {
+        let position = event.stream_ordering.unwrap_or_default();
+        let counts = match thread {
+            None if position > main_floor => &mut counted.main,
+            None => continue,
+            Some(thread) => {
+                let read = counted.start.latest_read(Some(&thread));
+                if position <= base || read.is_some_and(|read| position <= read) {
+                    continue;
+                }
+                counted.threads.entry(thread).or_default()
+            }
+        };
+        counts.notification_count += 1;
+        if mentions_user(&event, user, mentions) {
+            counts.highlight_count += 1;
+        }
+    }
+    counted.counted_to = read_to;
 }
 
 /// Whether a message mentions `user`: listed in `m.mentions.user_ids` or, when the message

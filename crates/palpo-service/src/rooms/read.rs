@@ -88,6 +88,13 @@ pub fn token(position: i64) -> String {
     format!("s{position}")
 }
 
+/// The `content` of a stored event's PDU.
+fn event_content(event: &EventRecord) -> Option<Value> {
+    serde_json::from_str::<Value>(&event.pdu_json)
+        .ok()
+        .and_then(|mut v| v.get_mut("content").map(Value::take))
+}
+
 /// How a user may read a room.
 enum Access {
     /// Currently joined: everything up to now.
@@ -141,11 +148,7 @@ impl RoomService {
             return Ok(None);
         };
         let event = self.storage.rooms.get_event(id).await.map_err(internal)?;
-        Ok(event.and_then(|e| {
-            serde_json::from_str::<Value>(&e.pdu_json)
-                .ok()
-                .and_then(|mut v| v.get_mut("content").map(Value::take))
-        }))
+        Ok(event.as_ref().and_then(event_content))
     }
 
     pub(super) async fn history_visibility(&self, state: &StateMap) -> Result<String> {
@@ -316,37 +319,107 @@ impl RoomService {
     /// The room's history visibility and the user's membership in state group `group` (kept
     /// once read: a group's state and the events in it never change).
     async fn group_visibility(&self, group: i64, user: &str) -> Result<(String, String)> {
-        let key = (group, user.to_owned());
-        if let Some(facts) = self
-            .group_visibility
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
+        let mut learned = self
+            .learn_group_visibility(&[group], user, &HashMap::new())
+            .await?;
+        Ok(learned.remove(&group).unwrap_or_default())
+    }
+
+    /// Reads and keeps the visibility facts (see [`RoomService::group_visibility`]) of those
+    /// of `groups` not kept yet, all at once: one read of their states (except those in
+    /// `states`, read already) and one of the events the facts come from. Returns the facts
+    /// of every group asked for.
+    pub(super) async fn learn_group_visibility(
+        &self,
+        groups: &[i64],
+        user: &str,
+        states: &HashMap<i64, StateMap>,
+    ) -> Result<HashMap<i64, (String, String)>> {
+        let mut learned = HashMap::with_capacity(groups.len());
+        let mut missing = Vec::new();
         {
-            return Ok(facts.clone());
+            let mut kept = self
+                .group_visibility
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for group in groups {
+                match kept.get(&(*group, user.to_owned())) {
+                    Some(facts) => {
+                        learned.insert(*group, facts.clone());
+                    }
+                    None => missing.push(*group),
+                }
+            }
         }
-        let state = self
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(learned);
+        }
+        let unread: Vec<i64> = missing
+            .iter()
+            .copied()
+            .filter(|group| !states.contains_key(group))
+            .collect();
+        let read = if unread.is_empty() {
+            HashMap::new()
+        } else {
+            self.storage
+                .rooms
+                .states_at_groups(&unread)
+                .await
+                .map_err(internal)?
+        };
+        let visibility_key = ("m.room.history_visibility".to_owned(), String::new());
+        let member_key = ("m.room.member".to_owned(), user.to_owned());
+        // Per group: the ids of its history visibility and member events.
+        let sources: Vec<(i64, Option<&String>, Option<&String>)> = missing
+            .iter()
+            .map(|group| {
+                let state = states.get(group).or_else(|| read.get(group));
+                (
+                    *group,
+                    state.and_then(|s| s.get(&visibility_key)),
+                    state.and_then(|s| s.get(&member_key)),
+                )
+            })
+            .collect();
+        let mut ids: Vec<String> = sources
+            .iter()
+            .flat_map(|(_, v, m)| [*v, *m])
+            .flatten()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let contents: HashMap<String, Value> = self
             .storage
             .rooms
-            .state_at_group(group)
+            .get_events(&ids)
             .await
-            .map_err(internal)?;
-        let visibility = self.history_visibility(&state).await?;
-        let membership = self
-            .state_content(&state, "m.room.member", user)
-            .await?
-            .and_then(|c| {
-                c.get("membership")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| "leave".to_owned());
-        let facts = (visibility, membership);
-        self.group_visibility
+            .map_err(internal)?
+            .iter()
+            .filter_map(|e| Some((e.event_id.clone(), event_content(e)?)))
+            .collect();
+        let field = |id: Option<&String>, name: &str| {
+            id.and_then(|id| contents.get(id))
+                .and_then(|c| c.get(name))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let mut kept = self
+            .group_visibility
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(key, facts.clone());
-        Ok(facts)
+            .unwrap_or_else(|e| e.into_inner());
+        for (group, visibility, member) in sources {
+            let facts = (
+                field(visibility, "history_visibility").unwrap_or_else(|| "shared".to_owned()),
+                field(member, "membership").unwrap_or_else(|| "leave".to_owned()),
+            );
+            kept.put((group, user.to_owned()), facts.clone());
+            learned.insert(group, facts);
+        }
+        Ok(learned)
     }
 
     /// `GET /rooms/{roomId}/event/{eventId}`.

@@ -24,6 +24,7 @@ use super::{
     RoomService, internal,
     lazy::LazyMembers,
     pdu::federation_event,
+    prefetch::Prefetched,
     read::{TimelineFilter, Visibility, token},
 };
 use crate::filter::{DEFAULT_TIMELINE_LIMIT, EventFormat, SyncFilter};
@@ -236,6 +237,23 @@ impl RoomService {
                 .map_err(internal)
         };
         let (memberships, changed) = futures::try_join!(memberships, changed)?;
+        // Without a token every joined room is sent whole: read what they need at once.
+        let prefetched = match since {
+            None => {
+                let joined: Vec<String> = memberships
+                    .iter()
+                    .filter(|m| {
+                        m.membership == "join"
+                            && m.stream_ordering <= upto
+                            && !m.forgotten
+                            && request.wants_room(&m.room_id)
+                    })
+                    .map(|m| m.room_id.clone())
+                    .collect();
+                self.prefetch(user, &joined, upto, request).await?
+            }
+            Some(_) => Prefetched::default(),
+        };
         // Rooms are independent: read several at once, so that an initial sync over many rooms
         // costs the database's latency a few times, not once per query per room.
         let sections: Vec<Result<Option<SyncSection>>> =
@@ -248,6 +266,7 @@ impl RoomService {
                     request,
                     also,
                     changed.as_ref(),
+                    &prefetched,
                 )
             }))
             .buffered(ROOMS_AT_ONCE)
@@ -290,6 +309,7 @@ impl RoomService {
         request: &SyncRequest,
         also: &HashSet<String>,
         changed: Option<&HashSet<String>>,
+        prefetched: &Prefetched,
     ) -> Result<Option<SyncSection>> {
         // Changes after `upto` belong to the next sync.
         if membership.stream_ordering > upto
@@ -314,7 +334,7 @@ impl RoomService {
                 };
                 let room_since = if newly_joined { None } else { since };
                 let (room, members_sent) = self
-                    .joined_room(user, &membership, room_since, upto, request)
+                    .joined_room(user, &membership, room_since, upto, request, prefetched)
                     .await?;
                 (room_since.is_none()
                     || !room.timeline.events.is_empty()
@@ -333,21 +353,25 @@ impl RoomService {
             "leave" | "ban"
                 if (newly && since.is_some()) || (since.is_none() && request.include_leave) =>
             {
-                let (room, members_sent) =
-                    self.left_room(user, &membership, since, request).await?;
+                let (room, members_sent) = self
+                    .left_room(user, &membership, since, request, prefetched)
+                    .await?;
                 Some(SyncSection::Leave(room_id, room, members_sent))
             }
             _ => None,
         })
     }
 
-    /// Which of `events` (of one room, in the timeline) `user`, joined to it now, may see under
-    /// the room's history visibility.
+    /// Whether `user`, joined to their rooms now, may see each of `events` (timeline events
+    /// of any of those rooms) under the rooms' history visibility.
     pub async fn visible_to_member(
         &self,
         user: &str,
-        events: Vec<EventRecord>,
-    ) -> Result<Vec<EventRecord>> {
+        events: &[&EventRecord],
+    ) -> Result<Vec<bool>> {
+        let groups: Vec<i64> = events.iter().filter_map(|e| e.state_group).collect();
+        self.learn_group_visibility(&groups, user, &HashMap::new())
+            .await?;
         let mut vis = Visibility {
             user,
             joined_now: true,
@@ -355,9 +379,7 @@ impl RoomService {
         };
         let mut visible = Vec::with_capacity(events.len());
         for event in events {
-            if self.can_see(&mut vis, &event).await? {
-                visible.push(event);
-            }
+            visible.push(self.can_see(&mut vis, event).await?);
         }
         Ok(visible)
     }
@@ -415,6 +437,56 @@ impl RoomService {
         }
     }
 
+    /// The state at `point` of a timeline window (its start, or its end): from the events
+    /// the window read when they tell, else read.
+    async fn state_at_window_point(
+        &self,
+        room_id: &str,
+        point: i64,
+        window: &Window,
+        prefetched: &Prefetched,
+    ) -> Result<StateMap> {
+        match window.group_at(point) {
+            Some(None) => Ok(StateMap::new()),
+            Some(Some(group)) => match prefetched.state(group) {
+                Some(state) => Ok(state.clone()),
+                None => self
+                    .storage
+                    .rooms
+                    .state_at_group(group)
+                    .await
+                    .map_err(internal),
+            },
+            None => self.state_at_position(room_id, point).await,
+        }
+    }
+
+    /// The events with these ids that exist, from those read already where they are.
+    async fn events_by_id(
+        &self,
+        ids: &[String],
+        prefetched: &Prefetched,
+    ) -> Result<Vec<EventRecord>> {
+        let mut found = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            match prefetched.event(id) {
+                Some(event) => found.push(event.clone()),
+                None => missing.push(id.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            found.extend(
+                self.storage
+                    .rooms
+                    .get_events(&missing)
+                    .await
+                    .map_err(internal)?,
+            );
+        }
+        Ok(found)
+    }
+
     pub(super) async fn state_events(&self, room_id: &str, ids: Vec<String>) -> Result<Vec<Value>> {
         let rules = self.room_rules(room_id).await?;
         let mut events = self
@@ -441,11 +513,14 @@ impl RoomService {
         limit: usize,
         filter: &TimelineFilter,
         vis: &mut Visibility<'_>,
+        prefetched: &Prefetched,
     ) -> Result<Window> {
         // Newest first while reading.
         let mut picked: Vec<EventRecord> = Vec::new();
         // Positions of the state events read and not picked.
         let mut skipped_state: Vec<i64> = Vec::new();
+        // Position and state group of every event read, newest first.
+        let mut read: Vec<(i64, Option<i64>)> = Vec::new();
         let mut before = upto.saturating_add(1);
         let mut scanned = 0usize;
         let mut batch = limit + 1;
@@ -453,17 +528,28 @@ impl RoomService {
         // One more than `limit` tells whether older ones were left out.
         while !exhausted && scanned < MAX_SCAN && picked.len() <= limit {
             let want = batch.min(MAX_SCAN - scanned);
-            let events = self
-                .storage
-                .rooms
-                .room_events(room_id, before, since, Direction::Backward, want as i64)
-                .await
-                .map_err(internal)?;
+            let first_read = scanned == 0 && since.is_none();
+            let events = match prefetched
+                .window(room_id, upto, want)
+                .filter(|_| first_read)
+            {
+                Some(events) => events.to_vec(),
+                None => self
+                    .storage
+                    .rooms
+                    .room_events(room_id, before, since, Direction::Backward, want as i64)
+                    .await
+                    .map_err(internal)?,
+            };
             exhausted = events.len() < want;
+            let groups: Vec<i64> = events.iter().filter_map(|e| e.state_group).collect();
+            self.learn_group_visibility(&groups, vis.user, &HashMap::new())
+                .await?;
             for event in events {
                 scanned += 1;
                 let position = event.stream_ordering.unwrap_or_default();
                 before = position;
+                read.push((position, event.state_group));
                 if picked.len() <= limit
                     && filter.matches(&event)
                     && self.can_see(vis, &event).await?
@@ -503,6 +589,8 @@ impl RoomService {
             start,
             hidden_state_before,
             state_changed,
+            read,
+            read_all: exhausted && since.is_none(),
         })
     }
 
@@ -535,6 +623,7 @@ impl RoomService {
         joined_now: bool,
         members: Option<&[MembershipRecord]>,
         heroes: &[String],
+        prefetched: &Prefetched,
     ) -> Result<RoomSection> {
         let mut vis = Visibility {
             user,
@@ -549,6 +638,7 @@ impl RoomService {
                 request.timeline_limit,
                 &request.timeline_filter,
                 &mut vis,
+                prefetched,
             )
             .await?;
         let start = window.start;
@@ -566,7 +656,9 @@ impl RoomService {
             Some(since) if !request.full_state => {
                 if changed {
                     let before = self.state_at_position(room_id, since).await?;
-                    let now = self.state_at_position(room_id, point).await?;
+                    let now = self
+                        .state_at_window_point(room_id, point, &window, prefetched)
+                        .await?;
                     let changed = now
                         .iter()
                         .filter(|(key, id)| before.get(*key) != Some(*id))
@@ -579,7 +671,9 @@ impl RoomService {
                 }
             }
             _ => {
-                let state = self.state_at_position(room_id, point).await?;
+                let state = self
+                    .state_at_window_point(room_id, point, &window, prefetched)
+                    .await?;
                 let ids = state
                     .iter()
                     .filter(|((kind, _), _)| !(request.lazy_load_members && kind == MEMBER))
@@ -606,12 +700,7 @@ impl RoomService {
                 .await?;
             state_ids.extend(lazy);
         }
-        let mut state_records = self
-            .storage
-            .rooms
-            .get_events(&state_ids)
-            .await
-            .map_err(internal)?;
+        let mut state_records = self.events_by_id(&state_ids, prefetched).await?;
         state_records.retain(|e| request.state_filter.matches(e));
         state_records.sort_by_key(|e| e.stream_ordering);
         let mut members_sent: Vec<(String, String)> = Vec::new();
@@ -720,14 +809,18 @@ impl RoomService {
         since: Option<i64>,
         upto: i64,
         request: &SyncRequest,
+        prefetched: &Prefetched,
     ) -> Result<(JoinedRoom, Vec<(String, String)>)> {
         let room_id = membership.room_id.as_str();
-        let members = self
-            .storage
-            .rooms
-            .room_members(room_id, None)
-            .await
-            .map_err(internal)?;
+        let members = match prefetched.members(room_id) {
+            Some(members) => members.to_vec(),
+            None => self
+                .storage
+                .rooms
+                .room_members(room_id, None)
+                .await
+                .map_err(internal)?,
+        };
         let summary = summary_of(user, &members);
         let section = self
             .timeline_and_state(
@@ -739,6 +832,7 @@ impl RoomService {
                 true,
                 Some(&members),
                 &summary.heroes,
+                prefetched,
             )
             .await?;
         Ok((
@@ -759,6 +853,7 @@ impl RoomService {
         membership: &MembershipRecord,
         since: Option<i64>,
         request: &SyncRequest,
+        prefetched: &Prefetched,
     ) -> Result<(LeftRoom, Vec<(String, String)>)> {
         let section = self
             .timeline_and_state(
@@ -770,6 +865,7 @@ impl RoomService {
                 false,
                 None,
                 &[],
+                prefetched,
             )
             .await?;
         Ok((
@@ -862,6 +958,23 @@ struct Window {
     hidden_state_before: bool,
     /// Whether state may have changed anywhere between the token and the end.
     state_changed: bool,
+    /// Position and state group of each event read (newest first): the newest event up to
+    /// the end of the window, and every one before it back to the oldest read.
+    read: Vec<(i64, Option<i64>)>,
+    /// Whether every event of the room up to the end was read.
+    read_all: bool,
+}
+
+impl Window {
+    /// The state group after the room's last event at or before `position` (`Some(None)`:
+    /// there is none, or it has no group), when the events read tell; `position` must not be
+    /// past the end of the window.
+    fn group_at(&self, position: i64) -> Option<Option<i64>> {
+        match self.read.iter().find(|(p, _)| *p <= position) {
+            Some((_, group)) => Some(*group),
+            None => self.read_all.then_some(None),
+        }
+    }
 }
 
 /// A room's summary from its members: the counts, and as heroes the first five other joined

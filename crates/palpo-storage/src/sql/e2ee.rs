@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 
-use super::{SqlStore, rooms::next_counter};
+use super::{SqlStore, placeholders, rooms::next_counter};
 use crate::{
     db::{Text, Tx},
     error::{Result, StorageError},
@@ -36,11 +36,6 @@ const CHUNK: usize = 100;
 const CLAIM_CANDIDATES: i64 = 8;
 /// Reads a claim makes before giving up on a device whose keys other claims keep taking.
 const CLAIM_ROUNDS: usize = 64;
-
-/// `?, ?, ?` for `n` parameters.
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
 
 /// Users sharing a joined room with the user bound to the first `?`: `<column> IN` this.
 const SHARES_A_ROOM: &str = "SELECT theirs.user_id FROM room_memberships mine \

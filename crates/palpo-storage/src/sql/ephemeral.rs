@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 
 use super::{
-    SqlStore,
+    ROOMS_PER_UNION, SqlStore, per_room_union, placeholders,
     rooms::{EVENT_COLUMNS, EventRow, next_counter},
 };
 use crate::{
@@ -25,11 +25,6 @@ const STREAM: &str = "events_stream";
 
 /// Rooms per query: bounded IN lists keep every backend within its parameter limits.
 const CHUNK: usize = 200;
-
-/// `?, ?, ?` for `n` parameters.
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
 
 const RECEIPT_COLUMNS: &str =
     "room_id, receipt_type, user_id, thread_id, event_id, ts, stream_position";
@@ -425,38 +420,44 @@ impl EphemeralRepo for SqlStore {
 
     async fn unread_candidates(
         &self,
-        room_id: &str,
+        ranges: &[(String, i64)],
         user_id: &str,
         event_types: &[&str],
-        after: i64,
         up_to: i64,
         limit: i64,
     ) -> Result<Vec<(EventRecord, Option<String>)>> {
         if event_types.is_empty() {
             return Ok(Vec::new());
         }
-        let query = format!(
+        let per_room = format!(
             "SELECT {EVENT_COLUMNS}, thread_id FROM events WHERE room_id = ? \
              AND stream_ordering > ? AND stream_ordering <= ? AND sender <> ? \
              AND event_type IN ({}) AND outlier = ? AND soft_failed = ? \
              AND rejected_reason IS NULL ORDER BY stream_ordering ASC LIMIT ?",
             placeholders(event_types.len())
         );
-        let rows: Vec<ThreadEventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
-            let mut q = sqlx::query_as(sql)
-                .bind(room_id)
-                .bind(after)
-                .bind(up_to)
-                .bind(user_id);
-            for kind in event_types {
-                q = q.bind(*kind);
-            }
-            q.bind(false).bind(false).bind(limit).fetch_all(p).await?
-        });
-        Ok(rows
-            .into_iter()
-            .map(|row| (row.event.into(), row.thread_id.map(|t| t.0)))
-            .collect())
+        let mut out = Vec::new();
+        for chunk in ranges.chunks(ROOMS_PER_UNION) {
+            let query = per_room_union(chunk.len(), &per_room);
+            let rows: Vec<ThreadEventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
+                let mut q = sqlx::query_as(sql);
+                for (room_id, after) in chunk {
+                    q = q.bind(room_id).bind(*after).bind(up_to).bind(user_id);
+                    for kind in event_types {
+                        q = q.bind(*kind);
+                    }
+                    q = q.bind(false).bind(false).bind(limit);
+                }
+                q.fetch_all(p).await?
+            });
+            out.extend(
+                rows.into_iter()
+                    .map(|row| (EventRecord::from(row.event), row.thread_id.map(|t| t.0))),
+            );
+        }
+        // A union promises no order.
+        out.sort_by_key(|(event, _)| event.stream_ordering);
+        Ok(out)
     }
 
     async fn read_positions(

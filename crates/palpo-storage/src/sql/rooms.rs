@@ -1,10 +1,10 @@
 //! Rooms, events, state groups, membership, aliases, profiles and signing keys.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 
-use super::SqlStore;
+use super::{ROOMS_PER_UNION, SqlStore, per_room_union, placeholders};
 use crate::{
     db::{RoomWriteLock, Text, Tx},
     error::{Result, StorageError},
@@ -91,11 +91,6 @@ impl From<MembershipRow> for MembershipRecord {
 const MEMBERSHIP_COLUMNS: &str =
     "room_id, user_id, membership, event_id, sender, stream_ordering, forgotten";
 
-/// `?, ?, ?` for `n` parameters.
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
-
 /// Reads the room's write version and state group and locks its row until `tx` ends (SQLite
 /// has no row locks and needs none: its single writer connection serializes every write
 /// transaction). `None` when the room does not exist.
@@ -163,41 +158,55 @@ async fn update_room(tx: &mut Tx, event: &NewEvent, state_group: Option<i64>) ->
     Ok(())
 }
 
-/// Merges a state group's chain: the entry nearest the group (highest chain length) wins.
-fn merge_chain(rows: Vec<(i64, Text, Text, Text)>) -> StateMap {
-    let mut best: BTreeMap<(String, String), (i64, String)> = BTreeMap::new();
-    for (level, event_type, state_key, event_id) in rows {
-        let (event_type, state_key, event_id) = (event_type.0, state_key.0, event_id.0);
-        let key = (event_type, state_key);
-        match best.get(&key) {
+/// Merges the chains of state groups (rows: the group asked for, chain length, type, state
+/// key, event id): per group, the entry nearest it (highest chain length) wins.
+fn merge_chains(rows: Vec<(i64, i64, Text, Text, Text)>) -> HashMap<i64, StateMap> {
+    let mut best: HashMap<i64, BTreeMap<(String, String), (i64, String)>> = HashMap::new();
+    for (group, level, event_type, state_key, event_id) in rows {
+        let entries = best.entry(group).or_default();
+        let key = (event_type.0, state_key.0);
+        match entries.get(&key) {
             Some((seen, _)) if *seen >= level => {}
             _ => {
-                best.insert(key, (level, event_id));
+                entries.insert(key, (level, event_id.0));
             }
         }
     }
-    best.into_iter().map(|(k, (_, id))| (k, id)).collect()
+    best.into_iter()
+        .map(|(group, entries)| {
+            let state = entries.into_iter().map(|(k, (_, id))| (k, id)).collect();
+            (group, state)
+        })
+        .collect()
 }
 
-/// A group's chain back to its full snapshot, with every entry. `chain_length` falls by one
-/// per step towards the snapshot, so the entry with the highest one is the nearest.
-const STATE_CHAIN_SQL: &str = "WITH RECURSIVE chain(state_group, prev_group, chain_length) AS ( \
-       SELECT state_group, prev_group, chain_length FROM state_groups WHERE state_group = ? \
-       UNION ALL \
-       SELECT g.state_group, g.prev_group, g.chain_length FROM state_groups g \
-       JOIN chain c ON g.state_group = c.prev_group \
-     ) \
-     SELECT c.chain_length, e.event_type, e.state_key, e.event_id FROM chain c \
-     JOIN state_group_entries e ON e.state_group = c.state_group";
+/// The chains of `groups` state groups back to their full snapshots, with every entry, each
+/// row tagged with the group it belongs to. `chain_length` falls by one per step towards the
+/// snapshot, so the entry with the highest one is the nearest.
+fn state_chain_sql(groups: usize) -> String {
+    format!(
+        "WITH RECURSIVE chain(root, state_group, prev_group, chain_length) AS ( \
+           SELECT state_group, state_group, prev_group, chain_length FROM state_groups \
+           WHERE state_group IN ({}) \
+           UNION ALL \
+           SELECT c.root, g.state_group, g.prev_group, g.chain_length FROM state_groups g \
+           JOIN chain c ON g.state_group = c.prev_group \
+         ) \
+         SELECT c.root, c.chain_length, e.event_type, e.state_key, e.event_id FROM chain c \
+         JOIN state_group_entries e ON e.state_group = c.state_group",
+        placeholders(groups)
+    )
+}
 
 async fn state_in_tx(tx: &mut Tx, state_group: i64) -> Result<StateMap> {
-    let rows: Vec<(i64, Text, Text, Text)> = on_tx!(tx, STATE_CHAIN_SQL, |c, sql| {
+    let query = state_chain_sql(1);
+    let rows: Vec<(i64, i64, Text, Text, Text)> = on_tx!(tx, &query, |c, sql| {
         sqlx::query_as(sql)
             .bind(state_group)
             .fetch_all(&mut *c)
             .await?
     });
-    Ok(merge_chain(rows))
+    Ok(merge_chains(rows).remove(&state_group).unwrap_or_default())
 }
 
 impl SqlStore {
@@ -584,12 +593,25 @@ impl RoomRepo for SqlStore {
         Ok(out)
     }
 
-    async fn state_at_group(&self, state_group: i64) -> Result<StateMap> {
-        let rows: Vec<(i64, Text, Text, Text)> =
-            on_pool!(self.db.fresh(), STATE_CHAIN_SQL, |p, sql| {
-                sqlx::query_as(sql).bind(state_group).fetch_all(p).await?
-            });
-        Ok(merge_chain(rows))
+    async fn states_at_groups(&self, groups: &[i64]) -> Result<HashMap<i64, StateMap>> {
+        let mut groups = groups.to_vec();
+        groups.sort_unstable();
+        groups.dedup();
+        let mut out = HashMap::with_capacity(groups.len());
+        // Each group's chain is at most `MAX_STATE_CHAIN` steps: bounded result per statement.
+        for chunk in groups.chunks(100) {
+            let query = state_chain_sql(chunk.len());
+            let rows: Vec<(i64, i64, Text, Text, Text)> =
+                on_pool!(self.db.fresh(), &query, |p, sql| {
+                    let mut q = sqlx::query_as(sql);
+                    for group in chunk {
+                        q = q.bind(group);
+                    }
+                    q.fetch_all(p).await?
+                });
+            out.extend(merge_chains(rows));
+        }
+        Ok(out)
     }
 
     async fn current_state(&self, room_id: &str) -> Result<StateMap> {
@@ -660,6 +682,44 @@ impl RoomRepo for SqlStore {
             q.bind(false).bind(false).bind(limit).fetch_all(p).await?
         });
         Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn latest_events_in(
+        &self,
+        room_ids: &[String],
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRecord>> {
+        let per_room = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = ? AND stream_ordering < ? \
+             AND outlier = ? AND soft_failed = ? AND rejected_reason IS NULL \
+             ORDER BY stream_ordering DESC LIMIT ?"
+        );
+        let mut out = Vec::new();
+        for chunk in room_ids.chunks(ROOMS_PER_UNION) {
+            let query = per_room_union(chunk.len(), &per_room);
+            let rows: Vec<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
+                let mut q = sqlx::query_as(sql);
+                for room_id in chunk {
+                    q = q
+                        .bind(room_id)
+                        .bind(before)
+                        .bind(false)
+                        .bind(false)
+                        .bind(limit);
+                }
+                q.fetch_all(p).await?
+            });
+            let mut events: Vec<EventRecord> = rows.into_iter().map(Into::into).collect();
+            // A union promises no order: one room after the other, newest first.
+            events.sort_by(|a, b| {
+                a.room_id
+                    .cmp(&b.room_id)
+                    .then(b.stream_ordering.cmp(&a.stream_ordering))
+            });
+            out.extend(events);
+        }
+        Ok(out)
     }
 
     async fn max_stream_ordering(&self) -> Result<i64> {
@@ -739,6 +799,46 @@ impl RoomRepo for SqlStore {
         let mut members: Vec<MembershipRecord> = rows.into_iter().map(Into::into).collect();
         members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         Ok(members)
+    }
+
+    async fn members_of_rooms(&self, room_ids: &[String]) -> Result<Vec<MembershipRecord>> {
+        let mut members = Vec::new();
+        for chunk in room_ids.chunks(200) {
+            let query = format!(
+                "SELECT {MEMBERSHIP_COLUMNS} FROM room_memberships WHERE room_id IN ({})",
+                placeholders(chunk.len())
+            );
+            let rows: Vec<MembershipRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
+                let mut q = sqlx::query_as(sql);
+                for room_id in chunk {
+                    q = q.bind(room_id);
+                }
+                q.fetch_all(p).await?
+            });
+            members.extend(rows.into_iter().map(MembershipRecord::from));
+        }
+        // Sorted here, bytewise, so the order does not depend on a backend's collation.
+        members.sort_by(|a, b| (&a.room_id, &a.user_id).cmp(&(&b.room_id, &b.user_id)));
+        Ok(members)
+    }
+
+    async fn room_versions(&self, room_ids: &[String]) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::with_capacity(room_ids.len());
+        for chunk in room_ids.chunks(200) {
+            let query = format!(
+                "SELECT room_id, room_version FROM rooms WHERE room_id IN ({})",
+                placeholders(chunk.len())
+            );
+            let rows: Vec<(Text, Text)> = on_pool!(self.db.fresh(), &query, |p, sql| {
+                let mut q = sqlx::query_as(sql);
+                for room_id in chunk {
+                    q = q.bind(room_id);
+                }
+                q.fetch_all(p).await?
+            });
+            out.extend(rows.into_iter().map(|(room, version)| (room.0, version.0)));
+        }
+        Ok(out)
     }
 
     async fn rooms_for_user(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {

@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use async_trait::async_trait;
 use rand::Rng;
 
-use super::SqlStore;
+use super::{SqlStore, placeholders};
 use crate::{
     db::{Db, Text, Tx},
     error::{Result, StorageError},
@@ -34,11 +34,6 @@ const KEPT_CONFIGURATIONS: usize = 16;
 const START_ATTEMPTS: usize = 4;
 /// How often a transaction a deadlock rolled back is tried again.
 const TRANSIENT_ATTEMPTS: usize = 4;
-
-/// `?, ?, ?` for `n` parameters.
-fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
 
 /// A fresh connection key: random, positive.
 fn new_key() -> i64 {
