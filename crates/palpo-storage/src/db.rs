@@ -433,7 +433,11 @@ async fn connect_sqlite(
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
-        .foreign_keys(true);
+        .foreign_keys(true)
+        // Rows cross from the connection's thread to the caller through a bounded channel; at
+        // sqlx's default of 50 a large read (a sync over many rooms) stops and wakes the
+        // thread every 50 rows.
+        .row_buffer_size(1024);
     if let Some(parent) = options.get_filename().parent()
         && !parent.as_os_str().is_empty()
     {

@@ -7,6 +7,7 @@
 //! tables).
 
 use async_trait::async_trait;
+use futures::future::try_join_all;
 
 use super::{
     ROOMS_PER_UNION, SqlStore, per_room_union, placeholders,
@@ -14,7 +15,7 @@ use super::{
 };
 use crate::{
     db::Text,
-    error::Result,
+    error::{Result, StorageError},
     model::{EventRecord, PresenceRecord, ReadPosition, ReceiptRecord, TypingRecord},
     on_pool, on_tx,
     repo::EphemeralRepo,
@@ -436,9 +437,9 @@ impl EphemeralRepo for SqlStore {
              AND rejected_reason IS NULL ORDER BY stream_ordering ASC LIMIT ?",
             placeholders(event_types.len())
         );
-        let mut out = Vec::new();
-        for chunk in ranges.chunks(ROOMS_PER_UNION) {
-            let query = per_room_union(chunk.len(), &per_room);
+        let per_room = &per_room;
+        let parts = try_join_all(ranges.chunks(ROOMS_PER_UNION).map(|chunk| async move {
+            let query = per_room_union(chunk.len(), per_room);
             let rows: Vec<ThreadEventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
                 let mut q = sqlx::query_as(sql);
                 for (room_id, after) in chunk {
@@ -450,11 +451,14 @@ impl EphemeralRepo for SqlStore {
                 }
                 q.fetch_all(p).await?
             });
-            out.extend(
-                rows.into_iter()
-                    .map(|row| (EventRecord::from(row.event), row.thread_id.map(|t| t.0))),
-            );
-        }
+            Ok::<_, StorageError>(rows)
+        }))
+        .await?;
+        let mut out: Vec<(EventRecord, Option<String>)> = parts
+            .into_iter()
+            .flatten()
+            .map(|row| (EventRecord::from(row.event), row.thread_id.map(|t| t.0)))
+            .collect();
         // A union promises no order.
         out.sort_by_key(|(event, _)| event.stream_ordering);
         Ok(out)

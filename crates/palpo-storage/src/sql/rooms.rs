@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
+use futures::future::try_join_all;
 
 use super::{ROOMS_PER_UNION, SqlStore, per_room_union, placeholders};
 use crate::{
@@ -574,9 +575,9 @@ impl RoomRepo for SqlStore {
     }
 
     async fn get_events(&self, event_ids: &[String]) -> Result<Vec<EventRecord>> {
-        let mut out = Vec::with_capacity(event_ids.len());
-        // Bounded IN lists keep every backend within its parameter limits.
-        for chunk in event_ids.chunks(200) {
+        // Bounded IN lists keep every backend within its parameter limits; the parts are read
+        // at once, on as many connections.
+        let parts = try_join_all(event_ids.chunks(200).map(|chunk| async move {
             let query = format!(
                 "SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({})",
                 placeholders(chunk.len())
@@ -588,9 +589,10 @@ impl RoomRepo for SqlStore {
                 }
                 q.fetch_all(p).await?
             });
-            out.extend(rows.into_iter().map(EventRecord::from));
-        }
-        Ok(out)
+            Ok::<_, StorageError>(rows)
+        }))
+        .await?;
+        Ok(parts.into_iter().flatten().map(EventRecord::from).collect())
     }
 
     async fn states_at_groups(&self, groups: &[i64]) -> Result<HashMap<i64, StateMap>> {
@@ -695,9 +697,9 @@ impl RoomRepo for SqlStore {
              AND outlier = ? AND soft_failed = ? AND rejected_reason IS NULL \
              ORDER BY stream_ordering DESC LIMIT ?"
         );
-        let mut out = Vec::new();
-        for chunk in room_ids.chunks(ROOMS_PER_UNION) {
-            let query = per_room_union(chunk.len(), &per_room);
+        let per_room = &per_room;
+        let parts = try_join_all(room_ids.chunks(ROOMS_PER_UNION).map(|chunk| async move {
+            let query = per_room_union(chunk.len(), per_room);
             let rows: Vec<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
                 let mut q = sqlx::query_as(sql);
                 for room_id in chunk {
@@ -710,16 +712,17 @@ impl RoomRepo for SqlStore {
                 }
                 q.fetch_all(p).await?
             });
-            let mut events: Vec<EventRecord> = rows.into_iter().map(Into::into).collect();
-            // A union promises no order: one room after the other, newest first.
-            events.sort_by(|a, b| {
-                a.room_id
-                    .cmp(&b.room_id)
-                    .then(b.stream_ordering.cmp(&a.stream_ordering))
-            });
-            out.extend(events);
-        }
-        Ok(out)
+            Ok::<_, StorageError>(rows)
+        }))
+        .await?;
+        let mut events: Vec<EventRecord> = parts.into_iter().flatten().map(Into::into).collect();
+        // A union promises no order: one room after the other, newest first.
+        events.sort_by(|a, b| {
+            a.room_id
+                .cmp(&b.room_id)
+                .then(b.stream_ordering.cmp(&a.stream_ordering))
+        });
+        Ok(events)
     }
 
     async fn max_stream_ordering(&self) -> Result<i64> {
