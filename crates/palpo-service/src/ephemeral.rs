@@ -15,7 +15,7 @@ use std::{
 use palpo_core::{Error, Result, now_millis};
 use palpo_storage::{
     Storage, StorageError,
-    model::{EventRecord, PresenceRecord, ReceiptRecord},
+    model::{EventRecord, PresenceRecord, ReceiptRecord, TypingRecord},
 };
 use serde_json::{Map, Value, json};
 
@@ -593,115 +593,116 @@ impl EphemeralService {
         if after >= up_to && since.is_some() {
             return Ok(out);
         }
-        let joined = self
-            .storage
-            .rooms
-            .rooms_for_user(user, "join")
-            .await
-            .map_err(internal)?;
-        if !joined.is_empty() {
-            self.typing_events(&joined, since, up_to, &mut out).await?;
-            self.receipt_events(user, &joined, after, up_to, &mut out)
-                .await?;
-        }
         let now = now_millis();
-        out.presence = self
-            .storage
-            .ephemeral
-            .presence_changed(user, after, up_to)
-            .await
-            .map_err(internal)?
+        let storage = &self.storage.ephemeral;
+        // Independent reads at once: a long-poll woken by an event waits for the longest chain.
+        let in_rooms = async {
+            let joined = self
+                .storage
+                .rooms
+                .rooms_for_user(user, "join")
+                .await
+                .map_err(internal)?;
+            if joined.is_empty() {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            futures::try_join!(
+                async {
+                    storage
+                        .typing_changed(&joined, after, up_to, now)
+                        .await
+                        .map_err(internal)
+                },
+                async {
+                    storage
+                        .receipts_changed(&joined, after, up_to)
+                        .await
+                        .map_err(internal)
+                },
+            )
+        };
+        let presence = async {
+            storage
+                .presence_changed(user, after, up_to)
+                .await
+                .map_err(internal)
+        };
+        let ((typing, receipts), presence) = futures::try_join!(in_rooms, presence)?;
+        typing_events(typing, since, up_to, now, &mut out);
+        receipt_events(user, receipts, &mut out);
+        out.presence = presence
             .iter()
             .map(|record| presence_event(record, now, self.idle_timeout_ms))
             .collect();
         Ok(out)
     }
+}
 
-    async fn typing_events(
-        &self,
-        joined: &[String],
-        since: Option<i64>,
-        up_to: i64,
-        out: &mut EphemeralSync,
-    ) -> Result<()> {
-        let now = now_millis();
-        let rows = self
-            .storage
-            .ephemeral
-            .typing_changed(joined, since.unwrap_or(0), up_to, now)
-            .await
-            .map_err(internal)?;
-        let mut rooms: BTreeMap<&str, (bool, Vec<&str>)> = BTreeMap::new();
-        for row in &rows {
-            let entry = rooms.entry(row.room_id.as_str()).or_default();
-            let in_range = since.is_none_or(|since| row.stream_position > since)
-                && row.stream_position <= up_to;
-            entry.0 |= in_range;
-            if row.expires_at > now {
-                entry.1.push(row.user_id.as_str());
-            }
+/// `m.typing` for the rooms whose typers changed in `(since, up_to]` (initially: where
+/// someone types), from the typing rows of the user's rooms.
+fn typing_events(
+    rows: Vec<TypingRecord>,
+    since: Option<i64>,
+    up_to: i64,
+    now: i64,
+    out: &mut EphemeralSync,
+) {
+    let mut rooms: BTreeMap<&str, (bool, Vec<&str>)> = BTreeMap::new();
+    for row in &rows {
+        let entry = rooms.entry(row.room_id.as_str()).or_default();
+        let in_range =
+            since.is_none_or(|since| row.stream_position > since) && row.stream_position <= up_to;
+        entry.0 |= in_range;
+        if row.expires_at > now {
+            entry.1.push(row.user_id.as_str());
         }
-        for (room_id, (changed, typers)) in rooms {
-            // Initially, only where someone types; later, wherever the typers changed.
-            let send = match since {
-                None => !typers.is_empty(),
-                Some(_) => changed,
-            };
-            if send {
-                out.rooms
-                    .entry(room_id.to_owned())
-                    .or_default()
-                    .push(json!({
-                        "type": "m.typing",
-                        "content": { "user_ids": typers },
-                    }));
-            }
-        }
-        Ok(())
     }
+    for (room_id, (changed, typers)) in rooms {
+        // Initially, only where someone types; later, wherever the typers changed.
+        let send = match since {
+            None => !typers.is_empty(),
+            Some(_) => changed,
+        };
+        if send {
+            out.rooms
+                .entry(room_id.to_owned())
+                .or_default()
+                .push(json!({
+                    "type": "m.typing",
+                    "content": { "user_ids": typers },
+                }));
+        }
+    }
+}
 
-    async fn receipt_events(
-        &self,
-        user: &str,
-        joined: &[String],
-        after: i64,
-        up_to: i64,
-        out: &mut EphemeralSync,
-    ) -> Result<()> {
-        let receipts = self
-            .storage
-            .ephemeral
-            .receipts_changed(joined, after, up_to)
-            .await
-            .map_err(internal)?;
-        // room → event → receipt type → user → receipt
-        let mut rooms: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
-        for receipt in receipts {
-            if receipt.receipt_type == PRIVATE_READ && receipt.user_id != user {
-                continue;
-            }
-            let mut data = Map::new();
-            data.insert("ts".to_owned(), json!(receipt.ts));
-            if let Some(thread_id) = &receipt.thread_id {
-                data.insert("thread_id".to_owned(), json!(thread_id));
-            }
-            let by_event = rooms.entry(receipt.room_id).or_default();
-            let by_type = by_event
-                .entry(receipt.event_id)
-                .or_insert_with(|| json!({}));
-            let by_user = &mut by_type[receipt.receipt_type.as_str()];
-            if !by_user.is_object() {
-                *by_user = json!({});
-            }
-            by_user[receipt.user_id.as_str()] = Value::Object(data);
+/// `m.receipt` per room from the receipts that changed (private ones only the user's own).
+fn receipt_events(user: &str, receipts: Vec<ReceiptRecord>, out: &mut EphemeralSync) {
+    // room → event → receipt type → user → receipt
+    let mut rooms: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+    for receipt in receipts {
+        if receipt.receipt_type == PRIVATE_READ && receipt.user_id != user {
+            continue;
         }
-        for (room_id, content) in rooms {
-            out.rooms.entry(room_id).or_default().push(json!({
-                "type": "m.receipt",
-                "content": content,
-            }));
+        let mut data = Map::new();
+        data.insert("ts".to_owned(), json!(receipt.ts));
+        if let Some(thread_id) = &receipt.thread_id {
+            data.insert("thread_id".to_owned(), json!(thread_id));
         }
-        Ok(())
+        let by_event = rooms.entry(receipt.room_id).or_default();
+        let by_type = by_event
+            .entry(receipt.event_id)
+            .or_insert_with(|| json!({}));
+        let by_user = &mut by_type[receipt.receipt_type.as_str()];
+        if !by_user.is_object() {
+            *by_user = json!({});
+        }
+        by_user[receipt.user_id.as_str()] = Value::Object(data);
+    }
+    for (room_id, content) in rooms {
+        out.rooms.entry(room_id).or_default().push(json!({
+            "type": "m.receipt",
+            "content": content,
+        }));
     }
 }
 

@@ -812,29 +812,51 @@ impl RoomService {
         prefetched: &Prefetched,
     ) -> Result<(JoinedRoom, Vec<(String, String)>)> {
         let room_id = membership.room_id.as_str();
-        let members = match prefetched.members(room_id) {
-            Some(members) => members.to_vec(),
-            None => self
-                .storage
-                .rooms
-                .room_members(room_id, None)
-                .await
-                .map_err(internal)?,
+        let members = async {
+            match prefetched.members(room_id) {
+                Some(members) => Ok(members.to_vec()),
+                None => self
+                    .storage
+                    .rooms
+                    .room_members(room_id, None)
+                    .await
+                    .map_err(internal),
+            }
         };
-        let summary = summary_of(user, &members);
-        let section = self
-            .timeline_and_state(
+        // Lazy loading picks members by the summary's heroes; otherwise the members (for the
+        // summary) and the timeline are independent reads, made at once.
+        let (summary, section) = if request.lazy_load_members {
+            let members = members.await?;
+            let summary = summary_of(user, &members);
+            let section = self
+                .timeline_and_state(
+                    user,
+                    room_id,
+                    since,
+                    upto,
+                    request,
+                    true,
+                    Some(&members),
+                    &summary.heroes,
+                    prefetched,
+                )
+                .await?;
+            (summary, section)
+        } else {
+            let section = self.timeline_and_state(
                 user,
                 room_id,
                 since,
                 upto,
                 request,
                 true,
-                Some(&members),
-                &summary.heroes,
+                None,
+                &[],
                 prefetched,
-            )
-            .await?;
+            );
+            let (members, section) = futures::try_join!(members, section)?;
+            (summary_of(user, &members), section)
+        };
         Ok((
             JoinedRoom {
                 timeline: section.timeline,

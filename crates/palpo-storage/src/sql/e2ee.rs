@@ -38,9 +38,23 @@ const CLAIM_CANDIDATES: i64 = 8;
 const CLAIM_ROUNDS: usize = 64;
 
 /// Users sharing a joined room with the user bound to the first `?`: `<column> IN` this.
-const SHARES_A_ROOM: &str = "SELECT theirs.user_id FROM room_memberships mine \
-     JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
-     WHERE mine.user_id = ? AND mine.membership = 'join' AND theirs.membership = 'join'";
+/// Whether `theirs` (a membership row of the outer query) is in a room the user bound to `?`
+/// has joined: looked up by primary key.
+const IN_MY_ROOM: &str = "EXISTS (SELECT 1 FROM room_memberships mine \
+     WHERE mine.room_id = theirs.room_id AND mine.user_id = ? AND mine.membership = 'join')";
+
+/// Whether the user in column `{user}` shares a joined room with the user bound to `?`. A
+/// correlated `EXISTS`, so that the outer query drives from its (short) stream range and this
+/// looks up that user's rooms by index; an `IN (every member of every room of mine)` list
+/// costs the user's whole room list on every sync.
+fn shares_a_room(user: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM room_memberships o \
+         JOIN room_memberships m ON m.room_id = o.room_id \
+         WHERE o.user_id = {user} AND o.membership = 'join' \
+           AND m.user_id = ? AND m.membership = 'join')"
+    )
+}
 
 #[derive(sqlx::FromRow)]
 struct DeviceKeysRow {
@@ -572,19 +586,19 @@ impl E2eeRepo for SqlStore {
         let query = format!(
             "SELECT c.user_id FROM device_list_changes c \
              WHERE c.stream_position > ? AND c.stream_position <= ? \
-               AND (c.user_id = ? OR c.user_id IN ({SHARES_A_ROOM})) \
+               AND (c.user_id = ? OR {}) \
              UNION \
              SELECT theirs.user_id FROM room_memberships theirs \
-             JOIN room_memberships mine ON mine.room_id = theirs.room_id \
              WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
                AND theirs.membership = 'join' AND theirs.user_id <> ? \
-               AND mine.user_id = ? AND mine.membership = 'join' \
+               AND {IN_MY_ROOM} \
              UNION \
              SELECT theirs.user_id FROM room_memberships mine \
              JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
              WHERE mine.user_id = ? AND mine.membership = 'join' \
                AND mine.stream_ordering > ? AND mine.stream_ordering <= ? \
-               AND theirs.membership = 'join' AND theirs.user_id <> ?"
+               AND theirs.membership = 'join' AND theirs.user_id <> ?",
+            shares_a_room("c.user_id")
         );
         let users: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_scalar(sql)
@@ -618,18 +632,18 @@ impl E2eeRepo for SqlStore {
         // the range); either way only those sharing no joined room with the user any more.
         let query = format!(
             "SELECT theirs.user_id FROM room_memberships theirs \
-             JOIN room_memberships mine ON mine.room_id = theirs.room_id \
              WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
                AND theirs.membership IN ('leave', 'ban') AND theirs.user_id <> ? \
-               AND mine.user_id = ? AND mine.membership = 'join' \
-               AND theirs.user_id NOT IN ({SHARES_A_ROOM}) \
+               AND {IN_MY_ROOM} \
+               AND NOT {shares} \
              UNION \
              SELECT theirs.user_id FROM room_memberships mine \
              JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
              WHERE mine.user_id = ? AND mine.membership IN ('leave', 'ban') \
                AND mine.stream_ordering > ? AND mine.stream_ordering <= ? \
                AND theirs.membership = 'join' AND theirs.user_id <> ? \
-               AND theirs.user_id NOT IN ({SHARES_A_ROOM})"
+               AND NOT {shares}",
+            shares = shares_a_room("theirs.user_id")
         );
         let users: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
             sqlx::query_scalar(sql)
