@@ -187,7 +187,7 @@ impl EphemeralService {
                     .unwrap_or_else(|e| e.into_inner())
                     .put((user.to_owned(), (*room_id).clone()), counted.clone());
             }
-            out.unread.insert((*room_id).clone(), counted.main.clone());
+            out.unread.insert((*room_id).clone(), counted.main);
             if !counted.threads.is_empty() {
                 out.unread_threads
                     .insert((*room_id).clone(), counted.threads.clone());

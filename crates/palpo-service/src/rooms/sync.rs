@@ -505,6 +505,7 @@ impl RoomService {
     /// The newest `limit` timeline events of `room_id` in `(since, upto]` that pass `filter`
     /// and that the user may see, oldest first. Events that do not pass do not count: older
     /// events are read, in growing batches, until `limit` passed or [`MAX_SCAN`] were read.
+    #[allow(clippy::too_many_arguments)]
     async fn filtered_window(
         &self,
         room_id: &str,

@@ -162,7 +162,9 @@ async fn update_room(tx: &mut Tx, event: &NewEvent, state_group: Option<i64>) ->
 /// Merges the chains of state groups (rows: the group asked for, chain length, type, state
 /// key, event id): per group, the entry nearest it (highest chain length) wins.
 fn merge_chains(rows: Vec<(i64, i64, Text, Text, Text)>) -> HashMap<i64, StateMap> {
-    let mut best: HashMap<i64, BTreeMap<(String, String), (i64, String)>> = HashMap::new();
+    // Per group: per state key, the nearest entry's (chain length, event id).
+    type Nearest = BTreeMap<(String, String), (i64, String)>;
+    let mut best: HashMap<i64, Nearest> = HashMap::new();
     for (group, level, event_type, state_key, event_id) in rows {
         let entries = best.entry(group).or_default();
         let key = (event_type.0, state_key.0);
