@@ -162,6 +162,9 @@ run_target() { # name
             prepare_synapse "${name#synapse-}" ;;
     esac
     chmod +x "$DIR/start.sh"
+    # Every target starts with the disk quiet: the previous target's dirty pages written out
+    # (writeback throttles any process that writes, which shows as a stall in the send tail).
+    sync
     say "$name: starting ($URL)"
     "$DIR/start.sh" >"$DIR/server.log" 2>&1 &
     pid=$!
