@@ -273,8 +273,6 @@ pub struct Db {
     /// reader connections.
     fresh: Pool,
     reads: ReadRouter,
-    /// SQLite's background checkpoints, for as long as the database is open.
-    _checkpointer: Option<Checkpointer>,
 }
 
 impl Db {
@@ -316,8 +314,8 @@ impl Db {
                 (Pool::MySql(pool), None)
             }
             Backend::Sqlite => {
-                let (writer, readers, checkpointer) = connect_sqlite(config, acquire).await?;
-                (Pool::Sqlite(writer), Some((readers, checkpointer)))
+                let (writer, readers) = connect_sqlite(config, acquire).await?;
+                (Pool::Sqlite(writer), Some(readers))
             }
         };
         let mut replicas = Vec::new();
@@ -333,7 +331,6 @@ impl Db {
         }
         // A SQLite reader in WAL mode sees every transaction committed before its statement
         // began, so reads need not queue behind writes on the single writer connection.
-        let (sqlite_readers, checkpointer) = sqlite_readers.unzip();
         let fresh = match &sqlite_readers {
             Some(readers) => Pool::Sqlite(readers.clone()),
             None => primary.clone(),
@@ -344,7 +341,6 @@ impl Db {
             primary,
             fresh,
             reads,
-            _checkpointer: checkpointer,
         })
     }
 
@@ -429,7 +425,7 @@ fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
 async fn connect_sqlite(
     config: &DatabaseConfig,
     acquire: Duration,
-) -> Result<(SqlitePool, SqlitePool, Checkpointer)> {
+) -> Result<(SqlitePool, SqlitePool)> {
     let err = |e: sqlx::Error| StorageError::Connect(format!("{}: {e}", config.url));
     let options = SqliteConnectOptions::from_str(&config.url)
         .map_err(err)?
@@ -441,11 +437,7 @@ async fn connect_sqlite(
         // Rows cross from the connection's thread to the caller through a bounded channel; at
         // sqlx's default of 50 a large read (a sync over many rooms) stops and wakes the
         // thread every 50 rows.
-        .row_buffer_size(1024)
-        // No checkpoint on commit: the one that crosses SQLite's threshold would copy the WAL
-        // into the database and sync both before the write is answered. [`Checkpointer`] does
-        // it in the background instead.
-        .pragma("wal_autocheckpoint", "0");
+        .row_buffer_size(1024);
     if let Some(parent) = options.get_filename().parent()
         && !parent.as_os_str().is_empty()
     {
@@ -462,50 +454,10 @@ async fn connect_sqlite(
     let readers = pool_options::<sqlx::Sqlite>()
         .max_connections(config.max_connections.max(2))
         .acquire_timeout(acquire)
-        .connect_with(options.clone().read_only(true))
+        .connect_with(options.read_only(true))
         .await
         .map_err(err)?;
-    let checkpointer = Checkpointer::start(options).await.map_err(err)?;
-    Ok((writer, readers, checkpointer))
-}
-
-/// Moves SQLite's write-ahead log into the database file every [`Checkpointer::EVERY`], on a
-/// connection of its own, so that no write waits for it. A passive checkpoint takes no lock
-/// that a reader or the writer waits for: it copies what no reader still needs, and the next
-/// write starts the log over once all of it was copied. Stops when dropped (with the [`Db`]).
-struct Checkpointer {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Checkpointer {
-    const EVERY: Duration = Duration::from_millis(200);
-
-    async fn start(options: SqliteConnectOptions) -> std::result::Result<Self, sqlx::Error> {
-        use sqlx::Connection;
-        let mut connection = sqlx::SqliteConnection::connect_with(&options).await?;
-        let task = tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval_at(tokio::time::Instant::now() + Self::EVERY, Self::EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let done: std::result::Result<(i64, i64, i64), _> =
-                    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-                        .fetch_one(&mut connection)
-                        .await;
-                if let Err(error) = done {
-                    tracing::warn!(%error, "SQLite checkpoint failed; the next one retries");
-                }
-            }
-        });
-        Ok(Checkpointer { task })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    Ok((writer, readers))
 }
 
 /// A room's write lock, shared by every process on the database: held from reading the room
