@@ -713,3 +713,49 @@ pub fn event_on(
         thread_id: None,
     }
 }
+
+/// Creates `room_id` (room version `version`) and persists, one after the other, events of
+/// `(type, sender, membership)` with ids `${room_id}{n}`: member events are state keyed by
+/// their sender, the others messages.
+pub async fn room_with_events(
+    storage: &crate::Storage,
+    room_id: &str,
+    version: &str,
+    events: &[(&str, &str, Option<&str>)],
+) {
+    storage
+        .rooms
+        .create_room(&crate::model::NewRoom {
+            room_id: room_id.to_owned(),
+            room_version: version.to_owned(),
+            creator: "@alice:test".to_owned(),
+            is_public: false,
+            created_at: 1,
+        })
+        .await
+        .expect("create room");
+    for (n, (event_type, sender, membership)) in events.iter().enumerate() {
+        let room = storage
+            .rooms
+            .get_room(room_id)
+            .await
+            .expect("room")
+            .expect("room");
+        let is_member = *event_type == "m.room.member";
+        storage
+            .rooms
+            .persist_event(&NewEvent {
+                state_key: is_member.then(|| (*sender).to_owned()),
+                membership: membership.map(str::to_owned),
+                ..event_on(
+                    &room,
+                    &format!("${room_id}{n}"),
+                    event_type,
+                    sender,
+                    n as i64,
+                )
+            })
+            .await
+            .expect("persist");
+    }
+}

@@ -4,8 +4,8 @@
 
 use palpo_storage::{
     Storage,
-    model::{Direction, NewEvent, NewRoom},
-    testing::event_on,
+    model::Direction,
+    testing::{self, event_on},
 };
 
 palpo_storage::conformance!(
@@ -20,51 +20,9 @@ const ROOM_B: &str = "!b:test";
 const ROOM_EMPTY: &str = "!empty:test";
 const MESSAGE: &str = "m.room.message";
 
-/// Creates `room_id` (version `version`) and persists `(type, sender, membership)` one after
-/// the other: member events are state (keyed by their sender), the rest messages.
-async fn room_with(
-    s: &Storage,
-    room_id: &str,
-    version: &str,
-    events: &[(&str, &str, Option<&str>)],
-) {
-    s.rooms
-        .create_room(&NewRoom {
-            room_id: room_id.to_owned(),
-            room_version: version.to_owned(),
-            creator: "@a:test".to_owned(),
-            is_public: false,
-            created_at: 1,
-        })
-        .await
-        .expect("create room");
-    for (n, (event_type, sender, membership)) in events.iter().enumerate() {
-        let room = s
-            .rooms
-            .get_room(room_id)
-            .await
-            .expect("room")
-            .expect("room");
-        s.rooms
-            .persist_event(&NewEvent {
-                state_key: membership.map(|_| (*sender).to_owned()),
-                membership: membership.map(str::to_owned),
-                ..event_on(
-                    &room,
-                    &format!("${room_id}{n}"),
-                    event_type,
-                    sender,
-                    n as i64,
-                )
-            })
-            .await
-            .expect("persist");
-    }
-}
-
 /// Two rooms interleaved in the stream, and one without events.
 async fn two_rooms(s: &Storage) {
-    room_with(
+    testing::room_with_events(
         s,
         ROOM_A,
         "12",
@@ -75,7 +33,7 @@ async fn two_rooms(s: &Storage) {
         ],
     )
     .await;
-    room_with(
+    testing::room_with_events(
         s,
         ROOM_B,
         "11",
@@ -99,7 +57,7 @@ async fn two_rooms(s: &Storage) {
             .await
             .expect("persist");
     }
-    room_with(s, ROOM_EMPTY, "12", &[]).await;
+    testing::room_with_events(s, ROOM_EMPTY, "12", &[]).await;
 }
 
 fn rooms() -> Vec<String> {

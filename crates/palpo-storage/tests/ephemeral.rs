@@ -4,8 +4,8 @@
 
 use palpo_storage::{
     Storage,
-    model::{NewEvent, NewRoom, PresenceRecord, ReceiptRecord},
-    testing::event_on,
+    model::{NewEvent, PresenceRecord, ReceiptRecord},
+    testing::{self, event_on},
 };
 
 palpo_storage::conformance!(
@@ -19,42 +19,9 @@ palpo_storage::conformance!(
 
 const ROOM: &str = "!room:test";
 
-/// Creates `room_id` and persists, one after the other, events of `(type, sender, state key
-/// or membership)`; returns their stream positions.
+/// Creates `room_id` and persists `(type, sender, membership)` one after the other.
 async fn room_with_events(s: &Storage, room_id: &str, events: &[(&str, &str, Option<&str>)]) {
-    s.rooms
-        .create_room(&NewRoom {
-            room_id: room_id.to_owned(),
-            room_version: "12".to_owned(),
-            creator: "@alice:test".to_owned(),
-            is_public: false,
-            created_at: 1,
-        })
-        .await
-        .expect("create room");
-    for (n, (event_type, sender, member)) in events.iter().enumerate() {
-        let room = s
-            .rooms
-            .get_room(room_id)
-            .await
-            .expect("room")
-            .expect("room");
-        let is_member = *event_type == "m.room.member";
-        s.rooms
-            .persist_event(&NewEvent {
-                state_key: is_member.then(|| (*sender).to_owned()),
-                membership: member.map(str::to_owned),
-                ..event_on(
-                    &room,
-                    &format!("${room_id}{n}"),
-                    event_type,
-                    sender,
-                    n as i64,
-                )
-            })
-            .await
-            .expect("persist");
-    }
+    testing::room_with_events(s, room_id, "12", events).await;
 }
 
 fn receipt(receipt_type: &str, user: &str, thread: Option<&str>, event: &str) -> ReceiptRecord {
