@@ -45,7 +45,10 @@ cleanup() {
             wait "$pid" 2>/dev/null || true
         fi
     done
-    for db in "${DBS[@]}"; do
+    # By this run's prefix: `new_pg_db` runs in a command substitution (a subshell), so what it
+    # appends to DBS never reaches this shell.
+    for db in "${DBS[@]}" $(psql -U "$PG_USER" -h "$PG_HOST" -Atc \
+        "SELECT datname FROM pg_database WHERE datname LIKE 'palpo_bench_${RUN}_%'" 2>/dev/null); do
         dropdb -U "$PG_USER" -h "$PG_HOST" --if-exists --force "$db" 2>/dev/null || true
     done
 }
