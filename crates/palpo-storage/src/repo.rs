@@ -132,7 +132,7 @@ pub trait RoomRepo: Send + Sync {
     ) -> Result<Vec<EventRecord>>;
     /// For each room, its newest `limit` timeline events before stream position `before`,
     /// newest first: what `room_events(room, before, None, Backward, limit)` reads for each,
-    /// in one statement per fifty rooms. The rooms' events come one room after the other.
+    /// in one statement per fifty rooms. The rooms come in order of room id.
     async fn latest_events_in(
         &self,
         room_ids: &[String],

@@ -30,6 +30,10 @@ fn per_room_union(rooms: usize, per_room: &str) -> String {
 /// backend's parameter limit.
 const ROOMS_PER_UNION: usize = 50;
 
+/// Parts of one chunked read in flight at once: enough to use a few connections, few enough
+/// that one large read (a sync over thousands of rooms) leaves the pool to other requests.
+const PARTS_AT_ONCE: usize = 4;
+
 use std::sync::Arc;
 
 use crate::db::Db;

@@ -543,7 +543,12 @@ impl RoomService {
                     .map_err(internal)?,
             };
             exhausted = events.len() < want;
-            let groups: Vec<i64> = events.iter().filter_map(|e| e.state_group).collect();
+            // Only the groups of events the filter lets through are ever asked about.
+            let groups: Vec<i64> = events
+                .iter()
+                .filter(|e| filter.matches(e))
+                .filter_map(|e| e.state_group)
+                .collect();
             self.learn_group_visibility(&groups, vis.user, &HashMap::new())
                 .await?;
             for event in events {

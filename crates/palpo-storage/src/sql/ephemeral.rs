@@ -438,22 +438,29 @@ impl EphemeralRepo for SqlStore {
             placeholders(event_types.len())
         );
         let per_room = &per_room;
-        let parts = try_join_all(ranges.chunks(ROOMS_PER_UNION).map(|chunk| async move {
-            let query = per_room_union(chunk.len(), per_room);
-            let rows: Vec<ThreadEventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
-                let mut q = sqlx::query_as(sql);
-                for (room_id, after) in chunk {
-                    q = q.bind(room_id).bind(*after).bind(up_to).bind(user_id);
-                    for kind in event_types {
-                        q = q.bind(*kind);
-                    }
-                    q = q.bind(false).bind(false).bind(limit);
-                }
-                q.fetch_all(p).await?
-            });
-            Ok::<_, StorageError>(rows)
-        }))
-        .await?;
+        let chunks: Vec<_> = ranges.chunks(ROOMS_PER_UNION).collect();
+        let mut parts = Vec::with_capacity(chunks.len());
+        // A few parts at a time, so one large read leaves the pool to other requests.
+        for wave in chunks.chunks(super::PARTS_AT_ONCE) {
+            parts.extend(
+                try_join_all(wave.iter().map(|&chunk| async move {
+                    let query = per_room_union(chunk.len(), per_room);
+                    let rows: Vec<ThreadEventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
+                        let mut q = sqlx::query_as(sql);
+                        for (room_id, after) in chunk {
+                            q = q.bind(room_id).bind(*after).bind(up_to).bind(user_id);
+                            for kind in event_types {
+                                q = q.bind(*kind);
+                            }
+                            q = q.bind(false).bind(false).bind(limit);
+                        }
+                        q.fetch_all(p).await?
+                    });
+                    Ok::<_, StorageError>(rows)
+                }))
+                .await?,
+            );
+        }
         let mut out: Vec<(EventRecord, Option<String>)> = parts
             .into_iter()
             .flatten()

@@ -579,21 +579,28 @@ impl RoomRepo for SqlStore {
     async fn get_events(&self, event_ids: &[String]) -> Result<Vec<EventRecord>> {
         // Bounded IN lists keep every backend within its parameter limits; the parts are read
         // at once, on as many connections.
-        let parts = try_join_all(event_ids.chunks(200).map(|chunk| async move {
-            let query = format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({})",
-                placeholders(chunk.len())
+        let chunks: Vec<_> = event_ids.chunks(200).collect();
+        let mut parts = Vec::with_capacity(chunks.len());
+        // A few parts at a time, so one large read leaves the pool to other requests.
+        for wave in chunks.chunks(super::PARTS_AT_ONCE) {
+            parts.extend(
+                try_join_all(wave.iter().map(|&chunk| async move {
+                    let query = format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({})",
+                        placeholders(chunk.len())
+                    );
+                    let rows: Vec<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
+                        let mut q = sqlx::query_as(sql);
+                        for id in chunk {
+                            q = q.bind(id);
+                        }
+                        q.fetch_all(p).await?
+                    });
+                    Ok::<_, StorageError>(rows)
+                }))
+                .await?,
             );
-            let rows: Vec<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
-                let mut q = sqlx::query_as(sql);
-                for id in chunk {
-                    q = q.bind(id);
-                }
-                q.fetch_all(p).await?
-            });
-            Ok::<_, StorageError>(rows)
-        }))
-        .await?;
+        }
         Ok(parts.into_iter().flatten().map(EventRecord::from).collect())
     }
 
@@ -700,23 +707,30 @@ impl RoomRepo for SqlStore {
              ORDER BY stream_ordering DESC LIMIT ?"
         );
         let per_room = &per_room;
-        let parts = try_join_all(room_ids.chunks(ROOMS_PER_UNION).map(|chunk| async move {
-            let query = per_room_union(chunk.len(), per_room);
-            let rows: Vec<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
-                let mut q = sqlx::query_as(sql);
-                for room_id in chunk {
-                    q = q
-                        .bind(room_id)
-                        .bind(before)
-                        .bind(false)
-                        .bind(false)
-                        .bind(limit);
-                }
-                q.fetch_all(p).await?
-            });
-            Ok::<_, StorageError>(rows)
-        }))
-        .await?;
+        let chunks: Vec<_> = room_ids.chunks(ROOMS_PER_UNION).collect();
+        let mut parts = Vec::with_capacity(chunks.len());
+        // A few parts at a time, so one large read leaves the pool to other requests.
+        for wave in chunks.chunks(super::PARTS_AT_ONCE) {
+            parts.extend(
+                try_join_all(wave.iter().map(|&chunk| async move {
+                    let query = per_room_union(chunk.len(), per_room);
+                    let rows: Vec<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
+                        let mut q = sqlx::query_as(sql);
+                        for room_id in chunk {
+                            q = q
+                                .bind(room_id)
+                                .bind(before)
+                                .bind(false)
+                                .bind(false)
+                                .bind(limit);
+                        }
+                        q.fetch_all(p).await?
+                    });
+                    Ok::<_, StorageError>(rows)
+                }))
+                .await?,
+            );
+        }
         let mut events: Vec<EventRecord> = parts.into_iter().flatten().map(Into::into).collect();
         // A union promises no order: one room after the other, newest first.
         events.sort_by(|a, b| {
