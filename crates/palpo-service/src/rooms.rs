@@ -3,13 +3,16 @@
 //!
 //! Local events are created one at a time per room: an in-process lock per room, and, across
 //! processes sharing a database, an optimistic check of the room's write version inside the
-//! persisting transaction (rebuild and retry on conflict).
+//! persisting transaction (rebuilt under the room's database lock on conflict). Events of
+//! different rooms are committed together when they are sent at once (group commit, see
+//! `persister`).
 
 mod create;
 mod directory;
 mod lazy;
 mod membership;
 pub mod pdu;
+mod persister;
 mod prefetch;
 mod read;
 mod resolve;
@@ -76,13 +79,14 @@ pub struct RoomService {
     /// Per state group and user, the room's history visibility and the user's membership in
     /// that state (both immutable): what deciding whether they see an event needs.
     group_visibility: Mutex<lru::LruCache<(i64, String), (String, String)>>,
+    /// Writes local events, several to a transaction.
+    persister: persister::Persister,
 }
 
 impl RoomService {
     pub fn new(config: Arc<Config>, storage: Storage, notifier: Arc<Notifier>) -> Self {
         RoomService {
             config,
-            storage,
             keys: tokio::sync::OnceCell::new(),
             notifier,
             locks: Mutex::new(HashMap::new()),
@@ -91,6 +95,8 @@ impl RoomService {
             heads: Mutex::new(lru::LruCache::new(ROOM_HEADS)),
             versions: Mutex::new(lru::LruCache::new(KEPT_ROOM_VERSIONS)),
             group_visibility: Mutex::new(lru::LruCache::new(GROUP_VISIBILITY)),
+            persister: persister::Persister::new(&storage),
+            storage,
         }
     }
 

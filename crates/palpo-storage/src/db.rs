@@ -498,6 +498,11 @@ impl RoomWriteLock {
             .map(|(version, _)| version)
     }
 
+    /// Whether the lock holds the room's row (not on SQLite, where nothing is locked).
+    pub fn holds_room(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// Releases the lock without writing.
     pub async fn release(self) -> Result<()> {
         if let Some(held) = self.held {

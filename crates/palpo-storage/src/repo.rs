@@ -94,6 +94,12 @@ pub trait RoomRepo: Send + Sync {
         event: &NewEvent,
         lock: Option<RoomWriteLock>,
     ) -> Result<PersistedEvent>;
+    /// Persists several events in one transaction (group commit), each as
+    /// [`RoomRepo::persist_event`] would, in order: events of one room must come in the order
+    /// they were built (each on the write version the one before leaves). An event that
+    /// conflicts writes nothing and does not stop the others; its outcome says so. `Err` when
+    /// the transaction as a whole failed (nothing is written then).
+    async fn persist_events(&self, events: &[NewEvent]) -> Result<Vec<Result<PersistedEvent>>>;
     async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>>;
     /// The events with these ids that exist, in no particular order.
     async fn get_events(&self, event_ids: &[String]) -> Result<Vec<EventRecord>>;

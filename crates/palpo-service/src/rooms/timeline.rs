@@ -131,17 +131,27 @@ impl RoomService {
         }
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
-        // Other processes on the database take the room's write lock too, so the room cannot
-        // move on between our read and our write; the write version check is the safety net
-        // (SQLite has no cross-process lock: it serves one process).
-        for _ in 0..16 {
-            let db_lock = self
-                .storage
-                .rooms
-                .lock_room_writes(room_id)
-                .await
-                .map_err(internal)?;
-            let mut head = self.room_head(room_id, db_lock.locked_version()).await?;
+        // The first attempt builds on the head this process kept and is written with other
+        // sends' events (group commit); the write version check inside that transaction
+        // catches another process having written to the room meanwhile. Then the event is
+        // built again under the room's write lock, which every process on the database
+        // honours, so the room cannot move on between our read and our write and processes
+        // take turns instead of racing (SQLite has no cross-process lock: it serves one
+        // process).
+        for attempt in 0..16 {
+            let db_lock = if attempt == 0 {
+                None
+            } else {
+                Some(
+                    self.storage
+                        .rooms
+                        .lock_room_writes(room_id)
+                        .await
+                        .map_err(internal)?,
+                )
+            };
+            let locked_version = db_lock.as_ref().and_then(RoomWriteLock::locked_version);
+            let mut head = self.room_head(room_id, locked_version).await?;
             let (_, rules) = room_version_rules(&head.room.room_version)?;
             // Only the state the auth rules look at, not the whole room state.
             let state = self.auth_state(&mut head, &rules, sender, &draft).await?;
@@ -150,7 +160,7 @@ impl RoomService {
                 .await?;
             self.authorize(&rules, &built.pdu, &state).await?;
             match self
-                .persist(&head.room, &built, &draft, txn.clone(), Some(db_lock))
+                .persist(&head.room, &built, &draft, txn.clone(), db_lock)
                 .await
             {
                 Ok(persisted) => {
@@ -277,7 +287,8 @@ impl RoomService {
             .collect())
     }
 
-    /// Persists a built event, expecting the room at `room.write_version`.
+    /// Persists a built event, expecting the room at `room.write_version`: in the transaction
+    /// of the room's write `lock` when it holds one, else with other sends' events.
     pub(super) async fn persist(
         &self,
         room: &RoomRecord,
@@ -291,37 +302,40 @@ impl RoomService {
             .flatten()
             .map(str::to_owned);
         let thread_id = self.thread_of(&draft.content).await?;
-        self.storage
-            .rooms
-            .persist_event_locked(
-                &NewEvent {
-                    event_id: built.event_id.clone(),
-                    room_id: room.room_id.clone(),
-                    depth: built.depth,
-                    event_type: draft.event_type.clone(),
-                    state_key: draft.state_key.clone(),
-                    sender: built.pdu.sender.to_string(),
-                    origin_server_ts: i64::from(built.pdu.origin_server_ts.0),
-                    pdu_json: built.json.clone(),
-                    prev_events: built
-                        .pdu
-                        .prev_events
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect(),
-                    outlier: false,
-                    soft_failed: false,
-                    rejected_reason: None,
-                    expected_write_version: room.write_version,
-                    membership,
-                    redacts: built.pdu.redacts.as_ref().map(ToString::to_string),
-                    txn,
-                    thread_id,
-                },
-                lock,
-            )
-            .await
-            .inspect(|persisted| self.notifier.stream_advanced(persisted.stream_ordering))
+        let event = NewEvent {
+            event_id: built.event_id.clone(),
+            room_id: room.room_id.clone(),
+            depth: built.depth,
+            event_type: draft.event_type.clone(),
+            state_key: draft.state_key.clone(),
+            sender: built.pdu.sender.to_string(),
+            origin_server_ts: i64::from(built.pdu.origin_server_ts.0),
+            pdu_json: built.json.clone(),
+            prev_events: built
+                .pdu
+                .prev_events
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            outlier: false,
+            soft_failed: false,
+            rejected_reason: None,
+            expected_write_version: room.write_version,
+            membership,
+            redacts: built.pdu.redacts.as_ref().map(ToString::to_string),
+            txn,
+            thread_id,
+        };
+        let persisted = match lock {
+            Some(lock) if lock.holds_room() => {
+                self.storage
+                    .rooms
+                    .persist_event_locked(&event, Some(lock))
+                    .await
+            }
+            _ => self.persister.persist(event).await,
+        };
+        persisted.inspect(|persisted| self.notifier.stream_advanced(persisted.stream_ordering))
     }
 
     /// Builds an event on top of the room's forward extremities and current state.

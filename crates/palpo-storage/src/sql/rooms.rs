@@ -115,15 +115,27 @@ pub(crate) async fn lock_room_row(
 }
 
 /// Takes the next value of a shared counter inside `tx`. The counter row stays locked until
-/// the transaction ends, so values commit in the order they were taken. One statement: MySQL
-/// has no `UPDATE ... RETURNING`, but hands back `LAST_INSERT_ID(expr)` with the result.
+/// the transaction ends, so values commit in the order they were taken.
 pub(crate) async fn next_counter(tx: &mut Tx, name: &str) -> Result<i64> {
-    const RETURNING: &str = "UPDATE id_counters SET counter_value = counter_value + 1 WHERE name = ? RETURNING counter_value";
+    take_counter_values(tx, name, 1).await
+}
+
+/// Takes the next `n` values of a shared counter inside `tx` and returns the last of them (the
+/// others are the `n - 1` before it). One statement: MySQL has no `UPDATE ... RETURNING`, but
+/// hands back `LAST_INSERT_ID(expr)` with the result.
+async fn take_counter_values(tx: &mut Tx, name: &str, n: usize) -> Result<i64> {
+    const RETURNING: &str = "UPDATE id_counters SET counter_value = counter_value + ? WHERE name = ? RETURNING counter_value";
     const MYSQL: &str =
-        "UPDATE id_counters SET counter_value = LAST_INSERT_ID(counter_value + 1) WHERE name = ?";
+        "UPDATE id_counters SET counter_value = LAST_INSERT_ID(counter_value + ?) WHERE name = ?";
+    let n =
+        i64::try_from(n).map_err(|_| StorageError::Corrupt("too many counter values".into()))?;
     let value = match tx {
         Tx::MySql(tx) => {
-            let done = sqlx::query(MYSQL).bind(name).execute(&mut **tx).await?;
+            let done = sqlx::query(MYSQL)
+                .bind(n)
+                .bind(name)
+                .execute(&mut **tx)
+                .await?;
             if done.rows_affected() != 1 {
                 return Err(StorageError::Corrupt(format!("no counter {name}")));
             }
@@ -132,6 +144,7 @@ pub(crate) async fn next_counter(tx: &mut Tx, name: &str) -> Result<i64> {
         }
         tx => on_tx!(tx, RETURNING, |c, sql| {
             sqlx::query_scalar(sql)
+                .bind(n)
                 .bind(name)
                 .fetch_one(&mut *c)
                 .await?
@@ -140,17 +153,263 @@ pub(crate) async fn next_counter(tx: &mut Tx, name: &str) -> Result<i64> {
     Ok(value)
 }
 
-/// Moves the room on past `event`: next write version, its state group, its depth.
-async fn update_room(tx: &mut Tx, event: &NewEvent, state_group: Option<i64>) -> Result<()> {
+/// Reads and locks the rows of `room_ids` (sorted, so that processes locking several rooms
+/// take them in the same order and cannot deadlock) as [`lock_room_row`] does for one room.
+/// Rooms that do not exist map to `None`.
+async fn lock_room_rows(tx: &mut Tx, room_ids: &[&str]) -> Result<LockedRooms> {
+    let lock = match tx {
+        Tx::Sqlite(_) => "",
+        Tx::Postgres(_) | Tx::MySql(_) => " FOR UPDATE",
+    };
+    let sql = format!(
+        "SELECT room_id, write_version, state_group FROM rooms WHERE room_id IN ({}) ORDER BY room_id{lock}",
+        placeholders(room_ids.len())
+    );
+    let rows: Vec<(Text, i64, Option<i64>)> = on_tx!(tx, &sql, |c, sql| {
+        let mut query = sqlx::query_as(sql);
+        for room_id in room_ids {
+            query = query.bind(*room_id);
+        }
+        query.fetch_all(&mut *c).await?
+    });
+    let mut locked: LockedRooms = room_ids.iter().map(|id| ((*id).to_owned(), None)).collect();
+    for (room_id, version, group) in rows {
+        locked.insert(room_id.0, Some((version, group)));
+    }
+    Ok(locked)
+}
+
+/// Rooms whose rows a write transaction holds: write version and state group as locked;
+/// `None` for a room that does not exist.
+type LockedRooms = HashMap<String, Option<(i64, Option<i64>)>>;
+
+/// A locked room as the events of one write move it on.
+struct RoomCursor {
+    write_version: i64,
+    state_group: Option<i64>,
+    max_depth: i64,
+    /// Whether an event of the batch changes the room's state (its new group is numbered by
+    /// the event's stream position, so the room's row is updated after the counter is taken).
+    changes_state: bool,
+    written: bool,
+}
+
+/// Records a client's transaction id for `event_id`; `false` when it was used already (the
+/// transaction stays usable: nothing fails).
+async fn insert_txn_id(tx: &mut Tx, txn: &TxnKey, event_id: &str, at: i64) -> Result<bool> {
+    let sql = match tx {
+        Tx::MySql(_) => {
+            "INSERT IGNORE INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES (?, ?, ?, ?, ?)"
+        }
+        Tx::Postgres(_) | Tx::Sqlite(_) => {
+            "INSERT INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+        }
+    };
+    let inserted = on_tx!(tx, sql, |c, sql| {
+        sqlx::query(sql)
+            .bind(&txn.user_id)
+            .bind(&txn.device_id)
+            .bind(&txn.txn_id)
+            .bind(event_id)
+            .bind(at)
+            .execute(&mut *c)
+            .await?
+            .rows_affected()
+    });
+    Ok(inserted == 1)
+}
+
+/// The writes of an event that need no stream position: its edges, the room's forward
+/// extremities, the redaction mark and the room's current state.
+async fn write_graph_and_state(tx: &mut Tx, event: &NewEvent) -> Result<()> {
+    for prev in &event.prev_events {
+        on_tx!(
+            tx,
+            "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(&event.event_id)
+                    .bind(prev)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+    }
+    let accepted = !event.outlier && event.rejected_reason.is_none();
+    if accepted {
+        if !event.prev_events.is_empty() {
+            let delete_sql = format!(
+                "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id IN ({})",
+                placeholders(event.prev_events.len())
+            );
+            on_tx!(tx, &delete_sql, |c, sql| {
+                let mut query = sqlx::query(sql).bind(&event.room_id);
+                for prev in &event.prev_events {
+                    query = query.bind(prev);
+                }
+                query.execute(&mut *c).await?.rows_affected()
+            });
+        }
+        on_tx!(
+            tx,
+            "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(&event.room_id)
+                    .bind(&event.event_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+    }
+    let applies = accepted && !event.soft_failed;
+    if applies && let Some(redacts) = &event.redacts {
+        on_tx!(
+            tx,
+            "UPDATE events SET redacted_by = ? WHERE event_id = ? AND room_id = ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(&event.event_id)
+                    .bind(redacts)
+                    .bind(&event.room_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+    }
+    if event.changes_state() {
+        let state_key = event.state_key.as_deref().unwrap_or_default();
+        on_tx!(
+            tx,
+            "DELETE FROM room_current_state WHERE room_id = ? AND event_type = ? AND state_key = ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(&event.room_id)
+                    .bind(&event.event_type)
+                    .bind(state_key)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        on_tx!(
+            tx,
+            "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES (?, ?, ?, ?)",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(&event.room_id)
+                    .bind(&event.event_type)
+                    .bind(state_key)
+                    .bind(&event.event_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Columns of one `events` row as [`insert_event_rows`] writes it.
+const EVENT_INSERT_COLUMNS: usize = 15;
+
+/// Inserts the `events` rows of `(event, stream position, state group)`, one statement for
+/// all of them. A duplicate event id is a conflict.
+async fn insert_event_rows(tx: &mut Tx, rows: &[(&NewEvent, i64, Option<i64>)]) -> Result<()> {
+    let one_row = format!("({})", placeholders(EVENT_INSERT_COLUMNS));
+    let sql = format!(
+        "INSERT INTO events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, pdu_json, thread_id) VALUES {}",
+        vec![one_row; rows.len()].join(", ")
+    );
+    let first_id = rows
+        .first()
+        .map(|(e, _, _)| e.event_id.clone())
+        .unwrap_or_default();
+    on_tx!(tx, &sql, |c, sql| {
+        let mut query = sqlx::query(sql);
+        for (event, stream, state_group) in rows {
+            query = query
+                .bind(&event.event_id)
+                .bind(&event.room_id)
+                .bind((!event.outlier).then_some(*stream))
+                .bind(event.depth)
+                .bind(&event.event_type)
+                .bind(&event.state_key)
+                .bind(&event.sender)
+                .bind(event.origin_server_ts)
+                .bind(*state_group)
+                .bind(event.outlier)
+                .bind(event.soft_failed)
+                .bind(&event.rejected_reason)
+                .bind(None::<String>)
+                .bind(&event.pdu_json)
+                .bind(&event.thread_id);
+        }
+        query
+            .execute(&mut *c)
+            .await
+            .map_err(|e| StorageError::conflict_or(e, first_id))?
+            .rows_affected()
+    });
+    Ok(())
+}
+
+/// Records the membership a member event at `stream` sets (when it applies to the state).
+async fn write_membership(tx: &mut Tx, event: &NewEvent, stream: i64) -> Result<()> {
+    let applies = !event.outlier && event.rejected_reason.is_none() && !event.soft_failed;
+    let (Some(membership), Some(user_id)) = (&event.membership, &event.state_key) else {
+        return Ok(());
+    };
+    if !applies {
+        return Ok(());
+    }
     on_tx!(
         tx,
-        "UPDATE rooms SET write_version = write_version + 1, state_group = ?, max_depth = CASE WHEN max_depth < ? THEN ? ELSE max_depth END WHERE room_id = ?",
+        "DELETE FROM room_memberships WHERE room_id = ? AND user_id = ?",
         |c, sql| {
             sqlx::query(sql)
-                .bind(state_group)
-                .bind(event.depth)
-                .bind(event.depth)
                 .bind(&event.room_id)
+                .bind(user_id)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        }
+    );
+    on_tx!(
+        tx,
+        "INSERT INTO room_memberships (room_id, user_id, membership, event_id, sender, stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        |c, sql| {
+            sqlx::query(sql)
+                .bind(&event.room_id)
+                .bind(user_id)
+                .bind(membership)
+                .bind(&event.event_id)
+                .bind(&event.sender)
+                .bind(stream)
+                .bind(false)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
+        }
+    );
+    Ok(())
+}
+
+/// Moves a locked room's row on to where the written events left it.
+async fn update_room(tx: &mut Tx, room_id: &str, room: &RoomCursor) -> Result<()> {
+    on_tx!(
+        tx,
+        "UPDATE rooms SET write_version = ?, state_group = ?, max_depth = CASE WHEN max_depth < ? THEN ? ELSE max_depth END WHERE room_id = ?",
+        |c, sql| {
+            sqlx::query(sql)
+                .bind(room.write_version)
+                .bind(room.state_group)
+                .bind(room.max_depth)
+                .bind(room.max_depth)
+                .bind(room_id)
                 .execute(&mut *c)
                 .await?
                 .rows_affected()
@@ -289,6 +548,103 @@ impl SqlStore {
         }
         Ok(())
     }
+
+    /// Writes `events` in `tx`, which holds the rows of their rooms (`locked`). An event whose
+    /// room is unknown or moved past the write version it was built on, or whose transaction
+    /// id was used already, writes nothing and gets a conflict; the others are written in
+    /// order and take consecutive stream positions. Committing is the caller's.
+    ///
+    /// Statement order matters for throughput: the global stream counter row stays locked from
+    /// the moment it is taken until commit, serializing every writer of every room, so it is
+    /// taken once for all the events, after every write that does not need a position.
+    async fn write_events(
+        &self,
+        tx: &mut Tx,
+        locked: &LockedRooms,
+        events: &[&NewEvent],
+    ) -> Result<Vec<Result<PersistedEvent>>> {
+        let mut rooms: HashMap<&str, RoomCursor> = HashMap::new();
+        let mut outcomes: Vec<Result<PersistedEvent>> = Vec::with_capacity(events.len());
+        let mut written: Vec<usize> = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            let Some(Some((write_version, state_group))) = locked.get(&event.room_id) else {
+                outcomes.push(Err(StorageError::Conflict(format!(
+                    "no room {}",
+                    event.room_id
+                ))));
+                continue;
+            };
+            let room = rooms.entry(&event.room_id).or_insert(RoomCursor {
+                write_version: *write_version,
+                state_group: *state_group,
+                max_depth: event.depth,
+                changes_state: false,
+                written: false,
+            });
+            if room.write_version != event.expected_write_version {
+                outcomes.push(Err(StorageError::Conflict("room changed meanwhile".into())));
+                continue;
+            }
+            if let Some(txn) = &event.txn
+                && !insert_txn_id(tx, txn, &event.event_id, event.origin_server_ts).await?
+            {
+                outcomes.push(Err(StorageError::Conflict("transaction id".into())));
+                continue;
+            }
+            write_graph_and_state(tx, event).await?;
+            room.write_version += 1;
+            room.max_depth = room.max_depth.max(event.depth);
+            room.changes_state |= event.changes_state();
+            room.written = true;
+            // Filled in once the positions are taken.
+            outcomes.push(Ok(PersistedEvent {
+                stream_ordering: 0,
+                state_group: None,
+            }));
+            written.push(index);
+        }
+        if written.is_empty() {
+            return Ok(outcomes);
+        }
+        for (room_id, room) in &rooms {
+            if room.written && !room.changes_state {
+                update_room(tx, room_id, room).await?;
+            }
+        }
+
+        // From here on the stream counter is held.
+        let last = take_counter_values(tx, "events_stream", written.len()).await?;
+        let first = last + 1 - written.len() as i64;
+        let mut rows = Vec::with_capacity(written.len());
+        for (offset, &index) in written.iter().enumerate() {
+            let event = events[index];
+            let stream = first + offset as i64;
+            let room = rooms
+                .get_mut(event.room_id.as_str())
+                .ok_or_else(|| StorageError::Corrupt("written event without a room".into()))?;
+            // A state event's group is numbered by its stream position (unique, increasing).
+            if event.changes_state() {
+                self.write_state_group(tx, event, stream, room.state_group)
+                    .await?;
+                room.state_group = Some(stream);
+            }
+            outcomes[index] = Ok(PersistedEvent {
+                stream_ordering: stream,
+                state_group: room.state_group,
+            });
+            rows.push((event, stream, room.state_group));
+        }
+        insert_event_rows(tx, &rows).await?;
+        for &(event, stream, _) in &rows {
+            write_membership(tx, event, stream).await?;
+        }
+        for (room_id, room) in &rooms {
+            if room.written && room.changes_state {
+                update_room(tx, room_id, room).await?;
+            }
+        }
+        Ok(outcomes)
+    }
 }
 
 #[async_trait]
@@ -357,9 +713,6 @@ impl RoomRepo for SqlStore {
         RoomWriteLock::acquire(&self.db, room_id).await
     }
 
-    // Statement order matters for throughput: the global stream counter row stays locked from
-    // the moment it is taken until commit, serializing every writer of every room, so it is
-    // taken last, followed only by the writes that need the position.
     #[tracing::instrument(skip_all, fields(room_id = %event.room_id, event_id = %event.event_id))]
     async fn persist_event_locked(
         &self,
@@ -374,198 +727,42 @@ impl RoomRepo for SqlStore {
                 (tx, room)
             }
         };
-        let Some((write_version, current_group)) = room else {
-            return Err(StorageError::Conflict(format!("no room {}", event.room_id)));
-        };
-        if write_version != event.expected_write_version {
-            return Err(StorageError::Conflict("room changed meanwhile".into()));
-        }
-        if let Some(txn) = &event.txn {
-            on_tx!(
-                &mut tx,
-                "INSERT INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES (?, ?, ?, ?, ?)",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(&txn.user_id)
-                        .bind(&txn.device_id)
-                        .bind(&txn.txn_id)
-                        .bind(&event.event_id)
-                        .bind(event.origin_server_ts)
-                        .execute(&mut *c)
-                        .await
-                        .map_err(|e| StorageError::conflict_or(e, "transaction id"))?
-                        .rows_affected()
-                }
-            );
-        }
-        for prev in &event.prev_events {
-            on_tx!(
-                &mut tx,
-                "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(&event.event_id)
-                        .bind(prev)
-                        .execute(&mut *c)
-                        .await?
-                        .rows_affected()
-                }
-            );
-        }
-        let accepted = !event.outlier && event.rejected_reason.is_none();
-        if accepted {
-            if !event.prev_events.is_empty() {
-                let delete_sql = format!(
-                    "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id IN ({})",
-                    placeholders(event.prev_events.len())
-                );
-                on_tx!(&mut tx, &delete_sql, |c, sql| {
-                    let mut query = sqlx::query(sql).bind(&event.room_id);
-                    for prev in &event.prev_events {
-                        query = query.bind(prev);
-                    }
-                    query.execute(&mut *c).await?.rows_affected()
-                });
+        let locked = HashMap::from([(event.room_id.clone(), room)]);
+        let outcome = self
+            .write_events(&mut tx, &locked, &[event])
+            .await?
+            .pop()
+            .ok_or_else(|| StorageError::Corrupt("no outcome for the event".into()))?;
+        match outcome {
+            Ok(persisted) => {
+                tx.commit().await?;
+                Ok(persisted)
             }
-            on_tx!(
-                &mut tx,
-                "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(&event.room_id)
-                        .bind(&event.event_id)
-                        .execute(&mut *c)
-                        .await?
-                        .rows_affected()
-                }
-            );
+            Err(conflict) => {
+                tx.rollback().await?;
+                Err(conflict)
+            }
         }
-        let applies = accepted && !event.soft_failed;
-        if applies && let Some(redacts) = &event.redacts {
-            on_tx!(
-                &mut tx,
-                "UPDATE events SET redacted_by = ? WHERE event_id = ? AND room_id = ?",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(&event.event_id)
-                        .bind(redacts)
-                        .bind(&event.room_id)
-                        .execute(&mut *c)
-                        .await?
-                        .rows_affected()
-                }
-            );
-        }
-        if event.changes_state() {
-            let state_key = event.state_key.as_deref().unwrap_or_default();
-            on_tx!(
-                &mut tx,
-                "DELETE FROM room_current_state WHERE room_id = ? AND event_type = ? AND state_key = ?",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(&event.room_id)
-                        .bind(&event.event_type)
-                        .bind(state_key)
-                        .execute(&mut *c)
-                        .await?
-                        .rows_affected()
-                }
-            );
-            on_tx!(
-                &mut tx,
-                "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES (?, ?, ?, ?)",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(&event.room_id)
-                        .bind(&event.event_type)
-                        .bind(state_key)
-                        .bind(&event.event_id)
-                        .execute(&mut *c)
-                        .await?
-                        .rows_affected()
-                }
-            );
-        }
+    }
 
-        if !event.changes_state() {
-            update_room(&mut tx, event, current_group).await?;
+    #[tracing::instrument(skip_all, fields(events = events.len()))]
+    async fn persist_events(&self, events: &[NewEvent]) -> Result<Vec<Result<PersistedEvent>>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
         }
-
-        // From here on the stream counter is held.
-        let stream = next_counter(&mut tx, "events_stream").await?;
-        // A state event's group is numbered by its stream position (unique, increasing).
-        let state_group = if event.changes_state() {
-            self.write_state_group(&mut tx, event, stream, current_group)
-                .await?;
-            Some(stream)
+        let mut tx = self.db.begin().await?;
+        let mut room_ids: Vec<&str> = events.iter().map(|e| e.room_id.as_str()).collect();
+        room_ids.sort_unstable();
+        room_ids.dedup();
+        let locked = lock_room_rows(&mut tx, &room_ids).await?;
+        let events: Vec<&NewEvent> = events.iter().collect();
+        let outcomes = self.write_events(&mut tx, &locked, &events).await?;
+        if outcomes.iter().any(Result::is_ok) {
+            tx.commit().await?;
         } else {
-            current_group
-        };
-        if event.changes_state() {
-            update_room(&mut tx, event, state_group).await?;
+            tx.rollback().await?;
         }
-        on_tx!(
-            &mut tx,
-            "INSERT INTO events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, pdu_json, thread_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(&event.event_id)
-                    .bind(&event.room_id)
-                    .bind((!event.outlier).then_some(stream))
-                    .bind(event.depth)
-                    .bind(&event.event_type)
-                    .bind(&event.state_key)
-                    .bind(&event.sender)
-                    .bind(event.origin_server_ts)
-                    .bind(state_group)
-                    .bind(event.outlier)
-                    .bind(event.soft_failed)
-                    .bind(&event.rejected_reason)
-                    .bind(&event.pdu_json)
-                    .bind(&event.thread_id)
-                    .execute(&mut *c)
-                    .await
-                    .map_err(|e| StorageError::conflict_or(e, &event.event_id))?
-                    .rows_affected()
-            }
-        );
-        if applies && let (Some(membership), Some(user_id)) = (&event.membership, &event.state_key)
-        {
-            on_tx!(
-                &mut tx,
-                "DELETE FROM room_memberships WHERE room_id = ? AND user_id = ?",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(&event.room_id)
-                        .bind(user_id)
-                        .execute(&mut *c)
-                        .await?
-                        .rows_affected()
-                }
-            );
-            on_tx!(
-                &mut tx,
-                "INSERT INTO room_memberships (room_id, user_id, membership, event_id, sender, stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                |c, sql| {
-                    sqlx::query(sql)
-                        .bind(&event.room_id)
-                        .bind(user_id)
-                        .bind(membership)
-                        .bind(&event.event_id)
-                        .bind(&event.sender)
-                        .bind(stream)
-                        .bind(false)
-                        .execute(&mut *c)
-                        .await?
-                        .rows_affected()
-                }
-            );
-        }
-        tx.commit().await?;
-        Ok(PersistedEvent {
-            stream_ordering: stream,
-            state_group,
-        })
+        Ok(outcomes)
     }
 
     async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>> {

@@ -1,0 +1,127 @@
+//! Group commit: the local events that concurrent sends built are written several to a
+//! transaction, so that they share its commit (one log flush) and take the global stream
+//! counter, which every writer of every room waits for, once between them.
+//!
+//! Each send still holds its room's in-process lock until its event is committed, so a batch
+//! holds at most one event per room from this process; batches grow with the number of rooms
+//! being written to at once.
+
+use std::sync::{Arc, OnceLock};
+
+use palpo_storage::{
+    Backend, RoomRepo, Storage, StorageError,
+    model::{NewEvent, PersistedEvent},
+};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// Most events one transaction writes.
+const MAX_BATCH: usize = 64;
+
+type Outcome = Result<PersistedEvent, StorageError>;
+
+struct Job {
+    event: NewEvent,
+    reply: oneshot::Sender<Outcome>,
+}
+
+pub(super) struct Persister {
+    rooms: Arc<dyn RoomRepo>,
+    /// Batches written at once: SQLite has one writer connection, so a second batch would
+    /// only wait for it (and leave the first one smaller); on PostgreSQL and MySQL a second
+    /// batch does its writes while the first waits for its commit.
+    writers: usize,
+    /// The queue, with its task started on first use (inside the runtime that serves).
+    queue: OnceLock<mpsc::UnboundedSender<Job>>,
+}
+
+impl Persister {
+    pub(super) fn new(storage: &Storage) -> Self {
+        let writers = match storage.db().backend() {
+            Backend::Sqlite => 1,
+            Backend::Postgres | Backend::MySql => 2,
+        };
+        Persister {
+            rooms: storage.rooms.clone(),
+            writers,
+            queue: OnceLock::new(),
+        }
+    }
+
+    /// Persists `event` together with whatever other events are waiting. A conflict (the room
+    /// moved on, the transaction id was used) is this event's alone.
+    pub(super) async fn persist(&self, event: NewEvent) -> Outcome {
+        let (reply, answer) = oneshot::channel();
+        self.queue()
+            .send(Job { event, reply })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    fn queue(&self) -> &mpsc::UnboundedSender<Job> {
+        self.queue.get_or_init(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            tokio::spawn(write_batches(self.rooms.clone(), receiver, self.writers));
+            sender
+        })
+    }
+}
+
+fn stopped() -> StorageError {
+    StorageError::Corrupt("the event writer stopped".into())
+}
+
+/// Takes what is queued (up to [`MAX_BATCH`]) whenever a writer is free; ends when the
+/// service (the queue's sender) is gone.
+async fn write_batches(
+    rooms: Arc<dyn RoomRepo>,
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    writers: usize,
+) {
+    let free_writers = Arc::new(Semaphore::new(writers));
+    loop {
+        let Ok(writer) = free_writers.clone().acquire_owned().await else {
+            return;
+        };
+        let mut jobs = Vec::new();
+        if queue.recv_many(&mut jobs, MAX_BATCH).await == 0 {
+            return;
+        }
+        let rooms = rooms.clone();
+        tokio::spawn(async move {
+            write_batch(&*rooms, jobs).await;
+            drop(writer);
+        });
+    }
+}
+
+#[tracing::instrument(skip_all, fields(events = jobs.len()))]
+async fn write_batch(rooms: &dyn RoomRepo, jobs: Vec<Job>) {
+    let (events, replies): (Vec<NewEvent>, Vec<_>) =
+        jobs.into_iter().map(|job| (job.event, job.reply)).unzip();
+    match rooms.persist_events(&events).await {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                // The sender may have gone (its request was dropped); the event stays.
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(error) if events.len() == 1 => {
+            let _ = replies
+                .into_iter()
+                .next()
+                .map(|reply| reply.send(Err(error)));
+        }
+        Err(error) => {
+            // One event can fail the whole transaction (a duplicate event id, say): write
+            // each on its own so that the others do not fail with it.
+            tracing::debug!(%error, "batch failed; writing its events one by one");
+            for (event, reply) in events.into_iter().zip(replies) {
+                let outcome = rooms
+                    .persist_events(std::slice::from_ref(&event))
+                    .await
+                    .and_then(|mut outcomes| outcomes.pop().unwrap_or_else(|| Err(stopped())));
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Group commit on every backend: several events of several rooms persisted in one
+//! transaction, each exactly as it would be alone; conflicting ones write nothing and leave
+//! the others be; a failing transaction writes nothing at all.
+
+use palpo_storage::{
+    Storage, StorageError,
+    model::{NewEvent, RoomRecord, TxnKey},
+    testing::{self, event_on},
+};
+
+palpo_storage::conformance!(
+    batch_writes_events_of_several_rooms,
+    conflicting_events_write_nothing,
+    failed_batch_writes_nothing,
+);
+
+const ROOM_A: &str = "!a:test";
+const ROOM_B: &str = "!b:test";
+const MESSAGE: &str = "m.room.message";
+
+async fn two_rooms(s: &Storage) -> (RoomRecord, RoomRecord) {
+    let join = [("m.room.member", "@a:test", Some("join"))];
+    testing::room_with_events(s, ROOM_A, "12", &join).await;
+    testing::room_with_events(s, ROOM_B, "12", &join).await;
+    (room(s, ROOM_A).await, room(s, ROOM_B).await)
+}
+
+async fn room(s: &Storage, room_id: &str) -> RoomRecord {
+    s.rooms
+        .get_room(room_id)
+        .await
+        .expect("get room")
+        .expect("room exists")
+}
+
+fn txn(txn_id: &str) -> TxnKey {
+    TxnKey {
+        user_id: "@a:test".into(),
+        device_id: "DEV".into(),
+        txn_id: txn_id.into(),
+    }
+}
+
+fn is_conflict<T: std::fmt::Debug>(outcome: &Result<T, StorageError>, what: &str) -> bool {
+    matches!(outcome, Err(StorageError::Conflict(w)) if w.contains(what))
+}
+
+async fn batch_writes_events_of_several_rooms(s: Storage) {
+    let (a, b) = two_rooms(&s).await;
+    let used = NewEvent {
+        txn: Some(txn("used")),
+        ..event_on(&a, "$a-used", MESSAGE, "@a:test", 5)
+    };
+    s.rooms.persist_event(&used).await.expect("persist alone");
+    let a = room(&s, ROOM_A).await;
+    let before = s.rooms.max_stream_ordering().await.expect("max");
+
+    let a1 = NewEvent {
+        txn: Some(txn("fresh")),
+        ..event_on(&a, "$a1", MESSAGE, "@a:test", 10)
+    };
+    let b1 = NewEvent {
+        state_key: Some("@d:test".into()),
+        membership: Some("join".into()),
+        ..event_on(&b, "$b1", "m.room.member", "@d:test", 10)
+    };
+    // Built on $a1, as the next event of the room.
+    let a2 = NewEvent {
+        prev_events: vec!["$a1".into()],
+        expected_write_version: a.write_version + 1,
+        ..event_on(&a, "$a2", MESSAGE, "@a:test", 11)
+    };
+    // Built on room B as it was before $b1: the room moved on.
+    let b_stale = event_on(&b, "$b-stale", MESSAGE, "@a:test", 10);
+    // Its transaction id was used by $a-used.
+    let a_retry = NewEvent {
+        txn: Some(txn("used")),
+        prev_events: vec!["$a2".into()],
+        expected_write_version: a.write_version + 2,
+        ..event_on(&a, "$a-retry", MESSAGE, "@a:test", 12)
+    };
+    let outcomes = s
+        .rooms
+        .persist_events(&[a1, b1, a2, b_stale, a_retry])
+        .await
+        .expect("batch");
+    assert_eq!(outcomes.len(), 5);
+    assert!(
+        is_conflict(&outcomes[3], "room changed"),
+        "{:?}",
+        outcomes[3]
+    );
+    assert!(
+        is_conflict(&outcomes[4], "transaction id"),
+        "{:?}",
+        outcomes[4]
+    );
+    let [a1, b1, a2] = [0, 1, 2].map(|i| *outcomes[i].as_ref().expect("written"));
+    // Consecutive positions in the order given, right after what was there.
+    assert_eq!(
+        [a1, b1, a2].map(|p| p.stream_ordering),
+        [before + 1, before + 2, before + 3]
+    );
+    assert_eq!(
+        s.rooms.max_stream_ordering().await.expect("max"),
+        before + 3
+    );
+    // Messages keep their room's state group; the member event starts one numbered by its
+    // position, holding the room's earlier state as well.
+    assert_eq!(a1.state_group, a.state_group);
+    assert_eq!(a2.state_group, a.state_group);
+    assert_eq!(b1.state_group, Some(b1.stream_ordering));
+    let state = s
+        .rooms
+        .state_at_group(b1.stream_ordering)
+        .await
+        .expect("state");
+    assert_eq!(
+        state.get(&("m.room.member".into(), "@d:test".into())),
+        Some(&"$b1".to_owned())
+    );
+    assert_eq!(
+        state.get(&("m.room.member".into(), "@a:test".into())),
+        Some(&format!("${ROOM_B}0"))
+    );
+
+    let a_now = room(&s, ROOM_A).await;
+    assert_eq!(a_now.write_version, a.write_version + 2);
+    assert_eq!(a_now.forward_extremities, vec!["$a2".to_owned()]);
+    assert_eq!(a_now.max_depth, 12);
+    assert_eq!(a_now.state_group, a.state_group);
+    let b_now = room(&s, ROOM_B).await;
+    assert_eq!(b_now.write_version, b.write_version + 1);
+    assert_eq!(b_now.forward_extremities, vec!["$b1".to_owned()]);
+    assert_eq!(b_now.state_group, Some(b1.stream_ordering));
+    let current = s.rooms.current_state(ROOM_B).await.expect("current state");
+    assert_eq!(current, state);
+    let member = s
+        .rooms
+        .membership(ROOM_B, "@d:test")
+        .await
+        .expect("membership")
+        .expect("member");
+    assert_eq!(
+        (member.membership.as_str(), member.stream_ordering),
+        ("join", b1.stream_ordering)
+    );
+
+    // What conflicted is not there; the transaction ids point where they should.
+    for id in ["$b-stale", "$a-retry"] {
+        assert!(s.rooms.get_event(id).await.expect("get").is_none(), "{id}");
+    }
+    let stored = s
+        .rooms
+        .get_event("$a2")
+        .await
+        .expect("get")
+        .expect("stored");
+    assert_eq!(stored.stream_ordering, Some(a2.stream_ordering));
+    assert_eq!(
+        s.rooms.txn_event(&txn("used")).await.expect("txn"),
+        Some("$a-used".into())
+    );
+    assert_eq!(
+        s.rooms.txn_event(&txn("fresh")).await.expect("txn"),
+        Some("$a1".into())
+    );
+}
+
+async fn conflicting_events_write_nothing(s: Storage) {
+    let (a, _) = two_rooms(&s).await;
+    let before = s.rooms.max_stream_ordering().await.expect("max");
+    let stale = NewEvent {
+        expected_write_version: a.write_version - 1,
+        ..event_on(&a, "$stale", MESSAGE, "@a:test", 3)
+    };
+    let unknown = NewEvent {
+        room_id: "!unknown:test".into(),
+        ..event_on(&a, "$unknown", MESSAGE, "@a:test", 3)
+    };
+    let outcomes = s
+        .rooms
+        .persist_events(&[stale, unknown])
+        .await
+        .expect("batch");
+    assert!(
+        is_conflict(&outcomes[0], "room changed"),
+        "{:?}",
+        outcomes[0]
+    );
+    assert!(is_conflict(&outcomes[1], "no room"), "{:?}", outcomes[1]);
+    assert_eq!(s.rooms.max_stream_ordering().await.expect("max"), before);
+    assert_eq!(room(&s, ROOM_A).await, a);
+    assert!(s.rooms.persist_events(&[]).await.expect("empty").is_empty());
+}
+
+async fn failed_batch_writes_nothing(s: Storage) {
+    let (a, b) = two_rooms(&s).await;
+    let before = s.rooms.max_stream_ordering().await.expect("max");
+    let fine = NewEvent {
+        txn: Some(txn("fine")),
+        ..event_on(&b, "$fine", MESSAGE, "@a:test", 3)
+    };
+    // The id of an event already stored: the batch's insert fails.
+    let duplicate = event_on(&a, &format!("${ROOM_A}0"), MESSAGE, "@a:test", 3);
+    let error = s
+        .rooms
+        .persist_events(&[fine, duplicate])
+        .await
+        .expect_err("duplicate event id");
+    assert!(matches!(error, StorageError::Conflict(_)), "{error:?}");
+    assert_eq!(s.rooms.max_stream_ordering().await.expect("max"), before);
+    assert!(s.rooms.get_event("$fine").await.expect("get").is_none());
+    assert_eq!(s.rooms.txn_event(&txn("fine")).await.expect("txn"), None);
+    assert_eq!(room(&s, ROOM_A).await, a);
+    assert_eq!(room(&s, ROOM_B).await, b);
+}
