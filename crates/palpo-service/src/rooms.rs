@@ -81,10 +81,22 @@ pub struct RoomService {
     group_visibility: Mutex<lru::LruCache<(i64, String), (String, String)>>,
     /// Writes local events, several to a transaction.
     persister: persister::Persister,
+    /// Room write locks held at once by this process (each holds a pool connection while its
+    /// event is built; see `timeline`): fewer than the pool has connections, with room left
+    /// for the persister's transactions and the reads building an event makes.
+    held_room_locks: tokio::sync::Semaphore,
+}
+
+/// See [`RoomService::held_room_locks`]: the primary pool's connections less the
+/// persister's transactions ([`persister::MAX_WRITERS`]) and one for reads, at least one.
+fn held_room_locks(storage: &Storage) -> usize {
+    let pool = usize::try_from(storage.db().primary().max_connections()).unwrap_or(usize::MAX);
+    pool.saturating_sub(persister::MAX_WRITERS + 1).max(1)
 }
 
 impl RoomService {
     pub fn new(config: Arc<Config>, storage: Storage, notifier: Arc<Notifier>) -> Self {
+        let held_locks = held_room_locks(&storage);
         RoomService {
             config,
             keys: tokio::sync::OnceCell::new(),
@@ -96,6 +108,7 @@ impl RoomService {
             versions: Mutex::new(lru::LruCache::new(KEPT_ROOM_VERSIONS)),
             group_visibility: Mutex::new(lru::LruCache::new(GROUP_VISIBILITY)),
             persister: persister::Persister::new(&storage),
+            held_room_locks: tokio::sync::Semaphore::new(held_locks),
             storage,
         }
     }

@@ -67,6 +67,15 @@ impl Pool {
         }
     }
 
+    /// The most connections the pool opens.
+    pub fn max_connections(&self) -> u32 {
+        match self {
+            Pool::Postgres(p) => p.options().get_max_connections(),
+            Pool::MySql(p) => p.options().get_max_connections(),
+            Pool::Sqlite(p) => p.options().get_max_connections(),
+        }
+    }
+
     pub async fn close(&self) {
         match self {
             Pool::Postgres(p) => p.close().await,

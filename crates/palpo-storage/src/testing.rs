@@ -707,6 +707,7 @@ pub fn event_on(
         soft_failed: false,
         rejected_reason: None,
         expected_write_version: room.write_version,
+        extends_head: true,
         membership: None,
         redacts: None,
         txn: None,

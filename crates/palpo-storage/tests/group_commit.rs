@@ -178,11 +178,22 @@ async fn conflicting_events_write_nothing(s: Storage) {
         room_id: "!unknown:test".into(),
         ..event_on(&a, "$unknown", MESSAGE, "@a:test", 3)
     };
+    // The write version matches, but the event was built on one that was never written (a
+    // head that went ahead of the commits).
+    let on_a_ghost = NewEvent {
+        prev_events: vec!["$ghost".into()],
+        ..event_on(&a, "$on-a-ghost", MESSAGE, "@a:test", 3)
+    };
     let outcomes = s
         .rooms
-        .persist_events(&[stale, unknown])
+        .persist_events(&[stale, unknown, on_a_ghost])
         .await
         .expect("batch");
+    assert!(
+        is_conflict(&outcomes[2], "room changed"),
+        "{:?}",
+        outcomes[2]
+    );
     assert!(
         is_conflict(&outcomes[0], "room changed"),
         "{:?}",

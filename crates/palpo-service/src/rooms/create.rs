@@ -146,9 +146,7 @@ impl RoomService {
             .await
             .map_err(internal)?
             .ok_or_else(|| Error::internal("room vanished after creation"))?;
-        self.persist(&room, &built, &create, None, None)
-            .await
-            .map_err(internal)?;
+        self.persist(&room, &built, &create).await?;
 
         // 2. The creator joins.
         let profile = self.member_profile(creator).await?;

@@ -2,9 +2,10 @@
 //! transaction, so that they share its commit (one log flush) and take the global stream
 //! counter, which every writer of every room waits for, once between them.
 //!
-//! Each send still holds its room's in-process lock until its event is committed, so a batch
-//! holds at most one event per room from this process; batches grow with the number of rooms
-//! being written to at once.
+//! A message's send frees its room once the event is queued (the next one is built on it
+//! while it waits for the commit), so a batch holds as many of a busy room's messages as
+//! arrived during the previous commit. A state event's send holds its room until the commit:
+//! the next event needs the state group it creates.
 
 use std::sync::{Arc, OnceLock};
 
@@ -13,6 +14,9 @@ use palpo_storage::{
     model::{NewEvent, PersistedEvent},
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// Most transactions the persister has open at once (see [`Persister::writers`]).
+pub(super) const MAX_WRITERS: usize = 2;
 
 /// Most events one transaction writes.
 const MAX_BATCH: usize = 64;
@@ -38,7 +42,7 @@ impl Persister {
     pub(super) fn new(storage: &Storage) -> Self {
         let writers = match storage.db().backend() {
             Backend::Sqlite => 1,
-            Backend::Postgres | Backend::MySql => 2,
+            Backend::Postgres | Backend::MySql => MAX_WRITERS,
         };
         Persister {
             rooms: storage.rooms.clone(),
@@ -47,14 +51,17 @@ impl Persister {
         }
     }
 
-    /// Persists `event` together with whatever other events are waiting. A conflict (the room
-    /// moved on, the transaction id was used) is this event's alone.
-    pub(super) async fn persist(&self, event: NewEvent) -> Outcome {
+    /// Queues `event` to be persisted with whatever other events are waiting; the returned
+    /// future resolves once it is committed (or failed). A conflict (the room moved on, the
+    /// transaction id was used) is this event's alone. Events are written in the order they
+    /// were queued.
+    pub(super) fn submit(&self, event: NewEvent) -> impl Future<Output = Outcome> + use<> {
         let (reply, answer) = oneshot::channel();
-        self.queue()
-            .send(Job { event, reply })
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        let queued = self.queue().send(Job { event, reply });
+        async move {
+            queued.map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
+        }
     }
 
     fn queue(&self) -> &mpsc::UnboundedSender<Job> {

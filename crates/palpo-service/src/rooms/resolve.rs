@@ -57,6 +57,7 @@ impl RoomService {
                 soft_failed: false,
                 rejected_reason: None,
                 expected_write_version: room.write_version,
+                extends_head: false,
                 membership: None,
                 redacts: None,
                 txn: None,

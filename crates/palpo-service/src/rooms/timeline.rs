@@ -130,7 +130,6 @@ impl RoomService {
             return Ok(event_id);
         }
         let lock = self.room_lock(room_id);
-        let _guard = lock.lock().await;
         // The first attempt builds on the head this process kept and is written with other
         // sends' events (group commit); the write version check inside that transaction
         // catches another process having written to the room meanwhile. Then the event is
@@ -139,16 +138,24 @@ impl RoomService {
         // take turns instead of racing (SQLite has no cross-process lock: it serves one
         // process).
         for attempt in 0..16 {
-            let db_lock = if attempt == 0 {
-                None
+            let guard = lock.lock().await;
+            let (db_lock, _lock_permit) = if attempt == 0 {
+                (None, None)
             } else {
-                Some(
-                    self.storage
-                        .rooms
-                        .lock_room_writes(room_id)
-                        .await
-                        .map_err(internal)?,
-                )
+                // A held room lock keeps a connection while the event is built, which may
+                // read on others: only so many at once, or they could take the whole pool.
+                let permit = self
+                    .held_room_locks
+                    .acquire()
+                    .await
+                    .map_err(Error::internal)?;
+                let db_lock = self
+                    .storage
+                    .rooms
+                    .lock_room_writes(room_id)
+                    .await
+                    .map_err(internal)?;
+                (Some(db_lock), Some(permit))
             };
             let locked_version = db_lock.as_ref().and_then(RoomWriteLock::locked_version);
             let mut head = self.room_head(room_id, locked_version).await?;
@@ -159,13 +166,36 @@ impl RoomService {
                 .build_on(&head.room, &rules, sender, &draft, &state)
                 .await?;
             self.authorize(&rules, &built.pdu, &state).await?;
-            match self
-                .persist(&head.room, &built, &draft, txn.clone(), db_lock)
-                .await
-            {
+            let event = self
+                .new_event(&head.room, &built, &draft, txn.clone())
+                .await?;
+            let outcome = match db_lock {
+                Some(lock) if lock.holds_room() => {
+                    self.storage
+                        .rooms
+                        .persist_event_locked(&event, Some(lock))
+                        .await
+                }
+                _ if draft.state_key.is_none() => {
+                    // A message leaves the room's state as it is, so the room's next event
+                    // can be built on it while it waits for its commit: once queued, the
+                    // head moves on and the room is free. Should it fail, events built on
+                    // it fail their write version check and are built again.
+                    let committed = self.persister.submit(event);
+                    head.advance(&built, &draft, head.room.state_group);
+                    self.keep_head(head.clone());
+                    drop(guard);
+                    committed.await
+                }
+                _ => self.persister.submit(event).await,
+            };
+            match outcome {
                 Ok(persisted) => {
-                    head.advance(&built, &draft, persisted.state_group);
-                    self.keep_head(head);
+                    self.notifier.stream_advanced(persisted.stream_ordering);
+                    if draft.state_key.is_some() {
+                        head.advance(&built, &draft, persisted.state_group);
+                        self.keep_head(head);
+                    }
                     return Ok(built.event_id);
                 }
                 Err(StorageError::Conflict(what)) if what == "transaction id" => {
@@ -179,7 +209,8 @@ impl RoomService {
                     return Err(Error::internal("transaction id conflict without an event"));
                 }
                 Err(StorageError::Conflict(_)) => {
-                    // Another process wrote to the room: read it again.
+                    // Another process wrote to the room (or an event this one was built on
+                    // failed): read it again.
                     self.forget_head(room_id);
                     continue;
                 }
@@ -287,22 +318,20 @@ impl RoomService {
             .collect())
     }
 
-    /// Persists a built event, expecting the room at `room.write_version`: in the transaction
-    /// of the room's write `lock` when it holds one, else with other sends' events.
-    pub(super) async fn persist(
+    /// What persisting a built event writes, expecting the room at `room.write_version`.
+    async fn new_event(
         &self,
         room: &RoomRecord,
         built: &BuiltEvent,
         draft: &EventDraft,
         txn: Option<TxnKey>,
-        lock: Option<RoomWriteLock>,
-    ) -> Result<PersistedEvent, StorageError> {
+    ) -> Result<NewEvent> {
         let membership = (draft.event_type == "m.room.member")
             .then(|| draft.content.get("membership").and_then(Value::as_str))
             .flatten()
             .map(str::to_owned);
-        let thread_id = self.thread_of(&draft.content).await?;
-        let event = NewEvent {
+        let thread_id = self.thread_of(&draft.content).await.map_err(internal)?;
+        Ok(NewEvent {
             event_id: built.event_id.clone(),
             room_id: room.room_id.clone(),
             depth: built.depth,
@@ -321,21 +350,26 @@ impl RoomService {
             soft_failed: false,
             rejected_reason: None,
             expected_write_version: room.write_version,
+            extends_head: true,
             membership,
             redacts: built.pdu.redacts.as_ref().map(ToString::to_string),
             txn,
             thread_id,
-        };
-        let persisted = match lock {
-            Some(lock) if lock.holds_room() => {
-                self.storage
-                    .rooms
-                    .persist_event_locked(&event, Some(lock))
-                    .await
-            }
-            _ => self.persister.persist(event).await,
-        };
-        persisted.inspect(|persisted| self.notifier.stream_advanced(persisted.stream_ordering))
+        })
+    }
+
+    /// Persists a built event (with other sends' events), expecting the room at
+    /// `room.write_version`, and wakes the syncs waiting for it.
+    pub(super) async fn persist(
+        &self,
+        room: &RoomRecord,
+        built: &BuiltEvent,
+        draft: &EventDraft,
+    ) -> Result<PersistedEvent> {
+        let event = self.new_event(room, built, draft, None).await?;
+        let persisted = self.persister.submit(event).await.map_err(internal)?;
+        self.notifier.stream_advanced(persisted.stream_ordering);
+        Ok(persisted)
     }
 
     /// Builds an event on top of the room's forward extremities and current state.

@@ -78,6 +78,11 @@ pub struct NewEvent {
     /// The room's `write_version` the event was built against. If the room moved on since,
     /// persisting fails with a conflict and the caller rebuilds the event.
     pub expected_write_version: i64,
+    /// Built as the room's next event on its forward extremities (a local event): persisting
+    /// also checks that `prev_events` are still among them. Write versions alone can match
+    /// by coincidence once events are built on events not committed yet (one that then fails
+    /// leaves a head whose version another writer may reach).
+    pub extends_head: bool,
     /// For `m.room.member`: the new membership of the user in `state_key`.
     pub membership: Option<String>,
     /// For `m.room.redaction`: the event it redacts.

@@ -1,6 +1,6 @@
 //! Rooms, events, state groups, membership, aliases, profiles and signing keys.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
 use futures::future::try_join_all;
@@ -177,6 +177,40 @@ async fn lock_room_rows(tx: &mut Tx, room_ids: &[&str]) -> Result<LockedRooms> {
         locked.insert(room_id.0, Some((version, group)));
     }
     Ok(locked)
+}
+
+/// The forward extremities of the rooms of the `events` that extend their room's head (the
+/// only ones that check them), per room.
+async fn forward_extremities_of(
+    tx: &mut Tx,
+    events: &[&NewEvent],
+) -> Result<HashMap<String, HashSet<String>>> {
+    let mut room_ids: Vec<&str> = events
+        .iter()
+        .filter(|e| e.extends_head)
+        .map(|e| e.room_id.as_str())
+        .collect();
+    room_ids.sort_unstable();
+    room_ids.dedup();
+    let mut extremities: HashMap<String, HashSet<String>> = HashMap::new();
+    if room_ids.is_empty() {
+        return Ok(extremities);
+    }
+    let sql = format!(
+        "SELECT room_id, event_id FROM room_forward_extremities WHERE room_id IN ({})",
+        placeholders(room_ids.len())
+    );
+    let rows: Vec<(Text, Text)> = on_tx!(tx, &sql, |c, sql| {
+        let mut query = sqlx::query_as(sql);
+        for room_id in &room_ids {
+            query = query.bind(*room_id);
+        }
+        query.fetch_all(&mut *c).await?
+    });
+    for (room_id, event_id) in rows {
+        extremities.entry(room_id.0).or_default().insert(event_id.0);
+    }
+    Ok(extremities)
 }
 
 /// Rooms whose rows a write transaction holds: write version and state group as locked;
@@ -563,6 +597,7 @@ impl SqlStore {
         locked: &LockedRooms,
         events: &[&NewEvent],
     ) -> Result<Vec<Result<PersistedEvent>>> {
+        let mut extremities = forward_extremities_of(tx, events).await?;
         let mut rooms: HashMap<&str, RoomCursor> = HashMap::new();
         let mut outcomes: Vec<Result<PersistedEvent>> = Vec::with_capacity(events.len());
         let mut written: Vec<usize> = Vec::with_capacity(events.len());
@@ -581,7 +616,14 @@ impl SqlStore {
                 changes_state: false,
                 written: false,
             });
-            if room.write_version != event.expected_write_version {
+            let room_extremities = extremities.entry(event.room_id.clone()).or_default();
+            let moved_on = room.write_version != event.expected_write_version
+                || (event.extends_head
+                    && !event
+                        .prev_events
+                        .iter()
+                        .all(|prev| room_extremities.contains(prev)));
+            if moved_on {
                 outcomes.push(Err(StorageError::Conflict("room changed meanwhile".into())));
                 continue;
             }
@@ -592,6 +634,12 @@ impl SqlStore {
                 continue;
             }
             write_graph_and_state(tx, event).await?;
+            if !event.outlier && event.rejected_reason.is_none() {
+                for prev in &event.prev_events {
+                    room_extremities.remove(prev);
+                }
+                room_extremities.insert(event.event_id.clone());
+            }
             room.write_version += 1;
             room.max_depth = room.max_depth.max(event.depth);
             room.changes_state |= event.changes_state();
