@@ -404,19 +404,16 @@ impl E2eeService {
             // Nothing happened since the token (a long-poll passing again, most often).
             return Ok(DeviceLists::default());
         }
-        let changed = self
+        let updates = self
             .storage
             .e2ee
-            .device_lists_changed(user, after, upto)
+            .device_list_updates(user, after, upto)
             .await
             .map_err(internal)?;
-        let left = self
-            .storage
-            .e2ee
-            .device_lists_left(user, after, upto)
-            .await
-            .map_err(internal)?;
-        Ok(DeviceLists { changed, left })
+        Ok(DeviceLists {
+            changed: updates.changed,
+            left: updates.left,
+        })
     }
 
     /// `PUT /sendToDevice/{eventType}/{txnId}`: stores the messages in the inboxes of the
@@ -505,17 +502,11 @@ impl E2eeService {
             limit.min(TO_DEVICE_LIMIT)
         };
         let after = after.unwrap_or(0);
-        if after > 0 {
-            self.storage
-                .e2ee
-                .delete_to_device_messages(user, device, after)
-                .await
-                .map_err(internal)?;
-        }
+        // Those up to `after` are deleted on the way.
         let mut records = self
             .storage
             .e2ee
-            .to_device_messages(user, device, after, upto, limit as i64 + 1)
+            .to_device_inbox(user, device, after, upto, limit as i64 + 1)
             .await
             .map_err(internal)?;
         let mut delivered_upto = upto;
@@ -569,18 +560,18 @@ impl E2eeService {
                 None => Ok(DeviceLists::default()),
             }
         };
-        let fallback = async {
+        // Both key counts in one statement.
+        let counts = async {
             self.storage
                 .e2ee
-                .unused_fallback_key_types(user, device)
+                .key_counts(user, device)
                 .await
                 .map_err(internal)
         };
-        tokio::try_join!(
-            device_lists,
-            self.one_time_key_counts(user, device),
-            fallback
-        )
+        let (device_lists, counts) = tokio::try_join!(device_lists, counts)?;
+        let mut one_time: BTreeMap<String, i64> = counts.one_time_keys.into_iter().collect();
+        one_time.entry(SIGNED_CURVE25519.to_owned()).or_insert(0);
+        Ok((device_lists, one_time, counts.unused_fallback_key_types))
     }
 
     /// The end-to-end encryption part of a `/sync` of `device` over `(since, upto]`:

@@ -7,8 +7,8 @@
 //! through it in the other processes).
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    sync::{Arc, Weak},
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -30,6 +30,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Syncs move a user's last active time at most this often (without a stream position), and
 /// at least a few times per idle timeout.
 const TOUCH_EVERY_MS: i64 = 10_000;
+/// Users whose presence this process remembers before it forgets the stale ones.
+const PRESENCE_MEMORY: usize = 100_000;
 /// The presence expiry task checks at most this often.
 const MIN_EXPIRY_CHECK: Duration = Duration::from_millis(100);
 /// Longest thread id a receipt may carry (the database column's size).
@@ -120,6 +122,10 @@ pub struct EphemeralService {
     idle_timeout_ms: i64,
     /// Unread counts kept between syncs.
     unread: unread::UnreadCache,
+    /// User → the presence state this process last stored or read for them, and its last
+    /// active time: while that is recent, a sync setting the same state neither reads nor
+    /// writes presence (see [`EphemeralService::presence_on_sync`]).
+    presence_seen: Mutex<HashMap<String, (PresenceState, i64)>>,
 }
 
 fn internal(err: StorageError) -> Error {
@@ -134,6 +140,7 @@ impl EphemeralService {
             notifier,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT.as_millis() as i64,
             unread: unread::UnreadCache::default(),
+            presence_seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -231,6 +238,33 @@ impl EphemeralService {
             self.notifier.stream_advanced(position);
         }
         Ok(())
+    }
+
+    /// The stream's position, after typing notifications that ran out became a change
+    /// (announced here when this process is the first to see them): one statement when none
+    /// ran out, as is most often the case.
+    pub async fn stream_position(&self) -> Result<i64> {
+        let now = now_millis();
+        let (position, due) = self
+            .storage
+            .ephemeral
+            .stream_position_and_typing_due(now)
+            .await
+            .map_err(internal)?;
+        if !due {
+            return Ok(position);
+        }
+        if let Some(expired) = self
+            .storage
+            .ephemeral
+            .expire_typing(now)
+            .await
+            .map_err(internal)?
+        {
+            self.notifier.stream_advanced(expired);
+        }
+        // Read again: the position of the expiry, this process's or another's.
+        self.rooms.stream_position().await
     }
 
     /// How long until the next typing notification runs out, if one is running.
@@ -413,6 +447,7 @@ impl EphemeralService {
         if user != target {
             return Err(Error::forbidden("You may only set your own presence"));
         }
+        self.forget_presence(user);
         let position = self
             .storage
             .ephemeral
@@ -477,6 +512,13 @@ impl EphemeralService {
     /// `unavailable` idle, `offline` leaves their presence alone. A change of state takes a
     /// stream position; otherwise only the last active time moves, at most every few seconds
     /// and without one, so that syncing does not wake every room-mate's sync.
+    ///
+    /// Between those moves a sync does not even read the presence: this process remembers the
+    /// state it last stored or read for the user and its last active time, and while that is
+    /// younger than the touch interval and the state asked for is the same, there is nothing
+    /// to do. Another process changing the user's presence meanwhile (`PUT /presence` there)
+    /// is noticed at the next touch, a few seconds later at most, as the last active time was
+    /// already; this process's own `PUT /presence` forgets what it remembered.
     pub async fn presence_on_sync(&self, user: &str, set_presence: Option<&str>) -> Result<()> {
         let state = match set_presence {
             None => PresenceState::Online,
@@ -486,6 +528,10 @@ impl EphemeralService {
             return Ok(());
         }
         let now = now_millis();
+        let touch_every = self.touch_every_ms();
+        if self.presence_is_fresh(user, state, now, touch_every) {
+            return Ok(());
+        }
         let current = self
             .storage
             .ephemeral
@@ -494,14 +540,16 @@ impl EphemeralService {
             .map_err(internal)?;
         match current {
             Some(current) if current.state == state.as_str() => {
-                let touch_every = TOUCH_EVERY_MS.min(self.idle_timeout_ms / 4);
+                let mut last_active = current.last_active_ts;
                 if now - current.last_active_ts >= touch_every {
                     self.storage
                         .ephemeral
                         .touch_presence(user, now)
                         .await
                         .map_err(internal)?;
+                    last_active = now;
                 }
+                self.remember_presence(user, state, last_active, now, touch_every);
             }
             current => {
                 let position = self
@@ -516,10 +564,59 @@ impl EphemeralService {
                     })
                     .await
                     .map_err(internal)?;
+                self.remember_presence(user, state, now, now, touch_every);
                 self.notifier.stream_advanced(position);
             }
         }
         Ok(())
+    }
+
+    /// How often syncs move a user's last active time: every few seconds, and at least a few
+    /// times per idle timeout (so that a syncing user never goes idle).
+    fn touch_every_ms(&self) -> i64 {
+        TOUCH_EVERY_MS.min(self.idle_timeout_ms / 4)
+    }
+
+    fn presence_memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PresenceState, i64)>> {
+        match self.presence_seen.lock() {
+            Ok(memory) => memory,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Whether this process stored or read `state` for the user with a last active time less
+    /// than `touch_every` before `now`.
+    fn presence_is_fresh(
+        &self,
+        user: &str,
+        state: PresenceState,
+        now: i64,
+        touch_every: i64,
+    ) -> bool {
+        self.presence_memory()
+            .get(user)
+            .is_some_and(|(seen, last_active)| {
+                *seen == state && (0..touch_every).contains(&(now - last_active))
+            })
+    }
+
+    fn remember_presence(
+        &self,
+        user: &str,
+        state: PresenceState,
+        last_active: i64,
+        now: i64,
+        touch_every: i64,
+    ) {
+        let mut memory = self.presence_memory();
+        if memory.len() >= PRESENCE_MEMORY {
+            memory.retain(|_, (_, seen)| now - *seen < touch_every);
+        }
+        memory.insert(user.to_owned(), (state, last_active));
+    }
+
+    fn forget_presence(&self, user: &str) {
+        self.presence_memory().remove(user);
     }
 
     /// Moves the online users who have been inactive for the idle timeout to `unavailable`
@@ -588,6 +685,18 @@ impl EphemeralService {
     /// nothing visible changed are left out. Unread counts are added by
     /// [`EphemeralService::add_unread_counts`] once the joined rooms are known.
     pub async fn sync(&self, user: &str, since: Option<i64>, up_to: i64) -> Result<EphemeralSync> {
+        self.sync_in(user, None, since, up_to).await
+    }
+
+    /// As [`EphemeralService::sync`], for the rooms the user has joined when the caller read
+    /// them already (`None`: read here).
+    pub async fn sync_in(
+        &self,
+        user: &str,
+        joined: Option<Vec<String>>,
+        since: Option<i64>,
+        up_to: i64,
+    ) -> Result<EphemeralSync> {
         let after = since.unwrap_or(0);
         let mut out = EphemeralSync::default();
         if after >= up_to && since.is_some() {
@@ -597,12 +706,15 @@ impl EphemeralService {
         let storage = &self.storage.ephemeral;
         // Independent reads at once: a long-poll woken by an event waits for the longest chain.
         let in_rooms = async {
-            let joined = self
-                .storage
-                .rooms
-                .rooms_for_user(user, "join")
-                .await
-                .map_err(internal)?;
+            let joined = match joined {
+                Some(joined) => joined,
+                None => self
+                    .storage
+                    .rooms
+                    .rooms_for_user(user, "join")
+                    .await
+                    .map_err(internal)?,
+            };
             if joined.is_empty() {
                 return Ok((Vec::new(), Vec::new()));
             }

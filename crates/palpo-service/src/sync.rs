@@ -303,11 +303,21 @@ impl SyncService {
             account_data.retain_rooms(&rooms.join.keys().chain(rooms.leave.keys()).collect());
             return Ok((rooms, EphemeralSync::default(), account_data));
         };
-        // Independent reads, at once: a pass's latency is its longest chain of queries.
-        let (mut extra, mut account_data) = futures::try_join!(
-            ephemeral.sync(user, since, upto),
-            self.account_data_pass(user, since, upto)
-        )?;
+        // The user's rooms, read once: the ephemeral part needs the joined ones, the rooms
+        // part all of them. Independent reads at once: a pass's latency is its longest chain
+        // of queries.
+        let rooms_and_extra = async {
+            let memberships = self.rooms.memberships_of_user(user).await?;
+            let joined = memberships
+                .iter()
+                .filter(|m| m.membership == "join")
+                .map(|m| m.room_id.clone())
+                .collect();
+            let extra = ephemeral.sync_in(user, Some(joined), since, upto).await?;
+            Ok::<_, Error>((memberships, extra))
+        };
+        let ((memberships, mut extra), mut account_data) =
+            futures::try_join!(rooms_and_extra, self.account_data_pass(user, since, upto))?;
         // Filtered out before choosing rooms: what the filter drops is no news.
         filter_ephemeral(filter, &mut extra);
         filter_account_data(filter, &mut account_data);
@@ -319,7 +329,7 @@ impl SyncService {
             .collect();
         let rooms = self
             .rooms
-            .sync_rooms_at(user, since, upto, request, &also)
+            .sync_rooms_of(user, Some(memberships), since, upto, request, &also)
             .await?;
         ephemeral
             .add_unread_counts(
@@ -340,10 +350,10 @@ impl SyncService {
     /// Every change of every section takes a position, so an unchanged position means there
     /// is nothing new.
     async fn current_position(&self) -> Result<i64> {
-        if let Some(ephemeral) = &self.ephemeral {
-            ephemeral.expire_typing().await?;
+        match &self.ephemeral {
+            Some(ephemeral) => ephemeral.stream_position().await,
+            None => self.rooms.stream_position().await,
         }
-        self.rooms.stream_position().await
     }
 
     /// How long a long-poll may wait: until `deadline`, or until the next typing notification

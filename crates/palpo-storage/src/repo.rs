@@ -266,6 +266,10 @@ pub trait EphemeralRepo: Send + Sync {
     async fn expire_typing(&self, now: i64) -> Result<Option<i64>>;
     /// When the next typing notification runs out, if any is running.
     async fn next_typing_expiry(&self) -> Result<Option<i64>>;
+    /// The global stream's position, and whether a typing notification ran out by `now`
+    /// (which [`EphemeralRepo::expire_typing`] would announce), in one statement: what every
+    /// sync asks first.
+    async fn stream_position_and_typing_due(&self, now: i64) -> Result<(i64, bool)>;
 
     async fn get_presence(&self, user_id: &str) -> Result<Option<crate::model::PresenceRecord>>;
     /// Stores the user's presence (state, status message, last active time). Returns its
@@ -392,20 +396,48 @@ pub trait E2eeRepo: Send + Sync {
     /// Returns the change's stream position (`None` when `device_ids` is empty).
     async fn delete_device_keys(&self, user_id: &str, device_ids: &[String])
     -> Result<Option<i64>>;
-    /// Users whose device list changed in `(after, up_to]` who are `user_id` or share a
+    /// What a sync tells the device about its keys, in one statement: its unclaimed one-time
+    /// keys counted per algorithm (as [`E2eeRepo::one_time_key_counts`]) and the algorithms of
+    /// its unused fallback keys (as [`E2eeRepo::unused_fallback_key_types`]).
+    async fn key_counts(
+        &self,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<crate::model::DeviceKeyCounts>;
+    /// The device-list changes `user_id` is told of for `(after, up_to]`, in one statement.
+    /// `changed`: users whose device list changed in the range who are `user_id` or share a
     /// joined room with them, and users who started sharing a joined room with them in that
-    /// range (they joined one of the user's rooms, or the user joined one of theirs). Sorted.
+    /// range (they joined one of the user's rooms, or the user joined one of theirs).
+    /// `left`: users who stopped sharing any joined room with `user_id` in the range (their
+    /// membership in one of the user's rooms became leave or ban, or the user left a room
+    /// they are in) and share none now. Both sorted.
+    async fn device_list_updates(
+        &self,
+        user_id: &str,
+        after: i64,
+        up_to: i64,
+    ) -> Result<crate::model::DeviceListUpdates>;
+    /// The `changed` part of [`E2eeRepo::device_list_updates`].
     async fn device_lists_changed(
         &self,
         user_id: &str,
         after: i64,
         up_to: i64,
-    ) -> Result<Vec<String>>;
-    /// Users who stopped sharing any joined room with `user_id` in `(after, up_to]`: their
-    /// membership in one of the user's rooms became leave or ban, or the user left a room
-    /// they are in, and no joined room is shared now. Sorted.
-    async fn device_lists_left(&self, user_id: &str, after: i64, up_to: i64)
-    -> Result<Vec<String>>;
+    ) -> Result<Vec<String>> {
+        Ok(self
+            .device_list_updates(user_id, after, up_to)
+            .await?
+            .changed)
+    }
+    /// The `left` part of [`E2eeRepo::device_list_updates`].
+    async fn device_lists_left(
+        &self,
+        user_id: &str,
+        after: i64,
+        up_to: i64,
+    ) -> Result<Vec<String>> {
+        Ok(self.device_list_updates(user_id, after, up_to).await?.left)
+    }
     /// Stores the messages of a `/sendToDevice` at the next stream position, which it returns;
     /// `None` when the sender's device already used the transaction id (nothing is stored).
     /// Messages to devices (or users) that do not exist are dropped.
@@ -413,6 +445,17 @@ pub trait E2eeRepo: Send + Sync {
     /// The device's messages with a position in `(after, up_to]`, oldest first, at most
     /// `limit`.
     async fn to_device_messages(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<crate::model::ToDeviceRecord>>;
+    /// What a sync hands the device from its inbox, in one read: its messages with a position
+    /// in `(after, up_to]`, oldest first, at most `limit`; those up to `after` (the client has
+    /// them) are deleted, by a second statement only when there are any.
+    async fn to_device_inbox(
         &self,
         user_id: &str,
         device_id: &str,

@@ -20,6 +20,7 @@ palpo_storage::conformance!(
     fallback_keys,
     device_lists,
     to_device_inbox,
+    to_device_inbox_in_one_read,
     to_device_fan_out_and_idempotency,
     deleting_devices_forgets_their_keys,
     cross_signing_keys_and_signatures,
@@ -314,6 +315,50 @@ async fn fallback_keys(s: Storage) {
             .expect("types"),
         ["signed_curve25519"]
     );
+    // Both counts in one read, agreeing with the separate ones.
+    let mut more = upload(ALICE, "A1");
+    more.one_time_keys = vec![otk("signed_curve25519", "k2"), otk("curve25519", "c1")];
+    more.fallback_keys = vec![otk("curve25519", "cf")];
+    s.e2ee.upload_keys(&more).await.expect("upload");
+    let counts = s.e2ee.key_counts(ALICE, "A1").await.expect("counts");
+    assert_eq!(
+        counts.one_time_keys,
+        [
+            ("curve25519".to_owned(), 1),
+            ("signed_curve25519".to_owned(), 2)
+        ]
+    );
+    assert_eq!(
+        counts.unused_fallback_key_types,
+        ["curve25519", "signed_curve25519"]
+    );
+    assert_eq!(
+        counts.one_time_keys,
+        s.e2ee.one_time_key_counts(ALICE, "A1").await.expect("otks")
+    );
+    assert_eq!(
+        s.e2ee.key_counts(BOB, "B1").await.expect("none"),
+        Default::default(),
+        "a device without keys"
+    );
+    s.e2ee
+        .claim_key(ALICE, "A1", "curve25519")
+        .await
+        .expect("claim")
+        .expect("c1");
+    s.e2ee
+        .claim_key(ALICE, "A1", "curve25519")
+        .await
+        .expect("claim")
+        .expect("cf");
+    s.e2ee
+        .claim_key(ALICE, "A1", "signed_curve25519")
+        .await
+        .expect("claim")
+        .expect("k2 or k1");
+    let counts = s.e2ee.key_counts(ALICE, "A1").await.expect("counts");
+    assert_eq!(counts.one_time_keys, [("signed_curve25519".to_owned(), 1)]);
+    assert_eq!(counts.unused_fallback_key_types, ["signed_curve25519"]);
 
     // A one-time key first, then the fallback key, marked used, as often as asked.
     let first = s
@@ -322,7 +367,7 @@ async fn fallback_keys(s: Storage) {
         .await
         .expect("claim")
         .expect("key");
-    assert_eq!((first.key.key_id.as_str(), first.fallback), ("k1", false));
+    assert!(!first.fallback);
     for _ in 0..2 {
         let fallback = s
             .e2ee
@@ -640,6 +685,77 @@ async fn to_device_inbox(s: Storage) {
         .expect("inbox");
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].stream_position, p2);
+}
+
+async fn to_device_inbox_in_one_read(s: Storage) {
+    device(&s, ALICE, "A1").await;
+    device(&s, BOB, "B1").await;
+    let mut positions = Vec::new();
+    for n in 0..3 {
+        positions.push(
+            s.e2ee
+                .send_to_device(&batch(
+                    &format!("t{n}"),
+                    vec![message(
+                        BOB,
+                        DeviceTarget::Device("B1".into()),
+                        &format!("m{n}"),
+                    )],
+                ))
+                .await
+                .expect("send")
+                .expect("new transaction"),
+        );
+    }
+    let (p0, p1, p2) = (positions[0], positions[1], positions[2]);
+    let bodies = |records: &[palpo_storage::model::ToDeviceRecord]| {
+        records
+            .iter()
+            .map(|r| r.content.clone())
+            .collect::<Vec<_>>()
+    };
+    // An initial sync: everything up to `up_to`, oldest first, at most `limit`.
+    let first = s
+        .e2ee
+        .to_device_inbox(BOB, "B1", 0, p1, 100)
+        .await
+        .expect("inbox");
+    assert_eq!(bodies(&first), [r#"{"body":"m0"}"#, r#"{"body":"m1"}"#]);
+    assert_eq!(first[1].stream_position, p1);
+    let limited = s
+        .e2ee
+        .to_device_inbox(BOB, "B1", 0, p2, 1)
+        .await
+        .expect("inbox");
+    assert_eq!(bodies(&limited), [r#"{"body":"m0"}"#]);
+    // The next one, after `p0`: the new ones, and those up to `p0` are gone.
+    let next = s
+        .e2ee
+        .to_device_inbox(BOB, "B1", p0, p2, 100)
+        .await
+        .expect("inbox");
+    assert_eq!(bodies(&next), [r#"{"body":"m1"}"#, r#"{"body":"m2"}"#]);
+    let all = s
+        .e2ee
+        .to_device_messages(BOB, "B1", 0, p2, 100)
+        .await
+        .expect("inbox");
+    assert_eq!(bodies(&all), [r#"{"body":"m1"}"#, r#"{"body":"m2"}"#]);
+    // Everything delivered: nothing new, and the inbox is empty.
+    assert!(
+        s.e2ee
+            .to_device_inbox(BOB, "B1", p2, p2, 100)
+            .await
+            .expect("inbox")
+            .is_empty()
+    );
+    assert!(
+        s.e2ee
+            .to_device_messages(BOB, "B1", 0, p2, 100)
+            .await
+            .expect("inbox")
+            .is_empty()
+    );
 }
 
 async fn to_device_fan_out_and_idempotency(s: Storage) {

@@ -253,6 +253,21 @@ async fn typing_expiry(s: Storage) {
         None,
         "nothing ran out yet"
     );
+    // The position and whether any ran out, in one read.
+    assert_eq!(
+        s.ephemeral
+            .stream_position_and_typing_due(now)
+            .await
+            .expect("position"),
+        (p, false)
+    );
+    assert_eq!(
+        s.ephemeral
+            .stream_position_and_typing_due(now + 200)
+            .await
+            .expect("position"),
+        (p, true)
+    );
     let expired = s
         .ephemeral
         .expire_typing(now + 200)
@@ -281,6 +296,14 @@ async fn typing_expiry(s: Storage) {
     assert_eq!(
         s.ephemeral.expire_typing(now + 200).await.expect("again"),
         None
+    );
+    assert_eq!(
+        s.ephemeral
+            .stream_position_and_typing_due(now + 200)
+            .await
+            .expect("position"),
+        (expired, false),
+        "announced already"
     );
     assert_eq!(
         s.ephemeral.next_typing_expiry().await.expect("next"),

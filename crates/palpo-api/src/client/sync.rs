@@ -41,15 +41,16 @@ impl From<RoomTimeline> for Timeline {
     }
 }
 
-#[derive(Debug, Object)]
+/// Left empty by an incremental sync when the room's members did not change since the token.
+#[derive(Debug, Object, Default)]
 pub struct RoomSummary {
     /// Members to name the room after when it has no name.
-    #[oai(rename = "m.heroes")]
-    pub heroes: Vec<String>,
-    #[oai(rename = "m.joined_member_count")]
-    pub joined_member_count: i64,
-    #[oai(rename = "m.invited_member_count")]
-    pub invited_member_count: i64,
+    #[oai(rename = "m.heroes", skip_serializing_if_is_none)]
+    pub heroes: Option<Vec<String>>,
+    #[oai(rename = "m.joined_member_count", skip_serializing_if_is_none)]
+    pub joined_member_count: Option<i64>,
+    #[oai(rename = "m.invited_member_count", skip_serializing_if_is_none)]
+    pub invited_member_count: Option<i64>,
 }
 
 #[derive(Debug, Object, Default)]
@@ -91,11 +92,14 @@ pub struct JoinedRoomSync {
 impl From<JoinedRoom> for JoinedRoomSync {
     fn from(room: JoinedRoom) -> Self {
         JoinedRoomSync {
-            summary: RoomSummary {
-                heroes: room.summary.heroes,
-                joined_member_count: room.summary.joined_member_count,
-                invited_member_count: room.summary.invited_member_count,
-            },
+            summary: room
+                .summary
+                .map(|summary| RoomSummary {
+                    heroes: Some(summary.heroes),
+                    joined_member_count: Some(summary.joined_member_count),
+                    invited_member_count: Some(summary.invited_member_count),
+                })
+                .unwrap_or_default(),
             state: Some(Events { events: room.state }),
             state_after: None,
             timeline: room.timeline.into(),

@@ -135,7 +135,10 @@ pub struct RoomSummary {
 pub struct JoinedRoom {
     pub timeline: Timeline,
     pub state: Vec<Value>,
-    pub summary: RoomSummary,
+    /// `None` when the members may not have changed since the token (the spec lets the
+    /// summary's fields be left out when unchanged): it is read only for a room new to the
+    /// client, a full state, or a window whose state may have changed.
+    pub summary: Option<RoomSummary>,
     /// The stream position of the user's current membership event (where unread counts
     /// start without a read receipt).
     pub joined_at: i64,
@@ -208,6 +211,31 @@ impl RoomService {
         request: &SyncRequest,
         also: &HashSet<String>,
     ) -> Result<SyncRooms> {
+        self.sync_rooms_of(user, None, since, upto, request, also)
+            .await
+    }
+
+    /// Every membership of the user (what [`RoomService::sync_rooms_of`] starts from), for a
+    /// caller that needs the user's rooms too and passes them on.
+    pub async fn memberships_of_user(&self, user: &str) -> Result<Vec<MembershipRecord>> {
+        self.storage
+            .rooms
+            .memberships_of_user(user)
+            .await
+            .map_err(internal)
+    }
+
+    /// As [`RoomService::sync_rooms_at`], from the user's memberships when the caller read
+    /// them already ([`RoomService::memberships_of_user`]; `None`: read here).
+    pub async fn sync_rooms_of(
+        &self,
+        user: &str,
+        memberships: Option<Vec<MembershipRecord>>,
+        since: Option<i64>,
+        upto: i64,
+        request: &SyncRequest,
+        also: &HashSet<String>,
+    ) -> Result<SyncRooms> {
         let mut out = SyncRooms {
             position: upto,
             ..SyncRooms::default()
@@ -230,11 +258,10 @@ impl RoomService {
             })
         };
         let memberships = async {
-            self.storage
-                .rooms
-                .memberships_of_user(user)
-                .await
-                .map_err(internal)
+            match memberships {
+                Some(memberships) => Ok(memberships),
+                None => self.memberships_of_user(user).await,
+            }
         };
         let (memberships, changed) = futures::try_join!(memberships, changed)?;
         // Without a token every joined room is sent whole: read what they need at once.
@@ -733,6 +760,7 @@ impl RoomService {
                 .map(|e| Self::formatted(rules.as_ref(), e, format))
                 .collect(),
             members_sent,
+            state_changed: window.state_changed,
         })
     }
 
@@ -829,8 +857,9 @@ impl RoomService {
                     .map_err(internal),
             }
         };
-        // Lazy loading picks members by the summary's heroes; otherwise the members (for the
-        // summary) and the timeline are independent reads, made at once.
+        // Lazy loading picks members by the summary's heroes; otherwise the members are read
+        // for the summary only, which an incremental sync leaves out unless the room's state
+        // may have changed in its window (its members among it).
         let (summary, section) = if request.lazy_load_members {
             let members = members.await?;
             let summary = summary_of(user, &members);
@@ -847,7 +876,7 @@ impl RoomService {
                     prefetched,
                 )
                 .await?;
-            (summary, section)
+            (Some(summary), section)
         } else {
             let section = self.timeline_and_state(
                 user,
@@ -860,8 +889,13 @@ impl RoomService {
                 &[],
                 prefetched,
             );
-            let (members, section) = futures::try_join!(members, section)?;
-            (summary_of(user, &members), section)
+            let section = section.await?;
+            let summary = if since.is_none() || request.full_state || section.state_changed {
+                Some(summary_of(user, &members.await?))
+            } else {
+                None
+            };
+            (summary, section)
         };
         Ok((
             JoinedRoom {
@@ -972,6 +1006,8 @@ struct RoomSection {
     state: Vec<Value>,
     /// `(member, event id)` of the member events in the state and the timeline.
     members_sent: Vec<(String, String)>,
+    /// Whether the state may have changed between the token and the end of the timeline.
+    state_changed: bool,
 }
 
 /// The timeline events picked for a room.

@@ -87,6 +87,22 @@ pub struct ToDeviceRecord {
     pub content: String,
 }
 
+/// The key counts a sync tells a device: its unclaimed one-time keys per algorithm, and the
+/// algorithms of its fallback keys no claim has used yet. Both sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceKeyCounts {
+    pub one_time_keys: Vec<(String, i64)>,
+    pub unused_fallback_key_types: Vec<String>,
+}
+
+/// The device-list changes a sync tells a user of: whose device lists changed (or who started
+/// sharing a room with them), and who stopped sharing any room with them. Both sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceListUpdates {
+    pub changed: Vec<String>,
+    pub left: Vec<String>,
+}
+
 /// A cross-signing key of a user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CrossSigningKeyRecord {

@@ -18,8 +18,9 @@ use crate::{
     db::{Text, Tx},
     error::{Result, StorageError},
     model::{
-        ClaimedKey, CrossSigningKeyRecord, DeviceKeysRecord, DeviceTarget, KeySignatureRecord,
-        KeyUpload, KeyUploadOutcome, OneTimeKeyRecord, ToDeviceBatch, ToDeviceRecord,
+        ClaimedKey, CrossSigningKeyRecord, DeviceKeyCounts, DeviceKeysRecord, DeviceListUpdates,
+        DeviceTarget, KeySignatureRecord, KeyUpload, KeyUploadOutcome, OneTimeKeyRecord,
+        ToDeviceBatch, ToDeviceRecord,
     },
     on_pool, on_tx,
     repo::E2eeRepo,
@@ -530,6 +531,40 @@ impl E2eeRepo for SqlStore {
         Ok(out)
     }
 
+    async fn key_counts(&self, user_id: &str, device_id: &str) -> Result<DeviceKeyCounts> {
+        // One statement for both, rows tagged with their kind (`o`: one-time keys counted
+        // per algorithm, `f`: an unused fallback key): every sync asks for both.
+        let rows: Vec<(Text, Text, i64)> = on_pool!(
+            self.db.fresh(),
+            "SELECT 'o' AS kind, algorithm, COUNT(*) AS n FROM e2e_one_time_keys \
+             WHERE user_id = ? AND device_id = ? GROUP BY algorithm \
+             UNION ALL \
+             SELECT 'f', algorithm, COUNT(*) FROM e2e_fallback_keys \
+             WHERE user_id = ? AND device_id = ? AND used = ? GROUP BY algorithm",
+            |p, sql| {
+                sqlx::query_as(sql)
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(false)
+                    .fetch_all(p)
+                    .await?
+            }
+        );
+        let mut out = DeviceKeyCounts::default();
+        for (kind, algorithm, count) in rows {
+            if kind.0 == "f" {
+                out.unused_fallback_key_types.push(algorithm.0);
+            } else {
+                out.one_time_keys.push((algorithm.0, count));
+            }
+        }
+        out.one_time_keys.sort();
+        out.unused_fallback_key_types.sort();
+        Ok(out)
+    }
+
     async fn delete_device_keys(
         &self,
         user_id: &str,
@@ -571,82 +606,72 @@ impl E2eeRepo for SqlStore {
         Ok(Some(position))
     }
 
-    async fn device_lists_changed(
+    async fn device_list_updates(
         &self,
         user_id: &str,
         after: i64,
         up_to: i64,
-    ) -> Result<Vec<String>> {
-        // In one query, whose keys changed (the user, and those sharing a joined room with
-        // them), and who started sharing a joined room: they joined one of the user's rooms
-        // (read from the memberships that changed in the range), or the user joined theirs
-        // (every member of the rooms the user joined in the range). A join that only changed
-        // a profile counts too: reporting a user whose keys did not change costs the client
-        // one key query, missing one costs it the ability to encrypt for them.
+    ) -> Result<DeviceListUpdates> {
+        // One statement, each row tagged with the list it belongs to (`c`: changed, `l`:
+        // left); a sync reads both on every pass, and each statement is a round trip.
+        //
+        // Changed: whose keys changed (the user, and those sharing a joined room with them),
+        // and who started sharing a joined room: they joined one of the user's rooms (read
+        // from the memberships that changed in the range), or the user joined theirs (every
+        // member of the rooms the user joined in the range). A join that only changed a
+        // profile counts too: reporting a user whose keys did not change costs the client one
+        // key query, missing one costs it the ability to encrypt for them.
+        //
+        // Left: they left one of the user's rooms (from the memberships that changed in the
+        // range), or the user left theirs (the members of the rooms the user left in the
+        // range); either way only those sharing no joined room with the user any more.
         let query = format!(
-            "SELECT c.user_id FROM device_list_changes c \
+            "SELECT 'c' AS kind, c.user_id FROM device_list_changes c \
              WHERE c.stream_position > ? AND c.stream_position <= ? \
-               AND (c.user_id = ? OR {}) \
+               AND (c.user_id = ? OR {shares_c}) \
              UNION \
-             SELECT theirs.user_id FROM room_memberships theirs \
+             SELECT 'c', theirs.user_id FROM room_memberships theirs \
              WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
                AND theirs.membership = 'join' AND theirs.user_id <> ? \
                AND {IN_MY_ROOM} \
              UNION \
-             SELECT theirs.user_id FROM room_memberships mine \
+             SELECT 'c', theirs.user_id FROM room_memberships mine \
              JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
              WHERE mine.user_id = ? AND mine.membership = 'join' \
                AND mine.stream_ordering > ? AND mine.stream_ordering <= ? \
-               AND theirs.membership = 'join' AND theirs.user_id <> ?",
-            shares_a_room("c.user_id")
-        );
-        let users: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
-            sqlx::query_scalar(sql)
-                .bind(after)
-                .bind(up_to)
-                .bind(user_id)
-                .bind(user_id)
-                .bind(after)
-                .bind(up_to)
-                .bind(user_id)
-                .bind(user_id)
-                .bind(user_id)
-                .bind(after)
-                .bind(up_to)
-                .bind(user_id)
-                .fetch_all(p)
-                .await?
-        });
-        let users: BTreeSet<String> = users.into_iter().map(String::from).collect();
-        Ok(users.into_iter().collect())
-    }
-
-    async fn device_lists_left(
-        &self,
-        user_id: &str,
-        after: i64,
-        up_to: i64,
-    ) -> Result<Vec<String>> {
-        // In one query: they left one of the user's rooms (from the memberships that changed
-        // in the range), or the user left theirs (the members of the rooms the user left in
-        // the range); either way only those sharing no joined room with the user any more.
-        let query = format!(
-            "SELECT theirs.user_id FROM room_memberships theirs \
+               AND theirs.membership = 'join' AND theirs.user_id <> ? \
+             UNION \
+             SELECT 'l', theirs.user_id FROM room_memberships theirs \
              WHERE theirs.stream_ordering > ? AND theirs.stream_ordering <= ? \
                AND theirs.membership IN ('leave', 'ban') AND theirs.user_id <> ? \
                AND {IN_MY_ROOM} \
-               AND NOT {shares} \
+               AND NOT {shares_theirs} \
              UNION \
-             SELECT theirs.user_id FROM room_memberships mine \
+             SELECT 'l', theirs.user_id FROM room_memberships mine \
              JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
              WHERE mine.user_id = ? AND mine.membership IN ('leave', 'ban') \
                AND mine.stream_ordering > ? AND mine.stream_ordering <= ? \
                AND theirs.membership = 'join' AND theirs.user_id <> ? \
-               AND NOT {shares}",
-            shares = shares_a_room("theirs.user_id")
+               AND NOT {shares_theirs}",
+            shares_c = shares_a_room("c.user_id"),
+            shares_theirs = shares_a_room("theirs.user_id"),
         );
-        let users: Vec<Text> = on_pool!(self.db.fresh(), &query, |p, sql| {
-            sqlx::query_scalar(sql)
+        let rows: Vec<(Text, Text)> = on_pool!(self.db.fresh(), &query, |p, sql| {
+            sqlx::query_as(sql)
+                // changed
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(after)
+                .bind(up_to)
+                .bind(user_id)
+                // left
                 .bind(after)
                 .bind(up_to)
                 .bind(user_id)
@@ -660,8 +685,19 @@ impl E2eeRepo for SqlStore {
                 .fetch_all(p)
                 .await?
         });
-        let users: BTreeSet<String> = users.into_iter().map(String::from).collect();
-        Ok(users.into_iter().collect())
+        let mut changed = BTreeSet::new();
+        let mut left = BTreeSet::new();
+        for (kind, user) in rows {
+            if kind.0 == "l" {
+                left.insert(user.0);
+            } else {
+                changed.insert(user.0);
+            }
+        }
+        Ok(DeviceListUpdates {
+            changed: changed.into_iter().collect(),
+            left: left.into_iter().collect(),
+        })
     }
 
     #[tracing::instrument(skip_all, fields(sender = %batch.sender, txn_id = %batch.txn_id))]
@@ -769,6 +805,72 @@ impl E2eeRepo for SqlStore {
                 event_type: r.event_type.into(),
                 content: r.content.into(),
             })
+            .collect())
+    }
+
+    async fn to_device_inbox(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<ToDeviceRecord>> {
+        // The new messages, and one the client has already (if any is left), in one read:
+        // most syncs have nothing to delete, and a delete is a write (SQLite's single writer,
+        // MySQL's gap locks) even when it matches nothing.
+        let rows: Vec<(i64, i64, Text, Text, Text)> = on_pool!(
+            self.db.fresh(),
+            "SELECT stream_position, seq, sender, event_type, content FROM ( \
+               SELECT stream_position, seq, sender, event_type, content FROM to_device_messages \
+               WHERE user_id = ? AND device_id = ? AND stream_position > ? AND stream_position <= ? \
+               ORDER BY stream_position, seq LIMIT ?) AS fresh \
+             UNION ALL \
+             SELECT stream_position, seq, sender, event_type, content FROM ( \
+               SELECT stream_position, seq, sender, event_type, content FROM to_device_messages \
+               WHERE user_id = ? AND device_id = ? AND stream_position <= ? LIMIT 1) AS delivered",
+            |p, sql| {
+                sqlx::query_as(sql)
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(after)
+                    .bind(up_to)
+                    .bind(limit)
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(after)
+                    .fetch_all(p)
+                    .await?
+            }
+        );
+        let (delivered, mut fresh): (Vec<_>, Vec<_>) =
+            rows.into_iter().partition(|row| row.0 <= after);
+        if !delivered.is_empty() {
+            on_pool!(
+                self.db.primary(),
+                "DELETE FROM to_device_messages WHERE user_id = ? AND device_id = ? AND stream_position <= ?",
+                |p, sql| {
+                    sqlx::query(sql)
+                        .bind(user_id)
+                        .bind(device_id)
+                        .bind(after)
+                        .execute(p)
+                        .await?
+                        .rows_affected()
+                }
+            );
+        }
+        fresh.sort_by_key(|row| (row.0, row.1));
+        Ok(fresh
+            .into_iter()
+            .map(
+                |(stream_position, _, sender, event_type, content)| ToDeviceRecord {
+                    stream_position,
+                    sender: sender.0,
+                    event_type: event_type.0,
+                    content: content.0,
+                },
+            )
             .collect())
     }
 

@@ -336,6 +336,23 @@ impl EphemeralRepo for SqlStore {
         Ok(next)
     }
 
+    async fn stream_position_and_typing_due(&self, now: i64) -> Result<(i64, bool)> {
+        let (position, due): (i64, i64) = on_pool!(
+            self.db.fresh(),
+            "SELECT counter_value, \
+             (SELECT COUNT(*) FROM typing WHERE expires_at > 0 AND expires_at <= ?) \
+             FROM id_counters WHERE name = ?",
+            |p, sql| {
+                sqlx::query_as(sql)
+                    .bind(now)
+                    .bind(STREAM)
+                    .fetch_one(p)
+                    .await?
+            }
+        );
+        Ok((position, due > 0))
+    }
+
     async fn get_presence(&self, user_id: &str) -> Result<Option<PresenceRecord>> {
         let query = format!("SELECT {PRESENCE_COLUMNS} FROM presence WHERE user_id = ?");
         let row: Option<PresenceRow> = on_pool!(self.db.fresh(), &query, |p, sql| {

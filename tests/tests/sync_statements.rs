@@ -1,0 +1,140 @@
+//! How many SQL statements one incremental `/sync` pass issues: a user woken by a new message in
+//! one of their rooms. Every statement is a round trip (on SQLite a hand-off to the
+//! connection's thread), and listeners sync hundreds of times a second, so the count is kept
+//! low on purpose; this test lists the statements and fails when they grow.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
+
+use palpo_tests::{Backend, TestApp, next_batch, run, sync};
+use serde_json::json;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::{Layer, layer::SubscriberExt};
+
+/// The statements sqlx logs (target `sqlx::query`) while recording is on.
+#[derive(Clone, Default)]
+struct Recorder {
+    on: Arc<AtomicBool>,
+    statements: Arc<Mutex<Vec<String>>>,
+}
+
+struct Summary(String);
+
+impl Visit for Summary {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "db.statement" && !value.trim().is_empty() {
+            self.0 = value.split_whitespace().collect::<Vec<_>>().join(" ");
+        } else if field.name() == "summary" && self.0.is_empty() {
+            self.0 = value.to_owned();
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "summary" && self.0.is_empty() {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for Recorder {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() != "sqlx::query" || !self.on.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut summary = Summary(String::new());
+        event.record(&mut summary);
+        if let Ok(mut statements) = self.statements.lock() {
+            statements.push(summary.0);
+        }
+    }
+}
+
+impl Recorder {
+    fn start(&self) {
+        if let Ok(mut statements) = self.statements.lock() {
+            statements.clear();
+        }
+        self.on.store(true, Ordering::SeqCst);
+    }
+
+    fn stop(&self) -> Vec<String> {
+        self.on.store(false, Ordering::SeqCst);
+        self.statements
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Statements one incremental sync (token, position, sections, unread counts) may issue.
+const MAX_STATEMENTS: usize = 15;
+
+async fn woken_by_a_message(app: &TestApp, recorder: &Recorder) -> Vec<String> {
+    let alice = app.register("alice", "pw").await;
+    let bob = app.register("bob", "pw").await;
+    let room_id = app
+        .create_room(&alice.access_token, json!({"preset": "public_chat"}))
+        .await;
+    app.join_room(&bob.access_token, &room_id).await;
+    let mut since = next_batch(&sync(app, &alice.access_token, None, 0).await);
+    // A few rounds, so that what is kept between passes is warm, as for a listener.
+    let mut statements = Vec::new();
+    for round in 0..3 {
+        app.send_text(&bob.access_token, &room_id, &format!("hi {round}"))
+            .await;
+        recorder.start();
+        let response = sync(app, &alice.access_token, Some(&since), 0).await;
+        statements = recorder.stop();
+        assert!(
+            response["rooms"]["join"][&room_id]["timeline"]["events"]
+                .as_array()
+                .is_some_and(|events| events
+                    .iter()
+                    .any(|e| e["content"]["body"] == format!("hi {round}"))),
+            "the message is in the sync: {response}"
+        );
+        since = next_batch(&response);
+    }
+    statements
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_sync_pass_issues_few_statements() {
+    let recorder = Recorder::default();
+    let subscriber = tracing_subscriber::registry().with(recorder.clone());
+    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+    for backend in [Backend::Sqlite, Backend::Postgres, Backend::MySql] {
+        let recorder = recorder.clone();
+        run(backend, false, async move |app: &TestApp| {
+            let statements = woken_by_a_message(app, &recorder).await;
+            let list = statements
+                .iter()
+                .enumerate()
+                .map(|(n, s)| format!("{:>3}. {s}", n + 1))
+                .collect::<Vec<_>>()
+                .join("\n");
+            println!("{backend:?}: {} statements\n{list}", statements.len());
+            // 22 before the user's rooms were read once, the key counts, device lists,
+            // to-device inbox and the position with the typing check became one statement
+            // each, the summary was left out when unchanged and presence was remembered.
+            assert!(
+                statements.len() <= MAX_STATEMENTS,
+                "{backend:?}: {} statements, at most {MAX_STATEMENTS} expected:\n{list}",
+                statements.len()
+            );
+            assert!(
+                !statements.iter().any(|s| s.contains("FROM presence WHERE")),
+                "{backend:?}: a steady sync neither reads nor writes the user's presence:\n{list}"
+            );
+            assert!(
+                !statements
+                    .iter()
+                    .any(|s| s.contains("FROM room_memberships WHERE room_id")),
+                "{backend:?}: members unchanged, no summary read:\n{list}"
+            );
+        })
+        .await;
+    }
+}
