@@ -12,6 +12,7 @@ palpo_storage::conformance!(
     batch_writes_events_of_several_rooms,
     conflicting_events_write_nothing,
     failed_batch_writes_nothing,
+    redaction_of_an_event_in_the_same_batch,
 );
 
 const ROOM_A: &str = "!a:test";
@@ -225,4 +226,40 @@ async fn failed_batch_writes_nothing(s: Storage) {
     assert_eq!(s.rooms.txn_event(&txn("fine")).await.expect("txn"), None);
     assert_eq!(room(&s, ROOM_A).await, a);
     assert_eq!(room(&s, ROOM_B).await, b);
+}
+
+async fn redaction_of_an_event_in_the_same_batch(s: Storage) {
+    let (a, _) = two_rooms(&s).await;
+    let earlier = format!("${ROOM_A}0");
+    let message = event_on(&a, "$message", MESSAGE, "@a:test", 3);
+    // Redacts the message (in this batch) and an event stored before it.
+    let redact_message = NewEvent {
+        redacts: Some("$message".into()),
+        prev_events: vec!["$message".into()],
+        expected_write_version: a.write_version + 1,
+        ..event_on(&a, "$redact-message", "m.room.redaction", "@a:test", 4)
+    };
+    let redact_earlier = NewEvent {
+        redacts: Some(earlier.clone()),
+        prev_events: vec!["$redact-message".into()],
+        expected_write_version: a.write_version + 2,
+        ..event_on(&a, "$redact-earlier", "m.room.redaction", "@a:test", 5)
+    };
+    let outcomes = s
+        .rooms
+        .persist_events(&[message, redact_message, redact_earlier])
+        .await
+        .expect("batch");
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    for (id, by) in [
+        ("$message", "$redact-message"),
+        (&earlier, "$redact-earlier"),
+    ] {
+        let event = s.rooms.get_event(id).await.expect("get").expect("stored");
+        assert_eq!(event.redacted_by.as_deref(), Some(by), "{id}");
+    }
+    assert_eq!(
+        room(&s, ROOM_A).await.forward_extremities,
+        vec!["$redact-earlier".to_owned()]
+    );
 }

@@ -253,52 +253,92 @@ async fn insert_txn_id(tx: &mut Tx, txn: &TxnKey, event_id: &str, at: i64) -> Re
     Ok(inserted == 1)
 }
 
-/// The writes of an event that need no stream position: its edges, the room's forward
-/// extremities, the redaction mark and the room's current state.
-async fn write_graph_and_state(tx: &mut Tx, event: &NewEvent) -> Result<()> {
-    for prev in &event.prev_events {
-        on_tx!(
-            tx,
-            "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(&event.event_id)
-                    .bind(prev)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
-            }
+/// The event graph the written `events` (in order) add: every edge in one statement; the
+/// forward extremities they cite removed and the accepted events no later one cites added,
+/// one statement each (an event cited within the batch never becomes an extremity).
+async fn write_graph(tx: &mut Tx, events: &[&NewEvent]) -> Result<()> {
+    let edges: Vec<(&str, &str)> = events
+        .iter()
+        .flat_map(|e| {
+            e.prev_events
+                .iter()
+                .map(|p| (e.event_id.as_str(), p.as_str()))
+        })
+        .collect();
+    if !edges.is_empty() {
+        let sql = format!(
+            "INSERT INTO event_edges (event_id, prev_event_id) VALUES {}",
+            vec!["(?, ?)"; edges.len()].join(", ")
         );
-    }
-    let accepted = !event.outlier && event.rejected_reason.is_none();
-    if accepted {
-        if !event.prev_events.is_empty() {
-            let delete_sql = format!(
-                "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id IN ({})",
-                placeholders(event.prev_events.len())
-            );
-            on_tx!(tx, &delete_sql, |c, sql| {
-                let mut query = sqlx::query(sql).bind(&event.room_id);
-                for prev in &event.prev_events {
-                    query = query.bind(prev);
-                }
-                query.execute(&mut *c).await?.rows_affected()
-            });
-        }
-        on_tx!(
-            tx,
-            "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(&event.room_id)
-                    .bind(&event.event_id)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
+        on_tx!(tx, &sql, |c, sql| {
+            let mut query = sqlx::query(sql);
+            for (event_id, prev) in &edges {
+                query = query.bind(*event_id).bind(*prev);
             }
-        );
+            query.execute(&mut *c).await?.rows_affected()
+        });
     }
-    let applies = accepted && !event.soft_failed;
+    let accepted: Vec<&NewEvent> = events
+        .iter()
+        .copied()
+        .filter(|e| !e.outlier && e.rejected_reason.is_none())
+        .collect();
+    let cited: HashSet<(&str, &str)> = accepted
+        .iter()
+        .flat_map(|e| {
+            e.prev_events
+                .iter()
+                .map(|p| (e.room_id.as_str(), p.as_str()))
+        })
+        .collect();
+    if !cited.is_empty() {
+        let mut rooms: Vec<&str> = cited.iter().map(|(room, _)| *room).collect();
+        rooms.sort_unstable();
+        rooms.dedup();
+        let prevs: Vec<&str> = cited.iter().map(|(_, prev)| *prev).collect();
+        // Event ids are unique across rooms, so the pairs need no row-value syntax (which
+        // SQLite lacks in this form): a room's extremity among `prevs` is one it cites.
+        let sql = format!(
+            "DELETE FROM room_forward_extremities WHERE room_id IN ({}) AND event_id IN ({})",
+            placeholders(rooms.len()),
+            placeholders(prevs.len())
+        );
+        on_tx!(tx, &sql, |c, sql| {
+            let mut query = sqlx::query(sql);
+            for room in &rooms {
+                query = query.bind(*room);
+            }
+            for prev in &prevs {
+                query = query.bind(*prev);
+            }
+            query.execute(&mut *c).await?.rows_affected()
+        });
+    }
+    let new_extremities: Vec<&NewEvent> = accepted
+        .into_iter()
+        .filter(|e| !cited.contains(&(e.room_id.as_str(), e.event_id.as_str())))
+        .collect();
+    if !new_extremities.is_empty() {
+        let sql = format!(
+            "INSERT INTO room_forward_extremities (room_id, event_id) VALUES {}",
+            vec!["(?, ?)"; new_extremities.len()].join(", ")
+        );
+        on_tx!(tx, &sql, |c, sql| {
+            let mut query = sqlx::query(sql);
+            for event in &new_extremities {
+                query = query.bind(&event.room_id).bind(&event.event_id);
+            }
+            query.execute(&mut *c).await?.rows_affected()
+        });
+    }
+    Ok(())
+}
+
+/// The writes of an event that change what is already stored: the redaction mark (of an event
+/// written before this batch; [`insert_event_rows`] marks those of the batch) and the room's
+/// current state.
+async fn write_redaction_and_state(tx: &mut Tx, event: &NewEvent) -> Result<()> {
+    let applies = !event.outlier && event.rejected_reason.is_none() && !event.soft_failed;
     if applies && let Some(redacts) = &event.redacts {
         on_tx!(
             tx,
@@ -351,8 +391,14 @@ async fn write_graph_and_state(tx: &mut Tx, event: &NewEvent) -> Result<()> {
 const EVENT_INSERT_COLUMNS: usize = 15;
 
 /// Inserts the `events` rows of `(event, stream position, state group)`, one statement for
-/// all of them. A duplicate event id is a conflict.
+/// all of them, an event that a later one of them redacts marked so. A duplicate event id is
+/// a conflict.
 async fn insert_event_rows(tx: &mut Tx, rows: &[(&NewEvent, i64, Option<i64>)]) -> Result<()> {
+    let redacted_by: HashMap<&str, &str> = rows
+        .iter()
+        .filter(|(e, _, _)| !e.outlier && e.rejected_reason.is_none() && !e.soft_failed)
+        .filter_map(|(e, _, _)| Some((e.redacts.as_deref()?, e.event_id.as_str())))
+        .collect();
     let one_row = format!("({})", placeholders(EVENT_INSERT_COLUMNS));
     let sql = format!(
         "INSERT INTO events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, pdu_json, thread_id) VALUES {}",
@@ -378,7 +424,7 @@ async fn insert_event_rows(tx: &mut Tx, rows: &[(&NewEvent, i64, Option<i64>)]) 
                 .bind(event.outlier)
                 .bind(event.soft_failed)
                 .bind(&event.rejected_reason)
-                .bind(None::<String>)
+                .bind(redacted_by.get(event.event_id.as_str()).copied())
                 .bind(&event.pdu_json)
                 .bind(&event.thread_id);
         }
@@ -633,7 +679,7 @@ impl SqlStore {
                 outcomes.push(Err(StorageError::Conflict("transaction id".into())));
                 continue;
             }
-            write_graph_and_state(tx, event).await?;
+            write_redaction_and_state(tx, event).await?;
             if !event.outlier && event.rejected_reason.is_none() {
                 for prev in &event.prev_events {
                     room_extremities.remove(prev);
@@ -654,6 +700,8 @@ impl SqlStore {
         if written.is_empty() {
             return Ok(outcomes);
         }
+        let written_events: Vec<&NewEvent> = written.iter().map(|&i| events[i]).collect();
+        write_graph(tx, &written_events).await?;
         for (room_id, room) in &rooms {
             if room.written && !room.changes_state {
                 update_room(tx, room_id, room).await?;
