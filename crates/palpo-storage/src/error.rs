@@ -17,6 +17,14 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// Whether the database rolled the transaction back to break a deadlock or a
+    /// serialization conflict (SQLSTATE 40001, PostgreSQL's 40P01; MySQL's 1213 is 40001):
+    /// nothing was written, and the same work may succeed when tried again.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Database(sqlx::Error::Database(db))
+            if matches!(db.code().as_deref(), Some("40001" | "40P01")))
+    }
+
     /// Maps a unique-constraint violation to [`StorageError::Conflict`].
     pub(crate) fn conflict_or(err: sqlx::Error, what: impl Into<String>) -> Self {
         if let sqlx::Error::Database(db) = &err

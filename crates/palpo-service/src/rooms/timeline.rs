@@ -214,6 +214,13 @@ impl RoomService {
                     self.forget_head(room_id);
                     continue;
                 }
+                Err(e) if e.is_transient() => {
+                    // The database broke a deadlock (MySQL's gap locks between rooms' rows of
+                    // one index) by rolling this write back: nothing was written.
+                    tracing::debug!(error = %e, "event write rolled back; trying again");
+                    self.forget_head(room_id);
+                    continue;
+                }
                 Err(e) => {
                     self.forget_head(room_id);
                     return Err(internal(e));
