@@ -19,7 +19,9 @@ use std::{
 use palpo_core::{Config, Error, Result, now_millis};
 use palpo_storage::{
     Storage, StorageError,
-    model::{DeviceTarget, KeyUpload, OneTimeKeyRecord, ToDeviceBatch, ToDeviceMessage},
+    model::{
+        DeviceTarget, KeyUpload, OneTimeKeyRecord, StreamHeads, ToDeviceBatch, ToDeviceMessage,
+    },
 };
 use serde_json::{Map, Value, json};
 
@@ -577,6 +579,9 @@ impl E2eeService {
     /// The end-to-end encryption part of a `/sync` of `device` over `(since, upto]`:
     /// to-device messages after `to_device_since` (the token's to-device part), device-list
     /// changes after `since` (none on an initial sync), key counts.
+    ///
+    /// With the `heads` read with `upto`, an empty inbox is not read, nor are device lists
+    /// when neither devices nor memberships changed after `since`.
     pub async fn sync(
         &self,
         user: &str,
@@ -584,10 +589,32 @@ impl E2eeService {
         since: Option<i64>,
         to_device_since: Option<i64>,
         upto: i64,
+        heads: Option<&StreamHeads>,
     ) -> Result<E2eeSync> {
+        let moved = |head: Option<i64>, since: Option<i64>| match (since, heads) {
+            (Some(since), Some(_)) => StreamHeads::moved(head, since),
+            _ => true,
+        };
+        // Delivered messages are deleted by the read after the one that acknowledges them,
+        // so any message in the inbox, new or delivered, calls for a read: only an empty
+        // inbox (the usual case) is skipped.
+        let inbox_moved = heads.is_none_or(|h| h.to_device.is_some());
+        let lists_moved = moved(heads.and_then(|h| h.device_lists), since)
+            || moved(heads.and_then(|h| h.memberships), since);
+        let to_device = async {
+            if !inbox_moved {
+                return Ok(ToDeviceSync {
+                    events: Vec::new(),
+                    upto,
+                });
+            }
+            self.to_device(user, device, to_device_since, upto, TO_DEVICE_LIMIT)
+                .await
+        };
+        let since_for_lists = if lists_moved { since } else { None };
         let (to_device, (device_lists, one_time_keys_count, unused_fallback_key_types)) = tokio::try_join!(
-            self.to_device(user, device, to_device_since, upto, TO_DEVICE_LIMIT),
-            self.keys_sync(user, device, since, upto)
+            to_device,
+            self.keys_sync(user, device, since_for_lists, upto)
         )?;
         Ok(E2eeSync {
             to_device,

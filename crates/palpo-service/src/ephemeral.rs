@@ -15,7 +15,7 @@ use std::{
 use palpo_core::{Error, Result, now_millis};
 use palpo_storage::{
     Storage, StorageError,
-    model::{EventRecord, PresenceRecord, ReceiptRecord, TypingRecord},
+    model::{EventRecord, PresenceRecord, ReceiptRecord, StreamHeads, TypingRecord},
 };
 use serde_json::{Map, Value, json};
 
@@ -240,19 +240,24 @@ impl EphemeralService {
         Ok(())
     }
 
-    /// The stream's position, after typing notifications that ran out became a change
-    /// (announced here when this process is the first to see them): one statement when none
-    /// ran out, as is most often the case.
-    pub async fn stream_position(&self) -> Result<i64> {
+    /// The stream's position for a sync of `user` (on `device`), after typing notifications
+    /// that ran out became a change, and the newest change of each kind the sync's sections
+    /// read (`None` when typing ran out: the position moved after they were read, so every
+    /// section is read).
+    pub async fn sync_position(
+        &self,
+        user: &str,
+        device: Option<&str>,
+    ) -> Result<(i64, Option<StreamHeads>)> {
         let now = now_millis();
-        let (position, due) = self
+        let read = self
             .storage
             .ephemeral
-            .stream_position_and_typing_due(now)
+            .sync_position(now, user, device)
             .await
             .map_err(internal)?;
-        if !due {
-            return Ok(position);
+        if !read.typing_due {
+            return Ok((read.position, Some(read.heads)));
         }
         if let Some(expired) = self
             .storage
@@ -264,7 +269,7 @@ impl EphemeralService {
             self.notifier.stream_advanced(expired);
         }
         // Read again: the position of the expiry, this process's or another's.
-        self.rooms.stream_position().await
+        Ok((self.rooms.stream_position().await?, None))
     }
 
     /// How long until the next typing notification runs out, if one is running.
@@ -685,23 +690,34 @@ impl EphemeralService {
     /// nothing visible changed are left out. Unread counts are added by
     /// [`EphemeralService::add_unread_counts`] once the joined rooms are known.
     pub async fn sync(&self, user: &str, since: Option<i64>, up_to: i64) -> Result<EphemeralSync> {
-        self.sync_in(user, None, since, up_to).await
+        self.sync_in(user, None, since, up_to, None).await
     }
 
     /// As [`EphemeralService::sync`], for the rooms the user has joined when the caller read
-    /// them already (`None`: read here).
+    /// them already (`None`: read here). With the `heads` read with `up_to`, the kinds with
+    /// nothing newer than `since` are not read.
     pub async fn sync_in(
         &self,
         user: &str,
         joined: Option<Vec<String>>,
         since: Option<i64>,
         up_to: i64,
+        heads: Option<&StreamHeads>,
     ) -> Result<EphemeralSync> {
         let after = since.unwrap_or(0);
         let mut out = EphemeralSync::default();
         if after >= up_to && since.is_some() {
             return Ok(out);
         }
+        let moved = |head: fn(&StreamHeads) -> Option<i64>| match (since, heads) {
+            (Some(since), Some(heads)) => StreamHeads::moved(head(heads), since),
+            _ => true,
+        };
+        let (typing_moved, receipts_moved, presence_moved) = (
+            moved(|h| h.typing),
+            moved(|h| h.receipts),
+            moved(|h| h.presence),
+        );
         let now = now_millis();
         let storage = &self.storage.ephemeral;
         // Independent reads at once: a long-poll woken by an event waits for the longest chain.
@@ -720,12 +736,18 @@ impl EphemeralService {
             }
             futures::try_join!(
                 async {
+                    if !typing_moved {
+                        return Ok(Vec::new());
+                    }
                     storage
                         .typing_changed(&joined, after, up_to, now)
                         .await
                         .map_err(internal)
                 },
                 async {
+                    if !receipts_moved {
+                        return Ok(Vec::new());
+                    }
                     storage
                         .receipts_changed(&joined, after, up_to)
                         .await
@@ -734,6 +756,9 @@ impl EphemeralService {
             )
         };
         let presence = async {
+            if !presence_moved {
+                return Ok(Vec::new());
+            }
             storage
                 .presence_changed(user, after, up_to)
                 .await

@@ -13,6 +13,7 @@ use std::{
 };
 
 use palpo_core::{Error, Result};
+use palpo_storage::model::StreamHeads;
 use serde_json::Value;
 
 mod sliding;
@@ -228,6 +229,7 @@ impl SyncService {
         device: Option<&str>,
         since: Option<SyncToken>,
         upto: i64,
+        heads: Option<&StreamHeads>,
     ) -> Result<E2eeSync> {
         match (&self.e2ee, device) {
             (Some(e2ee), Some(device)) => {
@@ -237,6 +239,7 @@ impl SyncService {
                     since.map(|s| s.stream),
                     since.map(|s| s.to_device_position()),
                     upto,
+                    heads,
                 )
                 .await
             }
@@ -263,12 +266,19 @@ impl SyncService {
     }
 
     /// The account data written in `(since, upto]` (all of it up to `upto` for an initial sync).
+    /// Not read when the user's account data has nothing newer than `since` (per `heads`).
     async fn account_data_pass(
         &self,
         user: &str,
         since: Option<i64>,
         upto: i64,
+        heads: Option<&StreamHeads>,
     ) -> Result<AccountDataSync> {
+        if let (Some(since), Some(heads)) = (since, heads)
+            && !StreamHeads::moved(heads.account_data, since)
+        {
+            return Ok(AccountDataSync::default());
+        }
         match &self.account_data {
             Some(account_data) => account_data.sync(user, since, upto).await,
             None => Ok(AccountDataSync::default()),
@@ -286,6 +296,7 @@ impl SyncService {
         request: &SyncRequest,
         filter: &SyncFilter,
         upto: i64,
+        heads: Option<&StreamHeads>,
     ) -> Result<(SyncRooms, EphemeralSync, AccountDataSync)> {
         let Some(ephemeral) = &self.ephemeral else {
             let rooms = self
@@ -298,7 +309,7 @@ impl SyncService {
                     &std::collections::HashSet::new(),
                 )
                 .await?;
-            let mut account_data = self.account_data_pass(user, since, upto).await?;
+            let mut account_data = self.account_data_pass(user, since, upto, heads).await?;
             filter_account_data(filter, &mut account_data);
             account_data.retain_rooms(&rooms.join.keys().chain(rooms.leave.keys()).collect());
             return Ok((rooms, EphemeralSync::default(), account_data));
@@ -313,11 +324,15 @@ impl SyncService {
                 .filter(|m| m.membership == "join")
                 .map(|m| m.room_id.clone())
                 .collect();
-            let extra = ephemeral.sync_in(user, Some(joined), since, upto).await?;
+            let extra = ephemeral
+                .sync_in(user, Some(joined), since, upto, heads)
+                .await?;
             Ok::<_, Error>((memberships, extra))
         };
-        let ((memberships, mut extra), mut account_data) =
-            futures::try_join!(rooms_and_extra, self.account_data_pass(user, since, upto))?;
+        let ((memberships, mut extra), mut account_data) = futures::try_join!(
+            rooms_and_extra,
+            self.account_data_pass(user, since, upto, heads)
+        )?;
         // Filtered out before choosing rooms: what the filter drops is no news.
         filter_ephemeral(filter, &mut extra);
         filter_account_data(filter, &mut account_data);
@@ -348,11 +363,16 @@ impl SyncService {
 
     /// The stream's position, after typing notifications that ran out became a change.
     /// Every change of every section takes a position, so an unchanged position means there
-    /// is nothing new.
-    async fn current_position(&self) -> Result<i64> {
+    /// is nothing new. With it, when known, the newest change of each kind a section reads:
+    /// the pass skips the sections with nothing after its `since`.
+    async fn current_position(
+        &self,
+        user: &str,
+        device: Option<&str>,
+    ) -> Result<(i64, Option<StreamHeads>)> {
         match &self.ephemeral {
-            Some(ephemeral) => ephemeral.stream_position().await,
-            None => self.rooms.stream_position().await,
+            Some(ephemeral) => ephemeral.sync_position(user, device).await,
+            None => Ok((self.rooms.stream_position().await?, None)),
         }
     }
 
@@ -423,7 +443,7 @@ impl SyncService {
             let ephemeral = self.notifier.ephemeral_serial();
             // A long-poll that starts where the stream is has nothing to answer yet: wait
             // without reading every section first.
-            let upto = self.current_position().await?;
+            let (upto, heads) = self.current_position(user, device).await?;
             if let Some(since) = since
                 && upto == since.stream
                 && since.ephemeral == ephemeral
@@ -444,8 +464,9 @@ impl SyncService {
                     &request,
                     &options.filter,
                     upto,
+                    heads.as_ref(),
                 ),
-                self.e2ee_pass(user, device, since, upto)
+                self.e2ee_pass(user, device, since, upto, heads.as_ref())
             )?;
             if let Some(fields) = &options.filter.event_fields {
                 project_room_events(&mut rooms, fields);

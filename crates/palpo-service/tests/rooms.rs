@@ -373,6 +373,45 @@ async fn idempotent_transactions(storage: Storage) {
         .await
         .expect("messages");
     assert_eq!(page.chunk.len(), 2);
+    // The retry's event was built and thrown away: the room's next send builds on what was
+    // written.
+    let next = rooms
+        .send_message(
+            &alice,
+            "DEV",
+            &room_id,
+            "m.room.message",
+            "next",
+            json!({"body": "next", "msgtype": "m.text"}),
+        )
+        .await
+        .expect("next send");
+    assert_ne!(next, first);
+    // A retry that could no longer be sent (the sender left) still answers with its event.
+    rooms.leave(&alice, &room_id, None).await.expect("leave");
+    let late_retry = rooms
+        .send_message(
+            &alice,
+            "DEV",
+            &room_id,
+            "m.room.message",
+            "same",
+            json!({"body": "once", "msgtype": "m.text"}),
+        )
+        .await
+        .expect("late retry");
+    assert_eq!(late_retry, first);
+    let refused = rooms
+        .send_message(
+            &alice,
+            "DEV",
+            &room_id,
+            "m.room.message",
+            "new",
+            json!({"body": "new", "msgtype": "m.text"}),
+        )
+        .await;
+    assert!(refused.is_err(), "a new send after leaving is refused");
 }
 
 async fn redaction(storage: Storage) {

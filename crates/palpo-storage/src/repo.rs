@@ -266,10 +266,15 @@ pub trait EphemeralRepo: Send + Sync {
     async fn expire_typing(&self, now: i64) -> Result<Option<i64>>;
     /// When the next typing notification runs out, if any is running.
     async fn next_typing_expiry(&self) -> Result<Option<i64>>;
-    /// The global stream's position, and whether a typing notification ran out by `now`
-    /// (which [`EphemeralRepo::expire_typing`] would announce), in one statement: what every
-    /// sync asks first.
-    async fn stream_position_and_typing_due(&self, now: i64) -> Result<(i64, bool)>;
+    /// The global stream's position, whether a typing notification ran out by `now` (which
+    /// [`EphemeralRepo::expire_typing`] would announce), and the newest change of each kind a
+    /// sync of `user_id` (and `device_id`) reads, in one statement: what every sync asks first.
+    async fn sync_position(
+        &self,
+        now: i64,
+        user_id: &str,
+        device_id: Option<&str>,
+    ) -> Result<crate::model::SyncPosition>;
 
     async fn get_presence(&self, user_id: &str) -> Result<Option<crate::model::PresenceRecord>>;
     /// Stores the user's presence (state, status message, last active time). Returns its

@@ -230,6 +230,17 @@ async fn typing(s: Storage) {
     );
 }
 
+/// The stream's position and whether a typing notification ran out by `now`, as a sync reads
+/// them.
+async fn due(s: &Storage, now: i64) -> (i64, bool) {
+    let read = s
+        .ephemeral
+        .sync_position(now, "@a:test", None)
+        .await
+        .expect("position");
+    (read.position, read.typing_due)
+}
+
 async fn typing_expiry(s: Storage) {
     let rooms = vec![ROOM.to_owned(), "!b:test".to_owned()];
     let now = 5_000_000;
@@ -254,20 +265,8 @@ async fn typing_expiry(s: Storage) {
         "nothing ran out yet"
     );
     // The position and whether any ran out, in one read.
-    assert_eq!(
-        s.ephemeral
-            .stream_position_and_typing_due(now)
-            .await
-            .expect("position"),
-        (p, false)
-    );
-    assert_eq!(
-        s.ephemeral
-            .stream_position_and_typing_due(now + 200)
-            .await
-            .expect("position"),
-        (p, true)
-    );
+    assert_eq!(due(&s, now).await, (p, false));
+    assert_eq!(due(&s, now + 200).await, (p, true));
     let expired = s
         .ephemeral
         .expire_typing(now + 200)
@@ -298,10 +297,7 @@ async fn typing_expiry(s: Storage) {
         None
     );
     assert_eq!(
-        s.ephemeral
-            .stream_position_and_typing_due(now + 200)
-            .await
-            .expect("position"),
+        due(&s, now + 200).await,
         (expired, false),
         "announced already"
     );

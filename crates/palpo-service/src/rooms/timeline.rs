@@ -124,11 +124,34 @@ impl RoomService {
         txn: Option<TxnKey>,
     ) -> Result<String> {
         check_draft(&draft)?;
-        if let Some(txn) = &txn
-            && let Some(event_id) = self.storage.rooms.txn_event(txn).await.map_err(internal)?
-        {
-            return Ok(event_id);
+        // Transaction ids are not looked up before building: a retry is rare, and the write
+        // itself detects a used one (the id's insert conflicts, nothing is written). A retry
+        // that can no longer be built (the sender left the room, say) still gets the event
+        // the first attempt created.
+        match self.append_once(room_id, sender, draft, txn.as_ref()).await {
+            Err(e) if txn.is_some() => match self.txn_event(txn.as_ref()).await? {
+                Some(event_id) => Ok(event_id),
+                None => Err(e),
+            },
+            outcome => outcome,
         }
+    }
+
+    /// The event a transaction id already created, if any.
+    async fn txn_event(&self, txn: Option<&TxnKey>) -> Result<Option<String>> {
+        match txn {
+            Some(txn) => self.storage.rooms.txn_event(txn).await.map_err(internal),
+            None => Ok(None),
+        }
+    }
+
+    async fn append_once(
+        &self,
+        room_id: &str,
+        sender: &str,
+        draft: EventDraft,
+        txn: Option<&TxnKey>,
+    ) -> Result<String> {
         let lock = self.room_lock(room_id);
         // The first attempt builds on the head this process kept and is written with other
         // sends' events (group commit); the write version check inside that transaction
@@ -167,7 +190,7 @@ impl RoomService {
                 .await?;
             self.authorize(&rules, &built.pdu, &state).await?;
             let event = self
-                .new_event(&head.room, &built, &draft, txn.clone())
+                .new_event(&head.room, &built, &draft, txn.cloned())
                 .await?;
             let outcome = match db_lock {
                 Some(lock) if lock.holds_room() => {
@@ -199,14 +222,9 @@ impl RoomService {
                     return Ok(built.event_id);
                 }
                 Err(StorageError::Conflict(what)) if what == "transaction id" => {
+                    // A retry of a send that was written: `append` answers with its event.
                     self.forget_head(room_id);
-                    if let Some(txn) = &txn
-                        && let Some(id) =
-                            self.storage.rooms.txn_event(txn).await.map_err(internal)?
-                    {
-                        return Ok(id);
-                    }
-                    return Err(Error::internal("transaction id conflict without an event"));
+                    return Err(Error::internal("transaction id used by an earlier send"));
                 }
                 Err(StorageError::Conflict(_)) => {
                     // Another process wrote to the room (or an event this one was built on

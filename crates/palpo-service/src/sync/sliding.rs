@@ -346,7 +346,7 @@ impl SyncService {
         self.sliding_e2ee(user, device, request, since, &mut answer)
             .await?;
         if wanted.account_data {
-            answer.account_data = Some(self.account_data_pass(user, since, upto).await?);
+            answer.account_data = Some(self.account_data_pass(user, since, upto, None).await?);
         }
         if (wanted.receipts || wanted.typing)
             && let Some(ephemeral) = &self.ephemeral

@@ -51,3 +51,40 @@ pub struct PresenceRecord {
     /// The stream position of the last change of state or status; ignored when writing.
     pub stream_position: i64,
 }
+
+/// Where the stream is, read first by every sync, with the newest position of each kind of
+/// change a sync section reads, in one statement (one snapshot): a section whose newest
+/// change is not after the sync's `since` has nothing to say and is not read. `None`: no
+/// change of that kind yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SyncPosition {
+    /// The stream's position: the sync's `upto`.
+    pub position: i64,
+    /// A typing notification ran out by the time asked about (`expire_typing` announces it
+    /// with a new position).
+    pub typing_due: bool,
+    pub heads: StreamHeads,
+}
+
+/// The newest stream position of each kind of change: globally for room-scoped kinds, of the
+/// user (or device) for the per-user ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamHeads {
+    pub typing: Option<i64>,
+    pub receipts: Option<i64>,
+    pub presence: Option<i64>,
+    /// Of the user's account data.
+    pub account_data: Option<i64>,
+    /// Of the device's to-device inbox.
+    pub to_device: Option<i64>,
+    pub device_lists: Option<i64>,
+    /// Of any membership change (who shares a room with whom: device lists depend on it).
+    pub memberships: Option<i64>,
+}
+
+impl StreamHeads {
+    /// Whether a change of the kind whose head is `head` may lie after `since`.
+    pub fn moved(head: Option<i64>, since: i64) -> bool {
+        head.is_some_and(|head| head > since)
+    }
+}

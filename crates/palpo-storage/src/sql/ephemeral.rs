@@ -16,7 +16,10 @@ use super::{
 use crate::{
     db::Text,
     error::{Result, StorageError},
-    model::{EventRecord, PresenceRecord, ReadPosition, ReceiptRecord, TypingRecord},
+    model::{
+        EventRecord, PresenceRecord, ReadPosition, ReceiptRecord, StreamHeads, SyncPosition,
+        TypingRecord,
+    },
     on_pool, on_tx,
     repo::EphemeralRepo,
 };
@@ -336,21 +339,66 @@ impl EphemeralRepo for SqlStore {
         Ok(next)
     }
 
-    async fn stream_position_and_typing_due(&self, now: i64) -> Result<(i64, bool)> {
-        let (position, due): (i64, i64) = on_pool!(
+    async fn sync_position(
+        &self,
+        now: i64,
+        user_id: &str,
+        device_id: Option<&str>,
+    ) -> Result<SyncPosition> {
+        // Each head is the end of an index (`MAX` of its leading column, or of the last one
+        // after equalities), so this stays a handful of index lookups however large the
+        // tables grow. Every writer takes its position from the counter in its transaction,
+        // so a counter value read here comes with every change up to it.
+        type Row = (
+            i64,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let row: Row = on_pool!(
             self.db.fresh(),
             "SELECT counter_value, \
-             (SELECT COUNT(*) FROM typing WHERE expires_at > 0 AND expires_at <= ?) \
+             (SELECT COUNT(*) FROM typing WHERE expires_at > 0 AND expires_at <= ?), \
+             (SELECT MAX(stream_position) FROM typing), \
+             (SELECT MAX(stream_position) FROM receipts), \
+             (SELECT MAX(stream_position) FROM presence), \
+             (SELECT MAX(stream_position) FROM account_data WHERE user_id = ?), \
+             (SELECT MAX(stream_position) FROM to_device_messages \
+              WHERE user_id = ? AND device_id = ?), \
+             (SELECT MAX(stream_position) FROM device_list_changes), \
+             (SELECT MAX(stream_ordering) FROM room_memberships) \
              FROM id_counters WHERE name = ?",
             |p, sql| {
                 sqlx::query_as(sql)
                     .bind(now)
+                    .bind(user_id)
+                    .bind(user_id)
+                    .bind(device_id.unwrap_or_default())
                     .bind(STREAM)
                     .fetch_one(p)
                     .await?
             }
         );
-        Ok((position, due > 0))
+        let (position, due, typing, receipts, presence, account_data, to_device, lists, members) =
+            row;
+        Ok(SyncPosition {
+            position,
+            typing_due: due > 0,
+            heads: StreamHeads {
+                typing,
+                receipts,
+                presence,
+                account_data,
+                to_device,
+                device_lists: lists,
+                memberships: members,
+            },
+        })
     }
 
     async fn get_presence(&self, user_id: &str) -> Result<Option<PresenceRecord>> {
