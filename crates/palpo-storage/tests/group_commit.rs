@@ -80,12 +80,24 @@ async fn batch_writes_events_of_several_rooms(s: Storage) {
         expected_write_version: a.write_version + 2,
         ..event_on(&a, "$a-retry", MESSAGE, "@a:test", 12)
     };
+    // Its transaction id is $a1's, in the same batch.
+    let a_dup = NewEvent {
+        txn: Some(txn("fresh")),
+        prev_events: vec!["$a2".into()],
+        expected_write_version: a.write_version + 2,
+        ..event_on(&a, "$a-dup", MESSAGE, "@a:test", 12)
+    };
     let outcomes = s
         .rooms
-        .persist_events(&[a1, b1, a2, b_stale, a_retry])
+        .persist_events(&[a1, b1, a2, b_stale, a_retry, a_dup])
         .await
         .expect("batch");
-    assert_eq!(outcomes.len(), 5);
+    assert_eq!(outcomes.len(), 6);
+    assert!(
+        is_conflict(&outcomes[5], "transaction id"),
+        "{:?}",
+        outcomes[5]
+    );
     assert!(
         is_conflict(&outcomes[3], "room changed"),
         "{:?}",
@@ -148,7 +160,7 @@ async fn batch_writes_events_of_several_rooms(s: Storage) {
     );
 
     // What conflicted is not there; the transaction ids point where they should.
-    for id in ["$b-stale", "$a-retry"] {
+    for id in ["$b-stale", "$a-retry", "$a-dup"] {
         assert!(s.rooms.get_event(id).await.expect("get").is_none(), "{id}");
     }
     let stored = s

@@ -53,7 +53,7 @@ pub struct EventRecord {
 }
 
 /// A client's transaction id, scoped to its device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TxnKey {
     pub user_id: String,
     pub device_id: String,

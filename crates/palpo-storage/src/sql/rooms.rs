@@ -228,29 +228,68 @@ struct RoomCursor {
     written: bool,
 }
 
-/// Records a client's transaction id for `event_id`; `false` when it was used already (the
-/// transaction stays usable: nothing fails).
-async fn insert_txn_id(tx: &mut Tx, txn: &TxnKey, event_id: &str, at: i64) -> Result<bool> {
-    let sql = match tx {
-        Tx::MySql(_) => {
-            "INSERT IGNORE INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES (?, ?, ?, ?, ?)"
+/// The transaction ids among `keys` that earlier sends used, in one statement.
+async fn used_txn_ids(tx: &mut Tx, keys: &[&TxnKey]) -> Result<HashSet<TxnKey>> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = format!(
+        "SELECT user_id, device_id, txn_id FROM event_transactions WHERE {}",
+        vec!["(user_id = ? AND device_id = ? AND txn_id = ?)"; keys.len()].join(" OR ")
+    );
+    let rows: Vec<(Text, Text, Text)> = on_tx!(tx, &sql, |c, sql| {
+        let mut query = sqlx::query_as(sql);
+        for key in keys {
+            query = query
+                .bind(&key.user_id)
+                .bind(&key.device_id)
+                .bind(&key.txn_id);
         }
-        Tx::Postgres(_) | Tx::Sqlite(_) => {
-            "INSERT INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-        }
-    };
-    let inserted = on_tx!(tx, sql, |c, sql| {
-        sqlx::query(sql)
-            .bind(&txn.user_id)
-            .bind(&txn.device_id)
-            .bind(&txn.txn_id)
-            .bind(event_id)
-            .bind(at)
-            .execute(&mut *c)
-            .await?
-            .rows_affected()
+        query.fetch_all(&mut *c).await?
     });
-    Ok(inserted == 1)
+    Ok(rows
+        .into_iter()
+        .map(|(user_id, device_id, txn_id)| TxnKey {
+            user_id: user_id.0,
+            device_id: device_id.0,
+            txn_id: txn_id.0,
+        })
+        .collect())
+}
+
+/// Records the transaction ids of the written events, in one statement. Another process may
+/// have recorded one of them since [`used_txn_ids`] looked: then nothing of the batch may be
+/// written (its sends would answer with two events for one id), and the batch fails with a
+/// conflict, to be written event by event, each seeing the ids used by then.
+async fn insert_txn_ids(tx: &mut Tx, txns: &[(&TxnKey, &str, i64)]) -> Result<()> {
+    if txns.is_empty() {
+        return Ok(());
+    }
+    let values = vec!["(?, ?, ?, ?, ?)"; txns.len()].join(", ");
+    let sql = match tx {
+        Tx::MySql(_) => format!(
+            "INSERT IGNORE INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES {values}"
+        ),
+        Tx::Postgres(_) | Tx::Sqlite(_) => format!(
+            "INSERT INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES {values} ON CONFLICT DO NOTHING"
+        ),
+    };
+    let inserted = on_tx!(tx, &sql, |c, sql| {
+        let mut query = sqlx::query(sql);
+        for (txn, event_id, at) in txns {
+            query = query
+                .bind(&txn.user_id)
+                .bind(&txn.device_id)
+                .bind(&txn.txn_id)
+                .bind(*event_id)
+                .bind(*at);
+        }
+        query.execute(&mut *c).await?.rows_affected()
+    });
+    if inserted != txns.len() as u64 {
+        return Err(StorageError::Conflict("transaction id".into()));
+    }
+    Ok(())
 }
 
 /// The event graph the written `events` (in order) add: every edge in one statement; the
@@ -478,23 +517,44 @@ async fn write_membership(tx: &mut Tx, event: &NewEvent, stream: i64) -> Result<
     Ok(())
 }
 
-/// Moves a locked room's row on to where the written events left it.
-async fn update_room(tx: &mut Tx, room_id: &str, room: &RoomCursor) -> Result<()> {
-    on_tx!(
-        tx,
-        "UPDATE rooms SET write_version = ?, state_group = ?, max_depth = CASE WHEN max_depth < ? THEN ? ELSE max_depth END WHERE room_id = ?",
-        |c, sql| {
-            sqlx::query(sql)
-                .bind(room.write_version)
-                .bind(room.state_group)
-                .bind(room.max_depth)
-                .bind(room.max_depth)
-                .bind(room_id)
-                .execute(&mut *c)
-                .await?
-                .rows_affected()
-        }
+/// Moves the rows of the rooms a write changed on: write version, state group, and the
+/// greatest depth, all rooms in one statement.
+async fn update_rooms(tx: &mut Tx, rooms: &[(&str, &RoomCursor)]) -> Result<()> {
+    if rooms.is_empty() {
+        return Ok(());
+    }
+    let case = |then: &str| {
+        format!(
+            "CASE room_id {} END",
+            vec![format!("WHEN ? THEN {then}"); rooms.len()].join(" ")
+        )
+    };
+    let sql = format!(
+        "UPDATE rooms SET write_version = {}, state_group = {}, max_depth = {} WHERE room_id IN ({})",
+        case("?"),
+        case("?"),
+        case("(CASE WHEN max_depth < ? THEN ? ELSE max_depth END)"),
+        placeholders(rooms.len())
     );
+    on_tx!(tx, &sql, |c, sql| {
+        let mut query = sqlx::query(sql);
+        for (room_id, room) in rooms {
+            query = query.bind(*room_id).bind(room.write_version);
+        }
+        for (room_id, room) in rooms {
+            query = query.bind(*room_id).bind(room.state_group);
+        }
+        for (room_id, room) in rooms {
+            query = query
+                .bind(*room_id)
+                .bind(room.max_depth)
+                .bind(room.max_depth);
+        }
+        for (room_id, _) in rooms {
+            query = query.bind(*room_id);
+        }
+        query.execute(&mut *c).await?.rows_affected()
+    });
     Ok(())
 }
 
@@ -644,6 +704,9 @@ impl SqlStore {
         events: &[&NewEvent],
     ) -> Result<Vec<Result<PersistedEvent>>> {
         let mut extremities = forward_extremities_of(tx, events).await?;
+        let keys: Vec<&TxnKey> = events.iter().filter_map(|e| e.txn.as_ref()).collect();
+        let mut used_txns = used_txn_ids(tx, &keys).await?;
+        let mut new_txns: Vec<(&TxnKey, &str, i64)> = Vec::new();
         let mut rooms: HashMap<&str, RoomCursor> = HashMap::new();
         let mut outcomes: Vec<Result<PersistedEvent>> = Vec::with_capacity(events.len());
         let mut written: Vec<usize> = Vec::with_capacity(events.len());
@@ -673,11 +736,13 @@ impl SqlStore {
                 outcomes.push(Err(StorageError::Conflict("room changed meanwhile".into())));
                 continue;
             }
-            if let Some(txn) = &event.txn
-                && !insert_txn_id(tx, txn, &event.event_id, event.origin_server_ts).await?
-            {
-                outcomes.push(Err(StorageError::Conflict("transaction id".into())));
-                continue;
+            if let Some(txn) = &event.txn {
+                // Used by an earlier send, or by another event of this batch.
+                if !used_txns.insert(txn.clone()) {
+                    outcomes.push(Err(StorageError::Conflict("transaction id".into())));
+                    continue;
+                }
+                new_txns.push((txn, &event.event_id, event.origin_server_ts));
             }
             write_redaction_and_state(tx, event).await?;
             if !event.outlier && event.rejected_reason.is_none() {
@@ -700,13 +765,20 @@ impl SqlStore {
         if written.is_empty() {
             return Ok(outcomes);
         }
+        insert_txn_ids(tx, &new_txns).await?;
         let written_events: Vec<&NewEvent> = written.iter().map(|&i| events[i]).collect();
         write_graph(tx, &written_events).await?;
+        // Rooms whose state changed are updated once their new state group is numbered.
+        let mut state_rooms: Vec<&str> = Vec::new();
+        let mut other_rooms: Vec<(&str, &RoomCursor)> = Vec::new();
         for (room_id, room) in &rooms {
-            if room.written && !room.changes_state {
-                update_room(tx, room_id, room).await?;
+            match (room.written, room.changes_state) {
+                (true, true) => state_rooms.push(*room_id),
+                (true, false) => other_rooms.push((*room_id, room)),
+                (false, _) => {}
             }
         }
+        update_rooms(tx, &other_rooms).await?;
 
         // From here on the stream counter is held.
         let last = take_counter_values(tx, "events_stream", written.len()).await?;
@@ -734,11 +806,11 @@ impl SqlStore {
         for &(event, stream, _) in &rows {
             write_membership(tx, event, stream).await?;
         }
-        for (room_id, room) in &rooms {
-            if room.written && room.changes_state {
-                update_room(tx, room_id, room).await?;
-            }
-        }
+        let state_rooms: Vec<(&str, &RoomCursor)> = state_rooms
+            .into_iter()
+            .filter_map(|room_id| Some((room_id, rooms.get(room_id)?)))
+            .collect();
+        update_rooms(tx, &state_rooms).await?;
         Ok(outcomes)
     }
 }
