@@ -591,16 +591,12 @@ impl E2eeService {
         upto: i64,
         heads: Option<&StreamHeads>,
     ) -> Result<E2eeSync> {
-        let moved = |head: Option<i64>, since: Option<i64>| match (since, heads) {
-            (Some(since), Some(_)) => StreamHeads::moved(head, since),
-            _ => true,
-        };
         // Delivered messages are deleted by the read after the one that acknowledges them,
         // so any message in the inbox, new or delivered, calls for a read: only an empty
         // inbox (the usual case) is skipped.
         let inbox_moved = heads.is_none_or(|h| h.to_device.is_some());
-        let lists_moved = moved(heads.and_then(|h| h.device_lists), since)
-            || moved(heads.and_then(|h| h.memberships), since);
+        let lists_moved = StreamHeads::moved_after(heads, since, |h| h.device_lists)
+            || StreamHeads::moved_after(heads, since, |h| h.memberships);
         let to_device = async {
             if !inbox_moved {
                 return Ok(ToDeviceSync {

@@ -709,10 +709,7 @@ impl EphemeralService {
         if after >= up_to && since.is_some() {
             return Ok(out);
         }
-        let moved = |head: fn(&StreamHeads) -> Option<i64>| match (since, heads) {
-            (Some(since), Some(heads)) => StreamHeads::moved(head(heads), since),
-            _ => true,
-        };
+        let moved = |head| StreamHeads::moved_after(heads, since, head);
         let (typing_moved, receipts_moved, presence_moved) = (
             moved(|h| h.typing),
             moved(|h| h.receipts),

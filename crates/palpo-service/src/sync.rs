@@ -274,9 +274,7 @@ impl SyncService {
         upto: i64,
         heads: Option<&StreamHeads>,
     ) -> Result<AccountDataSync> {
-        if let (Some(since), Some(heads)) = (since, heads)
-            && !StreamHeads::moved(heads.account_data, since)
-        {
+        if !StreamHeads::moved_after(heads, since, |h| h.account_data) {
             return Ok(AccountDataSync::default());
         }
         match &self.account_data {

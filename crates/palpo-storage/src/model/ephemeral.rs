@@ -83,8 +83,16 @@ pub struct StreamHeads {
 }
 
 impl StreamHeads {
-    /// Whether a change of the kind whose head is `head` may lie after `since`.
-    pub fn moved(head: Option<i64>, since: i64) -> bool {
-        head.is_some_and(|head| head > since)
+    /// Whether a change of the kind `head` picks may lie after `since`: always when either is
+    /// unknown (an initial sync, or heads not read).
+    pub fn moved_after(
+        heads: Option<&Self>,
+        since: Option<i64>,
+        head: fn(&Self) -> Option<i64>,
+    ) -> bool {
+        match (heads, since) {
+            (Some(heads), Some(since)) => head(heads).is_some_and(|head| head > since),
+            _ => true,
+        }
     }
 }
