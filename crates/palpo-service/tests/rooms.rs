@@ -315,6 +315,27 @@ async fn membership_rules(storage: Storage) {
     assert!(rooms.joined_rooms(&bob).await.expect("rooms").is_empty());
 }
 
+/// Sends an `m.room.message` with `body` from `device` under transaction id `txn`.
+async fn send_text(
+    rooms: &palpo_service::rooms::RoomService,
+    sender: &str,
+    device: &str,
+    room_id: &str,
+    txn: &str,
+    body: &str,
+) -> palpo_core::Result<String> {
+    rooms
+        .send_message(
+            sender,
+            device,
+            room_id,
+            "m.room.message",
+            txn,
+            json!({"body": body, "msgtype": "m.text"}),
+        )
+        .await
+}
+
 async fn idempotent_transactions(storage: Storage) {
     let services = services(storage.clone());
     let rooms = &services.rooms;
@@ -323,32 +344,14 @@ async fn idempotent_transactions(storage: Storage) {
         .create_room(&alice, CreateRoom::default())
         .await
         .expect("create");
-    let content = json!({"body": "once", "msgtype": "m.text"});
-    let first = rooms
-        .send_message(
-            &alice,
-            "DEV",
-            &room_id,
-            "m.room.message",
-            "same",
-            content.clone(),
-        )
+    let first = send_text(rooms, &alice, "DEV", &room_id, "same", "once")
         .await
         .expect("send");
-    let again = rooms
-        .send_message(
-            &alice,
-            "DEV",
-            &room_id,
-            "m.room.message",
-            "same",
-            content.clone(),
-        )
+    let again = send_text(rooms, &alice, "DEV", &room_id, "same", "once")
         .await
         .expect("retry");
     assert_eq!(first, again);
-    let other_device = rooms
-        .send_message(&alice, "DEV2", &room_id, "m.room.message", "same", content)
+    let other_device = send_text(rooms, &alice, "DEV2", &room_id, "same", "once")
         .await
         .expect("other device");
     assert_ne!(
@@ -375,42 +378,17 @@ async fn idempotent_transactions(storage: Storage) {
     assert_eq!(page.chunk.len(), 2);
     // The retry's event was built and thrown away: the room's next send builds on what was
     // written.
-    let next = rooms
-        .send_message(
-            &alice,
-            "DEV",
-            &room_id,
-            "m.room.message",
-            "next",
-            json!({"body": "next", "msgtype": "m.text"}),
-        )
+    let next = send_text(rooms, &alice, "DEV", &room_id, "next", "next")
         .await
         .expect("next send");
     assert_ne!(next, first);
     // A retry that could no longer be sent (the sender left) still answers with its event.
     rooms.leave(&alice, &room_id, None).await.expect("leave");
-    let late_retry = rooms
-        .send_message(
-            &alice,
-            "DEV",
-            &room_id,
-            "m.room.message",
-            "same",
-            json!({"body": "once", "msgtype": "m.text"}),
-        )
+    let late_retry = send_text(rooms, &alice, "DEV", &room_id, "same", "once")
         .await
         .expect("late retry");
     assert_eq!(late_retry, first);
-    let refused = rooms
-        .send_message(
-            &alice,
-            "DEV",
-            &room_id,
-            "m.room.message",
-            "new",
-            json!({"body": "new", "msgtype": "m.text"}),
-        )
-        .await;
+    let refused = send_text(rooms, &alice, "DEV", &room_id, "new", "new").await;
     assert!(refused.is_err(), "a new send after leaving is refused");
 }
 
