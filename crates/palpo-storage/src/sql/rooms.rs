@@ -7,7 +7,7 @@ use futures::future::try_join_all;
 
 use super::{ROOMS_PER_UNION, SqlStore, per_room_union, placeholders};
 use crate::{
-    db::{RoomWriteLock, Text, Tx},
+    db::{Bind, DeferredWrites, RoomWriteLock, Text, Tx},
     error::{Result, StorageError},
     model::{
         AliasRecord, Direction, EventRecord, MembershipRecord, NewEvent, NewRoom, PersistedEvent,
@@ -257,45 +257,35 @@ async fn used_txn_ids(tx: &mut Tx, keys: &[&TxnKey]) -> Result<HashSet<TxnKey>> 
         .collect())
 }
 
-/// Records the transaction ids of the written events, in one statement. Another process may
-/// have recorded one of them since [`used_txn_ids`] looked: then nothing of the batch may be
-/// written (its sends would answer with two events for one id), and the batch fails with a
-/// conflict, to be written event by event, each seeing the ids used by then.
-async fn insert_txn_ids(tx: &mut Tx, txns: &[(&TxnKey, &str, i64)]) -> Result<()> {
+/// Records the transaction ids of the written events. [`used_txn_ids`] checked them in this
+/// transaction; should another process have recorded one since, the uniqueness violation
+/// fails the batch with a conflict, to be written event by event, each seeing the ids used
+/// by then (a send must not answer with two events for one id).
+fn push_txn_ids<'a>(writes: &mut DeferredWrites<'a>, txns: &[(&'a TxnKey, &'a str, i64)]) {
     if txns.is_empty() {
-        return Ok(());
+        return;
     }
-    let values = vec!["(?, ?, ?, ?, ?)"; txns.len()].join(", ");
-    let sql = match tx {
-        Tx::MySql(_) => format!(
-            "INSERT IGNORE INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES {values}"
-        ),
-        Tx::Postgres(_) | Tx::Sqlite(_) => format!(
-            "INSERT INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES {values} ON CONFLICT DO NOTHING"
-        ),
-    };
-    let inserted = on_tx!(tx, &sql, |c, sql| {
-        let mut query = sqlx::query(sql);
-        for (txn, event_id, at) in txns {
-            query = query
-                .bind(&txn.user_id)
-                .bind(&txn.device_id)
-                .bind(&txn.txn_id)
-                .bind(*event_id)
-                .bind(*at);
-        }
-        query.execute(&mut *c).await?.rows_affected()
-    });
-    if inserted != txns.len() as u64 {
-        return Err(StorageError::Conflict("transaction id".into()));
+    let sql = format!(
+        "INSERT INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES {}",
+        vec!["(?, ?, ?, ?, ?)"; txns.len()].join(", ")
+    );
+    let mut binds = Vec::with_capacity(txns.len() * 5);
+    for (txn, event_id, at) in txns {
+        binds.extend([
+            Bind::from(&txn.user_id),
+            Bind::from(&txn.device_id),
+            Bind::from(&txn.txn_id),
+            Bind::from(*event_id),
+            Bind::from(*at),
+        ]);
     }
-    Ok(())
+    writes.push(sql, binds, "transaction id");
 }
 
 /// The event graph the written `events` (in order) add: every edge in one statement; the
 /// forward extremities they cite removed and the accepted events no later one cites added,
 /// one statement each (an event cited within the batch never becomes an extremity).
-async fn write_graph(tx: &mut Tx, events: &[&NewEvent]) -> Result<()> {
+fn push_graph<'a>(writes: &mut DeferredWrites<'a>, events: &[&'a NewEvent]) {
     let edges: Vec<(&str, &str)> = events
         .iter()
         .flat_map(|e| {
@@ -309,13 +299,11 @@ async fn write_graph(tx: &mut Tx, events: &[&NewEvent]) -> Result<()> {
             "INSERT INTO event_edges (event_id, prev_event_id) VALUES {}",
             vec!["(?, ?)"; edges.len()].join(", ")
         );
-        on_tx!(tx, &sql, |c, sql| {
-            let mut query = sqlx::query(sql);
-            for (event_id, prev) in &edges {
-                query = query.bind(*event_id).bind(*prev);
-            }
-            query.execute(&mut *c).await?.rows_affected()
-        });
+        let binds = edges
+            .iter()
+            .flat_map(|(event_id, prev)| [Bind::from(*event_id), Bind::from(*prev)])
+            .collect();
+        writes.push(sql, binds, "event edge");
     }
     let accepted: Vec<&NewEvent> = events
         .iter()
@@ -342,16 +330,8 @@ async fn write_graph(tx: &mut Tx, events: &[&NewEvent]) -> Result<()> {
             placeholders(rooms.len()),
             placeholders(prevs.len())
         );
-        on_tx!(tx, &sql, |c, sql| {
-            let mut query = sqlx::query(sql);
-            for room in &rooms {
-                query = query.bind(*room);
-            }
-            for prev in &prevs {
-                query = query.bind(*prev);
-            }
-            query.execute(&mut *c).await?.rows_affected()
-        });
+        let binds = rooms.iter().chain(&prevs).map(|v| Bind::from(*v)).collect();
+        writes.push(sql, binds, "forward extremity");
     }
     let new_extremities: Vec<&NewEvent> = accepted
         .into_iter()
@@ -362,77 +342,61 @@ async fn write_graph(tx: &mut Tx, events: &[&NewEvent]) -> Result<()> {
             "INSERT INTO room_forward_extremities (room_id, event_id) VALUES {}",
             vec!["(?, ?)"; new_extremities.len()].join(", ")
         );
-        on_tx!(tx, &sql, |c, sql| {
-            let mut query = sqlx::query(sql);
-            for event in &new_extremities {
-                query = query.bind(&event.room_id).bind(&event.event_id);
-            }
-            query.execute(&mut *c).await?.rows_affected()
-        });
+        let binds = new_extremities
+            .iter()
+            .flat_map(|e| [Bind::from(&e.room_id), Bind::from(&e.event_id)])
+            .collect();
+        writes.push(sql, binds, "forward extremity");
     }
-    Ok(())
 }
 
 /// The writes of an event that change what is already stored: the redaction mark (of an event
-/// written before this batch; [`insert_event_rows`] marks those of the batch) and the room's
+/// written before this batch; [`push_event_rows`] marks those of the batch) and the room's
 /// current state.
-async fn write_redaction_and_state(tx: &mut Tx, event: &NewEvent) -> Result<()> {
+fn push_redaction_and_state<'a>(writes: &mut DeferredWrites<'a>, event: &'a NewEvent) {
     let applies = !event.outlier && event.rejected_reason.is_none() && !event.soft_failed;
     if applies && let Some(redacts) = &event.redacts {
-        on_tx!(
-            tx,
-            "UPDATE events SET redacted_by = ? WHERE event_id = ? AND room_id = ?",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(&event.event_id)
-                    .bind(redacts)
-                    .bind(&event.room_id)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
-            }
+        writes.push(
+            "UPDATE events SET redacted_by = ? WHERE event_id = ? AND room_id = ?".into(),
+            vec![
+                Bind::from(&event.event_id),
+                Bind::from(redacts),
+                Bind::from(&event.room_id),
+            ],
+            "redaction",
         );
     }
     if event.changes_state() {
         let state_key = event.state_key.as_deref().unwrap_or_default();
-        on_tx!(
-            tx,
-            "DELETE FROM room_current_state WHERE room_id = ? AND event_type = ? AND state_key = ?",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(&event.room_id)
-                    .bind(&event.event_type)
-                    .bind(state_key)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
-            }
+        let key = [
+            Bind::from(&event.room_id),
+            Bind::from(&event.event_type),
+            Bind::from(state_key),
+        ];
+        writes.push(
+            "DELETE FROM room_current_state WHERE room_id = ? AND event_type = ? AND state_key = ?"
+                .into(),
+            key.to_vec(),
+            "current state",
         );
-        on_tx!(
-            tx,
-            "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES (?, ?, ?, ?)",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(&event.room_id)
-                    .bind(&event.event_type)
-                    .bind(state_key)
-                    .bind(&event.event_id)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
-            }
+        let mut row = key.to_vec();
+        row.push(Bind::from(&event.event_id));
+        writes.push(
+            "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES (?, ?, ?, ?)"
+                .into(),
+            row,
+            "current state",
         );
     }
-    Ok(())
 }
 
-/// Columns of one `events` row as [`insert_event_rows`] writes it.
+/// Columns of one `events` row as [`push_event_rows`] writes it.
 const EVENT_INSERT_COLUMNS: usize = 15;
 
 /// Inserts the `events` rows of `(event, stream position, state group)`, one statement for
 /// all of them, an event that a later one of them redacts marked so. A duplicate event id is
 /// a conflict.
-async fn insert_event_rows(tx: &mut Tx, rows: &[(&NewEvent, i64, Option<i64>)]) -> Result<()> {
+fn push_event_rows<'a>(writes: &mut DeferredWrites<'a>, rows: &[(&'a NewEvent, i64, Option<i64>)]) {
     let redacted_by: HashMap<&str, &str> = rows
         .iter()
         .filter(|(e, _, _)| !e.outlier && e.rejected_reason.is_none() && !e.soft_failed)
@@ -443,85 +407,63 @@ async fn insert_event_rows(tx: &mut Tx, rows: &[(&NewEvent, i64, Option<i64>)]) 
         "INSERT INTO events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, pdu_json, thread_id) VALUES {}",
         vec![one_row; rows.len()].join(", ")
     );
-    let first_id = rows
-        .first()
-        .map(|(e, _, _)| e.event_id.clone())
-        .unwrap_or_default();
-    on_tx!(tx, &sql, |c, sql| {
-        let mut query = sqlx::query(sql);
-        for (event, stream, state_group) in rows {
-            query = query
-                .bind(&event.event_id)
-                .bind(&event.room_id)
-                .bind((!event.outlier).then_some(*stream))
-                .bind(event.depth)
-                .bind(&event.event_type)
-                .bind(&event.state_key)
-                .bind(&event.sender)
-                .bind(event.origin_server_ts)
-                .bind(*state_group)
-                .bind(event.outlier)
-                .bind(event.soft_failed)
-                .bind(&event.rejected_reason)
-                .bind(redacted_by.get(event.event_id.as_str()).copied())
-                .bind(&event.pdu_json)
-                .bind(&event.thread_id);
-        }
-        query
-            .execute(&mut *c)
-            .await
-            .map_err(|e| StorageError::conflict_or(e, first_id))?
-            .rows_affected()
-    });
-    Ok(())
+    let mut binds = Vec::with_capacity(rows.len() * EVENT_INSERT_COLUMNS);
+    for (event, stream, state_group) in rows {
+        binds.extend([
+            Bind::from(&event.event_id),
+            Bind::from(&event.room_id),
+            Bind::from((!event.outlier).then_some(*stream)),
+            Bind::from(event.depth),
+            Bind::from(&event.event_type),
+            Bind::from(&event.state_key),
+            Bind::from(&event.sender),
+            Bind::from(event.origin_server_ts),
+            Bind::from(*state_group),
+            Bind::from(event.outlier),
+            Bind::from(event.soft_failed),
+            Bind::from(&event.rejected_reason),
+            Bind::from(redacted_by.get(event.event_id.as_str()).copied()),
+            Bind::from(&event.pdu_json),
+            Bind::from(&event.thread_id),
+        ]);
+    }
+    writes.push(sql, binds, "event");
 }
 
 /// Records the membership a member event at `stream` sets (when it applies to the state).
-async fn write_membership(tx: &mut Tx, event: &NewEvent, stream: i64) -> Result<()> {
+fn push_membership<'a>(writes: &mut DeferredWrites<'a>, event: &'a NewEvent, stream: i64) {
     let applies = !event.outlier && event.rejected_reason.is_none() && !event.soft_failed;
     let (Some(membership), Some(user_id)) = (&event.membership, &event.state_key) else {
-        return Ok(());
+        return;
     };
     if !applies {
-        return Ok(());
+        return;
     }
-    on_tx!(
-        tx,
-        "DELETE FROM room_memberships WHERE room_id = ? AND user_id = ?",
-        |c, sql| {
-            sqlx::query(sql)
-                .bind(&event.room_id)
-                .bind(user_id)
-                .execute(&mut *c)
-                .await?
-                .rows_affected()
-        }
+    writes.push(
+        "DELETE FROM room_memberships WHERE room_id = ? AND user_id = ?".into(),
+        vec![Bind::from(&event.room_id), Bind::from(user_id)],
+        "membership",
     );
-    on_tx!(
-        tx,
-        "INSERT INTO room_memberships (room_id, user_id, membership, event_id, sender, stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        |c, sql| {
-            sqlx::query(sql)
-                .bind(&event.room_id)
-                .bind(user_id)
-                .bind(membership)
-                .bind(&event.event_id)
-                .bind(&event.sender)
-                .bind(stream)
-                .bind(false)
-                .execute(&mut *c)
-                .await?
-                .rows_affected()
-        }
+    writes.push(
+        "INSERT INTO room_memberships (room_id, user_id, membership, event_id, sender, stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, ?, ?)".into(),
+        vec![
+            Bind::from(&event.room_id),
+            Bind::from(user_id),
+            Bind::from(membership),
+            Bind::from(&event.event_id),
+            Bind::from(&event.sender),
+            Bind::from(stream),
+            Bind::from(false),
+        ],
+        "membership",
     );
-    Ok(())
 }
 
 /// Moves the rows of the rooms a write changed on: write version, state group, and the
 /// greatest depth, all rooms in one statement.
-async fn update_rooms(tx: &mut Tx, rooms: &[(&str, &RoomCursor)]) -> Result<()> {
+fn push_room_updates<'a>(writes: &mut DeferredWrites<'a>, rooms: &[(&'a str, &RoomCursor)]) {
     if rooms.is_empty() {
-        return Ok(());
+        return;
     }
     let case = |then: &str| {
         format!(
@@ -536,30 +478,24 @@ async fn update_rooms(tx: &mut Tx, rooms: &[(&str, &RoomCursor)]) -> Result<()> 
         case("(CASE WHEN max_depth < ? THEN ? ELSE max_depth END)"),
         placeholders(rooms.len())
     );
-    on_tx!(tx, &sql, |c, sql| {
-        let mut query = sqlx::query(sql);
-        for (room_id, room) in rooms {
-            query = query.bind(*room_id).bind(room.write_version);
-        }
-        for (room_id, room) in rooms {
-            query = query.bind(*room_id).bind(room.state_group);
-        }
-        for (room_id, room) in rooms {
-            query = query
-                .bind(*room_id)
-                .bind(room.max_depth)
-                .bind(room.max_depth);
-        }
-        for (room_id, _) in rooms {
-            query = query.bind(*room_id);
-        }
-        query.execute(&mut *c).await?.rows_affected()
-    });
-    Ok(())
+    let mut binds = Vec::with_capacity(rooms.len() * 8);
+    for (room_id, room) in rooms {
+        binds.extend([Bind::from(*room_id), Bind::from(room.write_version)]);
+    }
+    for (room_id, room) in rooms {
+        binds.extend([Bind::from(*room_id), Bind::from(room.state_group)]);
+    }
+    for (room_id, room) in rooms {
+        binds.extend([
+            Bind::from(*room_id),
+            Bind::from(room.max_depth),
+            Bind::from(room.max_depth),
+        ]);
+    }
+    binds.extend(rooms.iter().map(|(room_id, _)| Bind::from(*room_id)));
+    writes.push(sql, binds, "room");
 }
 
-/// Merges the chains of state groups (rows: the group asked for, chain length, type, state
-/// key, event id): per group, the entry nearest it (highest chain length) wins.
 fn merge_chains(rows: Vec<(i64, i64, Text, Text, Text)>) -> HashMap<i64, StateMap> {
     // Per group: per state key, the nearest entry's (chain length, event id).
     type Nearest = BTreeMap<(String, String), (i64, String)>;
@@ -696,7 +632,8 @@ impl SqlStore {
     ///
     /// Statement order matters for throughput: the global stream counter row stays locked from
     /// the moment it is taken until commit, serializing every writer of every room, so it is
-    /// taken once for all the events, after every write that does not need a position.
+    /// taken once for all the events, after every write that does not need a position. The
+    /// writes whose results nothing reads are [`DeferredWrites`]: on SQLite, one query for all.
     async fn write_events(
         &self,
         tx: &mut Tx,
@@ -706,6 +643,7 @@ impl SqlStore {
         let mut extremities = forward_extremities_of(tx, events).await?;
         let keys: Vec<&TxnKey> = events.iter().filter_map(|e| e.txn.as_ref()).collect();
         let mut used_txns = used_txn_ids(tx, &keys).await?;
+        let mut writes = DeferredWrites::default();
         let mut new_txns: Vec<(&TxnKey, &str, i64)> = Vec::new();
         let mut rooms: HashMap<&str, RoomCursor> = HashMap::new();
         let mut outcomes: Vec<Result<PersistedEvent>> = Vec::with_capacity(events.len());
@@ -744,7 +682,7 @@ impl SqlStore {
                 }
                 new_txns.push((txn, &event.event_id, event.origin_server_ts));
             }
-            write_redaction_and_state(tx, event).await?;
+            push_redaction_and_state(&mut writes, event);
             if !event.outlier && event.rejected_reason.is_none() {
                 for prev in &event.prev_events {
                     room_extremities.remove(prev);
@@ -765,9 +703,9 @@ impl SqlStore {
         if written.is_empty() {
             return Ok(outcomes);
         }
-        insert_txn_ids(tx, &new_txns).await?;
+        push_txn_ids(&mut writes, &new_txns);
         let written_events: Vec<&NewEvent> = written.iter().map(|&i| events[i]).collect();
-        write_graph(tx, &written_events).await?;
+        push_graph(&mut writes, &written_events);
         // Rooms whose state changed are updated once their new state group is numbered.
         let mut state_rooms: Vec<&str> = Vec::new();
         let mut other_rooms: Vec<(&str, &RoomCursor)> = Vec::new();
@@ -778,7 +716,8 @@ impl SqlStore {
                 (false, _) => {}
             }
         }
-        update_rooms(tx, &other_rooms).await?;
+        push_room_updates(&mut writes, &other_rooms);
+        writes.flush_unless_combined(tx).await?;
 
         // From here on the stream counter is held.
         let last = take_counter_values(tx, "events_stream", written.len()).await?;
@@ -802,15 +741,16 @@ impl SqlStore {
             });
             rows.push((event, stream, room.state_group));
         }
-        insert_event_rows(tx, &rows).await?;
+        push_event_rows(&mut writes, &rows);
         for &(event, stream, _) in &rows {
-            write_membership(tx, event, stream).await?;
+            push_membership(&mut writes, event, stream);
         }
         let state_rooms: Vec<(&str, &RoomCursor)> = state_rooms
             .into_iter()
             .filter_map(|room_id| Some((room_id, rooms.get(room_id)?)))
             .collect();
-        update_rooms(tx, &state_rooms).await?;
+        push_room_updates(&mut writes, &state_rooms);
+        writes.flush(tx).await?;
         Ok(outcomes)
     }
 }
