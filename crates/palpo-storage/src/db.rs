@@ -14,6 +14,9 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous},
 };
 
+pub use crate::sqlite_conns::SqliteConns;
+use crate::sqlite_conns::SqliteReaders;
+
 use crate::{
     error::{Result, StorageError},
     replica::ReadRouter,
@@ -55,7 +58,7 @@ impl Backend {
 pub enum Pool {
     Postgres(PgPool),
     MySql(MySqlPool),
-    Sqlite(SqlitePool),
+    Sqlite(SqliteConns),
 }
 
 impl Pool {
@@ -72,7 +75,7 @@ impl Pool {
         match self {
             Pool::Postgres(p) => p.options().get_max_connections(),
             Pool::MySql(p) => p.options().get_max_connections(),
-            Pool::Sqlite(p) => p.options().get_max_connections(),
+            Pool::Sqlite(p) => p.max_connections(),
         }
     }
 
@@ -466,7 +469,10 @@ impl Db {
             }
             Backend::Sqlite => {
                 let (writer, readers) = connect_sqlite(config, acquire).await?;
-                (Pool::Sqlite(writer), Some(readers))
+                (
+                    Pool::Sqlite(SqliteConns::Pool(writer)),
+                    Some(SqliteConns::Readers(readers)),
+                )
             }
         };
         let mut replicas = Vec::new();
@@ -501,7 +507,7 @@ impl Db {
         match &self.primary {
             Pool::Postgres(p) => migrator.run(p).await?,
             Pool::MySql(p) => migrator.run(p).await?,
-            Pool::Sqlite(p) => migrator.run(p).await?,
+            Pool::Sqlite(p) => migrator.run(sqlite_pool(p)?).await?,
         }
         Ok(())
     }
@@ -542,7 +548,7 @@ impl Db {
         Ok(match &self.primary {
             Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
             Pool::MySql(p) => Tx::MySql(p.begin().await?),
-            Pool::Sqlite(p) => Tx::Sqlite(p.begin().await?),
+            Pool::Sqlite(p) => Tx::Sqlite(sqlite_pool(p)?.begin().await?),
         })
     }
 
@@ -550,6 +556,13 @@ impl Db {
         self.primary.close().await;
         self.reads.close().await;
     }
+}
+
+/// sqlx's pool of SQLite connections: the primary's (the writer) always has one.
+fn sqlite_pool(conns: &SqliteConns) -> Result<&SqlitePool> {
+    conns
+        .pool()
+        .ok_or_else(|| StorageError::Connect("the SQLite writer is not a pool".into()))
 }
 
 /// Connections idle longer than this are checked before use.
@@ -576,7 +589,7 @@ fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
 async fn connect_sqlite(
     config: &DatabaseConfig,
     acquire: Duration,
-) -> Result<(SqlitePool, SqlitePool)> {
+) -> Result<(SqlitePool, SqliteReaders)> {
     let err = |e: sqlx::Error| StorageError::Connect(format!("{}: {e}", config.url));
     let options = SqliteConnectOptions::from_str(&config.url)
         .map_err(err)?
@@ -602,12 +615,13 @@ async fn connect_sqlite(
         .connect_with(options.clone())
         .await
         .map_err(err)?;
-    let readers = pool_options::<sqlx::Sqlite>()
-        .max_connections(config.max_connections.max(2))
-        .acquire_timeout(acquire)
-        .connect_with(options.read_only(true))
-        .await
-        .map_err(err)?;
+    let readers = SqliteReaders::connect(
+        options.read_only(true),
+        config.max_connections.max(2),
+        acquire,
+    )
+    .await
+    .map_err(err)?;
     Ok((writer, readers))
 }
 

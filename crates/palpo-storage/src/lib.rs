@@ -16,6 +16,7 @@ pub mod model;
 pub mod replica;
 pub mod repo;
 pub mod sql;
+pub mod sqlite_conns;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod wakeups;

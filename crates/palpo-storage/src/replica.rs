@@ -22,9 +22,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::{postgres::PgPool, sqlite::SqlitePool};
+use sqlx::postgres::PgPool;
 
-use crate::db::Pool;
+use crate::db::{Pool, SqliteConns};
 
 /// How long to wait for a replica to report its replay position before skipping it.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -66,7 +66,7 @@ fn bump(counter: &AtomicU64) {
 
 pub struct ReadRouter {
     primary: Pool,
-    sqlite_readers: Option<SqlitePool>,
+    sqlite_readers: Option<SqliteConns>,
     replicas: Vec<Replica>,
     next_replica: AtomicUsize,
     /// user id → primary WAL position (LSN) at or past that user's latest write, while not
@@ -79,7 +79,7 @@ pub struct ReadRouter {
 impl ReadRouter {
     pub(crate) fn new(
         primary: Pool,
-        sqlite_readers: Option<SqlitePool>,
+        sqlite_readers: Option<SqliteConns>,
         replicas: Vec<PgPool>,
     ) -> Self {
         ReadRouter {

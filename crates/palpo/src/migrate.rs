@@ -63,6 +63,9 @@ async fn applied_versions(pool: &Pool) -> anyhow::Result<Vec<i64>> {
     match pool {
         Pool::Postgres(p) => list(p).await,
         Pool::MySql(p) => list(p).await,
-        Pool::Sqlite(p) => list(p).await,
+        Pool::Sqlite(p) => match p.pool() {
+            Some(p) => list(p).await,
+            None => anyhow::bail!("the SQLite writer is not a pool"),
+        },
     }
 }
