@@ -179,19 +179,11 @@ async fn lock_room_rows(tx: &mut Tx, room_ids: &[&str]) -> Result<LockedRooms> {
     Ok(locked)
 }
 
-/// The forward extremities of the rooms of the `events` that extend their room's head (the
-/// only ones that check them), per room.
+/// The forward extremities of `room_ids`, per room.
 async fn forward_extremities_of(
     tx: &mut Tx,
-    events: &[&NewEvent],
+    room_ids: &[&str],
 ) -> Result<HashMap<String, HashSet<String>>> {
-    let mut room_ids: Vec<&str> = events
-        .iter()
-        .filter(|e| e.extends_head)
-        .map(|e| e.room_id.as_str())
-        .collect();
-    room_ids.sort_unstable();
-    room_ids.dedup();
     let mut extremities: HashMap<String, HashSet<String>> = HashMap::new();
     if room_ids.is_empty() {
         return Ok(extremities);
@@ -202,7 +194,7 @@ async fn forward_extremities_of(
     );
     let rows: Vec<(Text, Text)> = on_tx!(tx, &sql, |c, sql| {
         let mut query = sqlx::query_as(sql);
-        for room_id in &room_ids {
+        for room_id in room_ids {
             query = query.bind(*room_id);
         }
         query.fetch_all(&mut *c).await?
@@ -211,6 +203,148 @@ async fn forward_extremities_of(
         extremities.entry(room_id.0).or_default().insert(event_id.0);
     }
     Ok(extremities)
+}
+
+/// What a batch of event writes reads before it writes anything.
+struct BatchReads {
+    locked: LockedRooms,
+    /// Per room, of the rooms whose head an event of the batch extends.
+    extremities: HashMap<String, HashSet<String>>,
+    /// The batch's transaction ids that earlier sends used.
+    used_txns: HashSet<TxnKey>,
+    /// SQLite only: the `events_stream` counter as read with the rest. The batch writes its
+    /// new value with its other deferred writes instead of taking it in a query of its own
+    /// (the process's one writer connection runs one write transaction at a time; another
+    /// process writing meanwhile makes this transaction's first write fail, not race).
+    stream_counter: Option<i64>,
+}
+
+/// Reads what a batch needs before writing: on SQLite in one query (each query is a hand-off
+/// to the connection's thread and back), elsewhere the rooms' rows locked first (unless the
+/// caller holds them: `locked`), then the extremities and used transaction ids.
+async fn batch_reads(
+    tx: &mut Tx,
+    room_ids: &[&str],
+    locked: Option<LockedRooms>,
+    events: &[&NewEvent],
+) -> Result<BatchReads> {
+    let keys: Vec<&TxnKey> = events.iter().filter_map(|e| e.txn.as_ref()).collect();
+    if let (Tx::Sqlite(sqlite), None) = (&mut *tx, &locked) {
+        return sqlite_batch_reads(sqlite, room_ids, &head_rooms(events), &keys).await;
+    }
+    let locked = match locked {
+        Some(locked) => locked,
+        None => lock_room_rows(tx, room_ids).await?,
+    };
+    Ok(BatchReads {
+        locked,
+        extremities: forward_extremities_of(tx, &head_rooms(events)).await?,
+        used_txns: used_txn_ids(tx, &keys).await?,
+        stream_counter: None,
+    })
+}
+
+/// [`batch_reads`] on SQLite: the rooms' rows, the extremities, the used transaction ids and
+/// the stream counter as the parts of one `UNION ALL`, told apart by their first column.
+async fn sqlite_batch_reads(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    room_ids: &[&str],
+    head_rooms: &[&str],
+    keys: &[&TxnKey],
+) -> Result<BatchReads> {
+    const ROOM: i64 = 0;
+    const EXTREMITY: i64 = 1;
+    const TXN: i64 = 2;
+    const COUNTER: i64 = 3;
+    let mut parts = vec![format!(
+        "SELECT {ROOM}, room_id, NULL, NULL, write_version, state_group FROM rooms \
+         WHERE room_id IN ({})",
+        placeholders(room_ids.len())
+    )];
+    if !head_rooms.is_empty() {
+        parts.push(format!(
+            "SELECT {EXTREMITY}, room_id, event_id, NULL, NULL, NULL \
+             FROM room_forward_extremities WHERE room_id IN ({})",
+            placeholders(head_rooms.len())
+        ));
+    }
+    if !keys.is_empty() {
+        parts.push(format!(
+            "SELECT {TXN}, user_id, device_id, txn_id, NULL, NULL FROM event_transactions WHERE {}",
+            vec!["(user_id = ? AND device_id = ? AND txn_id = ?)"; keys.len()].join(" OR ")
+        ));
+    }
+    parts.push(format!(
+        "SELECT {COUNTER}, NULL, NULL, NULL, counter_value, NULL FROM id_counters \
+         WHERE name = 'events_stream'"
+    ));
+    let sql = parts.join(" UNION ALL ");
+    type Row = (
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let mut query = sqlx::query_as::<_, Row>(&sql);
+    for room_id in room_ids.iter().chain(head_rooms) {
+        query = query.bind(*room_id);
+    }
+    for key in keys {
+        query = query
+            .bind(&key.user_id)
+            .bind(&key.device_id)
+            .bind(&key.txn_id);
+    }
+    let rows = query.fetch_all(&mut **tx).await?;
+    let mut reads = BatchReads {
+        locked: room_ids.iter().map(|id| ((*id).to_owned(), None)).collect(),
+        extremities: HashMap::new(),
+        used_txns: HashSet::new(),
+        stream_counter: None,
+    };
+    let corrupt = || StorageError::Corrupt("unexpected row in a batch's reads".into());
+    for (kind, a, b, c, n, m) in rows {
+        match (kind, a, b, c, n) {
+            (ROOM, Some(room_id), _, _, Some(version)) => {
+                reads.locked.insert(room_id, Some((version, m)));
+            }
+            (EXTREMITY, Some(room_id), Some(event_id), _, _) => {
+                reads
+                    .extremities
+                    .entry(room_id)
+                    .or_default()
+                    .insert(event_id);
+            }
+            (TXN, Some(user_id), Some(device_id), Some(txn_id), _) => {
+                reads.used_txns.insert(TxnKey {
+                    user_id,
+                    device_id,
+                    txn_id,
+                });
+            }
+            (COUNTER, _, _, _, Some(value)) => reads.stream_counter = Some(value),
+            _ => return Err(corrupt()),
+        }
+    }
+    if reads.stream_counter.is_none() {
+        return Err(StorageError::Corrupt("no counter events_stream".into()));
+    }
+    Ok(reads)
+}
+
+/// The rooms whose head an event of `events` extends (the only ones whose forward
+/// extremities the write checks), sorted, each once.
+fn head_rooms<'a>(events: &[&'a NewEvent]) -> Vec<&'a str> {
+    let mut room_ids: Vec<&str> = events
+        .iter()
+        .filter(|e| e.extends_head)
+        .map(|e| e.room_id.as_str())
+        .collect();
+    room_ids.sort_unstable();
+    room_ids.dedup();
+    room_ids
 }
 
 /// Rooms whose rows a write transaction holds: write version and state group as locked;
@@ -637,12 +771,15 @@ impl SqlStore {
     async fn write_events(
         &self,
         tx: &mut Tx,
-        locked: &LockedRooms,
+        reads: BatchReads,
         events: &[&NewEvent],
     ) -> Result<Vec<Result<PersistedEvent>>> {
-        let mut extremities = forward_extremities_of(tx, events).await?;
-        let keys: Vec<&TxnKey> = events.iter().filter_map(|e| e.txn.as_ref()).collect();
-        let mut used_txns = used_txn_ids(tx, &keys).await?;
+        let BatchReads {
+            locked,
+            mut extremities,
+            mut used_txns,
+            stream_counter,
+        } = reads;
         let mut writes = DeferredWrites::default();
         let mut new_txns: Vec<(&TxnKey, &str, i64)> = Vec::new();
         let mut rooms: HashMap<&str, RoomCursor> = HashMap::new();
@@ -720,7 +857,18 @@ impl SqlStore {
         writes.flush_unless_combined(tx).await?;
 
         // From here on the stream counter is held.
-        let last = take_counter_values(tx, "events_stream", written.len()).await?;
+        let last = match stream_counter {
+            Some(current) => {
+                let last = current + written.len() as i64;
+                writes.push(
+                    "UPDATE id_counters SET counter_value = ? WHERE name = 'events_stream'".into(),
+                    vec![Bind::from(last)],
+                    "stream counter",
+                );
+                last
+            }
+            None => take_counter_values(tx, "events_stream", written.len()).await?,
+        };
         let first = last + 1 - written.len() as i64;
         let mut rows = Vec::with_capacity(written.len());
         for (offset, &index) in written.iter().enumerate() {
@@ -827,17 +975,16 @@ impl RoomRepo for SqlStore {
         event: &NewEvent,
         lock: Option<RoomWriteLock>,
     ) -> Result<PersistedEvent> {
-        let (mut tx, room) = match lock.and_then(|lock| lock.held) {
-            Some(held) => (held.tx, held.room),
-            None => {
-                let mut tx = self.db.begin().await?;
-                let room = lock_room_row(&mut tx, &event.room_id).await?;
-                (tx, room)
-            }
+        let (mut tx, locked) = match lock.and_then(|lock| lock.held) {
+            Some(held) => (
+                held.tx,
+                Some(HashMap::from([(event.room_id.clone(), held.room)])),
+            ),
+            None => (self.db.begin().await?, None),
         };
-        let locked = HashMap::from([(event.room_id.clone(), room)]);
+        let reads = batch_reads(&mut tx, &[&event.room_id], locked, &[event]).await?;
         let outcome = self
-            .write_events(&mut tx, &locked, &[event])
+            .write_events(&mut tx, reads, &[event])
             .await?
             .pop()
             .ok_or_else(|| StorageError::Corrupt("no outcome for the event".into()))?;
@@ -862,9 +1009,9 @@ impl RoomRepo for SqlStore {
         let mut room_ids: Vec<&str> = events.iter().map(|e| e.room_id.as_str()).collect();
         room_ids.sort_unstable();
         room_ids.dedup();
-        let locked = lock_room_rows(&mut tx, &room_ids).await?;
         let events: Vec<&NewEvent> = events.iter().collect();
-        let outcomes = self.write_events(&mut tx, &locked, &events).await?;
+        let reads = batch_reads(&mut tx, &room_ids, None, &events).await?;
+        let outcomes = self.write_events(&mut tx, reads, &events).await?;
         if outcomes.iter().any(Result::is_ok) {
             tx.commit().await?;
         } else {
