@@ -666,6 +666,25 @@ async fn unread_across_processes_scenario(app: &TestApp) {
         assert_eq!(unread(&initial, &room_id), (2, 1), "{initial}");
         let initial = sync(app, &bob.access_token, None, 0).await;
         assert_eq!(unread(&initial, &room_id), (2, 1), "{initial}");
+
+        // A display name set through the other process is what mentions look for from then
+        // on, though this process kept the names it read before.
+        let since = next_batch(&next);
+        let path = format!(
+            "/_matrix/client/v3/profile/{}/displayname",
+            enc(&bob.user_id)
+        );
+        peer.put(
+            &path,
+            Some(&bob.access_token),
+            json!({"displayname": "Robert Tables"}),
+        )
+        .await
+        .expect_ok();
+        peer.send_text(&alice.access_token, &room_id, "hey Robert Tables")
+            .await;
+        let next = sync(app, &bob.access_token, Some(&since), 0).await;
+        assert_eq!(unread(&next, &room_id), (3, 2), "{next}");
     }))
     .await;
     peer.teardown().await;

@@ -50,6 +50,12 @@ const ROOM_HEADS: std::num::NonZeroUsize = crate::cache_capacity(1024);
 /// Rooms whose version a process keeps.
 const KEPT_ROOM_VERSIONS: std::num::NonZeroUsize = crate::cache_capacity(4096);
 
+/// A user's memberships and the membership head they were read at.
+type KeptMemberships = (Option<i64>, Vec<palpo_storage::model::MembershipRecord>);
+
+/// Users whose memberships a process keeps between syncs.
+const KEPT_MEMBERSHIPS: std::num::NonZeroUsize = crate::cache_capacity(4096);
+
 /// (state group, user) pairs whose visibility facts a process keeps.
 const GROUP_VISIBILITY: std::num::NonZeroUsize = crate::cache_capacity(16_384);
 
@@ -79,6 +85,9 @@ pub struct RoomService {
     /// Per state group and user, the room's history visibility and the user's membership in
     /// that state (both immutable): what deciding whether they see an event needs.
     group_visibility: Mutex<lru::LruCache<(i64, String), (String, String)>>,
+    /// Per user, their memberships as last read for a sync and the membership head they were
+    /// read at (see [`RoomService::memberships_at_head`]).
+    user_memberships: Mutex<lru::LruCache<String, KeptMemberships>>,
     /// Writes local events, several to a transaction.
     persister: persister::Persister,
     /// Room write locks held at once by this process (each holds a pool connection while its
@@ -107,6 +116,7 @@ impl RoomService {
             heads: Mutex::new(lru::LruCache::new(ROOM_HEADS)),
             versions: Mutex::new(lru::LruCache::new(KEPT_ROOM_VERSIONS)),
             group_visibility: Mutex::new(lru::LruCache::new(GROUP_VISIBILITY)),
+            user_memberships: Mutex::new(lru::LruCache::new(KEPT_MEMBERSHIPS)),
             persister: persister::Persister::new(&storage),
             held_room_locks: tokio::sync::Semaphore::new(held_locks),
             storage,

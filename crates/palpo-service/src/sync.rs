@@ -316,7 +316,14 @@ impl SyncService {
         // part all of them. Independent reads at once: a pass's latency is its longest chain
         // of queries.
         let rooms_and_extra = async {
-            let memberships = self.rooms.memberships_of_user(user).await?;
+            let memberships = match heads {
+                Some(heads) => {
+                    self.rooms
+                        .memberships_at_head(user, heads.memberships)
+                        .await?
+                }
+                None => self.rooms.memberships_of_user(user).await?,
+            };
             let joined = memberships
                 .iter()
                 .filter(|m| m.membership == "join")
@@ -349,6 +356,7 @@ impl SyncService {
                 user,
                 rooms.join.iter().map(|(id, room)| (id, room.joined_at)),
                 upto,
+                heads,
                 &mut extra,
             )
             .await?;

@@ -16,7 +16,7 @@ use std::{
 
 use lru::LruCache;
 use palpo_core::Result;
-use palpo_storage::model::{EventRecord, ReadPosition};
+use palpo_storage::model::{EventRecord, ReadPosition, StreamHeads};
 use serde_json::Value;
 
 use super::{
@@ -29,17 +29,37 @@ const MAX_UNREAD_READ: i64 = 1000;
 /// Users × rooms whose counts a process keeps.
 const KEPT_COUNTS: usize = 16_384;
 
-/// Counts kept between syncs, per (user, room).
+/// Users whose count inputs a process keeps.
+const KEPT_INPUTS: usize = 4096;
+
+/// Counts kept between syncs, per (user, room), and what they start from, per user.
 pub(super) struct UnreadCache {
     kept: Mutex<LruCache<(String, String), Counted>>,
+    inputs: Mutex<LruCache<String, Inputs>>,
 }
 
 impl Default for UnreadCache {
     fn default() -> Self {
         UnreadCache {
             kept: Mutex::new(LruCache::new(crate::cache_capacity(KEPT_COUNTS))),
+            inputs: Mutex::new(LruCache::new(crate::cache_capacity(KEPT_INPUTS))),
         }
     }
+}
+
+/// A user's read positions in `rooms` and mention names as last read, with the heads
+/// (`StreamHeads`, read with the sync's position before them) they were read at. Every
+/// receipt and every membership change takes a stream position and positions commit in
+/// order, so while the receipts head has not moved no receipt changed, and the positions
+/// are exact; while the membership head has not moved the names are too (a display name
+/// change is stored before the member events that announce it to the user's rooms).
+#[derive(Clone)]
+struct Inputs {
+    receipts_head: Option<i64>,
+    memberships_head: Option<i64>,
+    rooms: Vec<String>,
+    positions: Vec<ReadPosition>,
+    mentions: Vec<String>,
 }
 
 /// The counts of one user in one room over `(start, counted_to]`.
@@ -106,6 +126,7 @@ impl EphemeralService {
         user: &str,
         rooms: impl IntoIterator<Item = (&'a String, i64)>,
         up_to: i64,
+        heads: Option<&StreamHeads>,
         out: &mut EphemeralSync,
     ) -> Result<()> {
         let rooms: Vec<(&String, i64)> = rooms.into_iter().collect();
@@ -114,15 +135,9 @@ impl EphemeralService {
         if rooms.is_empty() {
             return Ok(());
         }
-        let room_ids: Vec<String> = rooms.iter().map(|(r, _)| (*r).clone()).collect();
-        let positions = async {
-            self.storage
-                .ephemeral
-                .read_positions(user, &room_ids, &[PUBLIC_READ, PRIVATE_READ])
-                .await
-                .map_err(internal)
-        };
-        let (mentions, positions) = futures::try_join!(self.mention_names(user), positions)?;
+        let mut room_ids: Vec<String> = rooms.iter().map(|(r, _)| (*r).clone()).collect();
+        room_ids.sort_unstable();
+        let (mentions, positions) = self.count_inputs(user, room_ids, heads).await?;
         let mut reads: HashMap<String, Vec<(Option<String>, i64)>> = HashMap::new();
         for ReadPosition {
             room_id,
@@ -194,6 +209,69 @@ impl EphemeralService {
             }
         }
         Ok(())
+    }
+
+    /// The user's read positions in `room_ids` (sorted) and their mention names: kept from
+    /// the last sync while `heads` say they cannot have changed (see [`Inputs`]).
+    async fn count_inputs(
+        &self,
+        user: &str,
+        room_ids: Vec<String>,
+        heads: Option<&StreamHeads>,
+    ) -> Result<(Vec<String>, Vec<ReadPosition>)> {
+        let kept = heads.and_then(|heads| {
+            let inputs = self
+                .unread
+                .inputs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(user)
+                .cloned()?;
+            Some((heads, inputs))
+        });
+        let kept_positions = kept
+            .as_ref()
+            .filter(|(heads, i)| i.receipts_head == heads.receipts && i.rooms == room_ids)
+            .map(|(_, i)| i.positions.clone());
+        let kept_mentions = kept
+            .as_ref()
+            .filter(|(heads, i)| i.memberships_head == heads.memberships)
+            .map(|(_, i)| i.mentions.clone());
+        let positions = async {
+            match kept_positions {
+                Some(positions) => Ok(positions),
+                None => self
+                    .storage
+                    .ephemeral
+                    .read_positions(user, &room_ids, &[PUBLIC_READ, PRIVATE_READ])
+                    .await
+                    .map_err(internal),
+            }
+        };
+        let mentions = async {
+            match kept_mentions {
+                Some(mentions) => Ok(mentions),
+                None => self.mention_names(user).await,
+            }
+        };
+        let (mentions, positions) = futures::try_join!(mentions, positions)?;
+        if let Some(heads) = heads {
+            self.unread
+                .inputs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(
+                    user.to_owned(),
+                    Inputs {
+                        receipts_head: heads.receipts,
+                        memberships_head: heads.memberships,
+                        rooms: room_ids,
+                        positions: positions.clone(),
+                        mentions: mentions.clone(),
+                    },
+                );
+        }
+        Ok((mentions, positions))
     }
 
     /// What a message body must contain to mention `user`: their localpart and display name.

@@ -215,6 +215,11 @@ impl RoomService {
                     .forget_room(room_id, user)
                     .await
                     .map_err(internal)?;
+                // It takes no stream position: the copy kept for syncs would not notice.
+                self.user_memberships
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop(user);
                 Ok(())
             }
             Some(_) => Err(Error::with_status(

@@ -225,6 +225,36 @@ impl RoomService {
             .map_err(internal)
     }
 
+    /// The user's memberships, given `head`: the newest membership change anywhere, as read
+    /// with the sync's position (`StreamHeads::memberships`). While it has not moved, the
+    /// copy this process read last is still exact: every membership change takes a stream
+    /// position and positions commit in order, so an unchanged head means no membership row
+    /// changed since. (Forgetting a room takes no position: this process drops its copy when
+    /// it forgets one; another process's forget shows here once any membership changes, and
+    /// only matters to a sync whose token lies before the leave.)
+    pub async fn memberships_at_head(
+        &self,
+        user: &str,
+        head: Option<i64>,
+    ) -> Result<Vec<MembershipRecord>> {
+        let kept = self
+            .user_memberships
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .filter(|(kept_head, _)| *kept_head == head)
+            .map(|(_, memberships)| memberships.clone());
+        if let Some(memberships) = kept {
+            return Ok(memberships);
+        }
+        let memberships = self.memberships_of_user(user).await?;
+        self.user_memberships
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(user.to_owned(), (head, memberships.clone()));
+        Ok(memberships)
+    }
+
     /// As [`RoomService::sync_rooms_at`], from the user's memberships when the caller read
     /// them already ([`RoomService::memberships_of_user`]; `None`: read here).
     pub async fn sync_rooms_of(
