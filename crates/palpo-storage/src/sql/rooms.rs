@@ -271,7 +271,7 @@ async fn sqlite_batch_reads(
     if !keys.is_empty() {
         parts.push(format!(
             "SELECT {TXN}, user_id, device_id, txn_id, NULL, NULL FROM event_transactions WHERE {}",
-            vec!["(user_id = ? AND device_id = ? AND txn_id = ?)"; keys.len()].join(" OR ")
+            txn_keys_condition(keys.len())
         ));
     }
     parts.push(format!(
@@ -362,6 +362,11 @@ struct RoomCursor {
     written: bool,
 }
 
+/// Matches `n` transaction ids, each bound as (user, device, transaction id).
+fn txn_keys_condition(n: usize) -> String {
+    vec!["(user_id = ? AND device_id = ? AND txn_id = ?)"; n].join(" OR ")
+}
+
 /// The transaction ids among `keys` that earlier sends used, in one statement.
 async fn used_txn_ids(tx: &mut Tx, keys: &[&TxnKey]) -> Result<HashSet<TxnKey>> {
     if keys.is_empty() {
@@ -369,7 +374,7 @@ async fn used_txn_ids(tx: &mut Tx, keys: &[&TxnKey]) -> Result<HashSet<TxnKey>> 
     }
     let sql = format!(
         "SELECT user_id, device_id, txn_id FROM event_transactions WHERE {}",
-        vec!["(user_id = ? AND device_id = ? AND txn_id = ?)"; keys.len()].join(" OR ")
+        txn_keys_condition(keys.len())
     );
     let rows: Vec<(Text, Text, Text)> = on_tx!(tx, &sql, |c, sql| {
         let mut query = sqlx::query_as(sql);
