@@ -1,7 +1,8 @@
-//! How many SQL statements one incremental `/sync` pass issues: a user woken by a new message in
-//! one of their rooms. Every statement is a round trip (on SQLite a hand-off to the
-//! connection's thread), and listeners sync hundreds of times a second, so the count is kept
-//! low on purpose; this test lists the statements and fails when they grow.
+//! How many SQL statements one incremental `/sync` pass issues (a user woken by a new message in
+//! one of their rooms), and one message's send. Every statement is a round trip (on SQLite a
+//! hand-off to the connection's thread), listeners sync hundreds of times a second and every
+//! send waits for its batch's, so the counts are kept low on purpose; this test lists the
+//! statements and fails when they grow.
 
 use std::sync::{
     Arc, Mutex,
@@ -100,6 +101,31 @@ async fn woken_by_a_message(app: &TestApp, recorder: &Recorder) -> Vec<String> {
     statements
 }
 
+/// The statements of the last of a few sends of a message into a room (warm, as under load).
+async fn sending_a_message(app: &TestApp, recorder: &Recorder) -> Vec<String> {
+    let alice = app.register("carol", "pw").await;
+    let room_id = app
+        .create_room(&alice.access_token, json!({"preset": "public_chat"}))
+        .await;
+    let mut statements = Vec::new();
+    for round in 0..3 {
+        recorder.start();
+        app.send_text(&alice.access_token, &room_id, &format!("sent {round}"))
+            .await;
+        statements = recorder.stop();
+    }
+    statements
+}
+
+fn numbered(statements: &[String]) -> String {
+    statements
+        .iter()
+        .enumerate()
+        .map(|(n, s)| format!("{:>3}. {s}", n + 1))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incremental_sync_pass_issues_few_statements() {
     let recorder = Recorder::default();
@@ -108,13 +134,26 @@ async fn an_incremental_sync_pass_issues_few_statements() {
     for backend in [Backend::Sqlite, Backend::Postgres, Backend::MySql] {
         let recorder = recorder.clone();
         run(backend, false, async move |app: &TestApp| {
+            let sent = sending_a_message(app, &recorder).await;
+            let list = numbered(&sent);
+            println!("{backend:?}: a send, {} statements\n{list}", sent.len());
+            if backend == Backend::Sqlite {
+                // The token, then the batch: its reads begin the transaction and its writes
+                // commit it (7 statements before the reads were one query, 4 before the
+                // BEGIN and COMMIT went with them).
+                assert_eq!(sent.len(), 3, "SQLite send:\n{list}");
+                assert!(
+                    sent[1].starts_with("BEGIN IMMEDIATE;") && sent[1].contains("UNION ALL"),
+                    "the reads begin the batch:\n{list}"
+                );
+                assert!(
+                    sent[2].starts_with("INSERT") && sent[2].ends_with("COMMIT"),
+                    "the writes commit the batch:\n{list}"
+                );
+            }
+
             let statements = woken_by_a_message(app, &recorder).await;
-            let list = statements
-                .iter()
-                .enumerate()
-                .map(|(n, s)| format!("{:>3}. {s}", n + 1))
-                .collect::<Vec<_>>()
-                .join("\n");
+            let list = numbered(&statements);
             println!("{backend:?}: {} statements\n{list}", statements.len());
             // 22 before the user's rooms were read once, the key counts, device lists,
             // to-device inbox and the position with the typing check became one statement

@@ -16,6 +16,7 @@ use sqlx::{
 
 pub use crate::sqlite_conns::SqliteConns;
 use crate::sqlite_conns::SqliteReaders;
+use crate::sqlite_tx::{SqliteBatch, SqliteTx};
 
 use crate::{
     error::{Result, StorageError},
@@ -92,7 +93,7 @@ impl Pool {
 pub enum Tx {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
     MySql(sqlx::Transaction<'static, sqlx::MySql>),
-    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Sqlite(SqliteTx),
 }
 
 impl Tx {
@@ -220,6 +221,32 @@ impl<'a> DeferredWrites<'a> {
         }
     }
 
+    /// Sends the transaction's last writes. A SQLite batch ([`SqliteBatch`]) commits with
+    /// them, in the same query; its `commit` then has nothing left to do. Other transactions
+    /// are committed by their owner as usual.
+    pub(crate) async fn flush_last(&mut self, tx: &mut Tx) -> Result<()> {
+        let Tx::Sqlite(sqlite @ SqliteTx::Batch(_)) = tx else {
+            return self.flush(tx).await;
+        };
+        let begin = sqlite.begin_prefix();
+        if !begin.is_empty() {
+            self.writes.insert(
+                0,
+                DeferredWrite {
+                    sql: begin.into(),
+                    binds: Vec::new(),
+                    conflict: "begin",
+                },
+            );
+        }
+        self.push("COMMIT".into(), Vec::new(), "commit");
+        self.flush(tx).await?;
+        if let Tx::Sqlite(SqliteTx::Batch(batch)) = tx {
+            batch.committed();
+        }
+        Ok(())
+    }
+
     /// Sends the queued writes, in order.
     pub(crate) async fn flush(&mut self, tx: &mut Tx) -> Result<()> {
         let writes = std::mem::take(&mut self.writes);
@@ -232,7 +259,7 @@ impl<'a> DeferredWrites<'a> {
                     .join(";\n");
                 let binds = writes.iter().flat_map(|w| w.binds.iter());
                 bind_all!(sqlx::query(&sql), binds)
-                    .execute(&mut **tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(|e| {
                         // One query: which statement broke the constraint is not known.
@@ -374,7 +401,7 @@ macro_rules! on_tx {
             }
             #[allow(unused_braces)]
             $crate::db::Tx::Sqlite(tx) => {
-                let $c = &mut **tx;
+                let $c = tx.conn();
                 let $sql: &str = $query;
                 $body
             }
@@ -548,8 +575,19 @@ impl Db {
         Ok(match &self.primary {
             Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
             Pool::MySql(p) => Tx::MySql(p.begin().await?),
-            Pool::Sqlite(p) => Tx::Sqlite(sqlite_pool(p)?.begin().await?),
+            Pool::Sqlite(p) => Tx::Sqlite(SqliteTx::Sqlx(sqlite_pool(p)?.begin().await?)),
         })
+    }
+
+    /// A transaction for a batch of writes: on SQLite a [`SqliteBatch`], which its first
+    /// query begins and [`DeferredWrites::flush_last`] commits; elsewhere as [`Self::begin`].
+    pub async fn begin_batch(&self) -> Result<Tx> {
+        match &self.primary {
+            Pool::Sqlite(p) => Ok(Tx::Sqlite(SqliteTx::Batch(SqliteBatch::new(
+                sqlite_pool(p)?.acquire().await?,
+            )))),
+            _ => self.begin().await,
+        }
     }
 
     pub async fn close(&self) {
@@ -601,7 +639,11 @@ async fn connect_sqlite(
         // Rows cross from the connection's thread to the caller through a bounded channel; at
         // sqlx's default of 50 a large read (a sync over many rooms) stops and wakes the
         // thread every 50 rows.
-        .row_buffer_size(1024);
+        .row_buffer_size(1024)
+        // A write statement inside a larger transaction keeps a statement journal; past 64 KiB
+        // (a batch's event rows) SQLite moved it to a temporary file, created and deleted
+        // about once per batch. Kept in memory, it costs those file system calls nothing.
+        .pragma("temp_store", "memory");
     if let Some(parent) = options.get_filename().parent()
         && !parent.as_os_str().is_empty()
     {

@@ -17,6 +17,7 @@ pub mod replica;
 pub mod repo;
 pub mod sql;
 pub mod sqlite_conns;
+pub mod sqlite_tx;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod wakeups;

@@ -216,6 +216,10 @@ async fn conflicting_events_write_nothing(s: Storage) {
     assert_eq!(s.rooms.max_stream_ordering().await.expect("max"), before);
     assert_eq!(room(&s, ROOM_A).await, a);
     assert!(s.rooms.persist_events(&[]).await.expect("empty").is_empty());
+    // Rolled back: the next batch writes.
+    let fine = event_on(&a, "$after-conflicts", MESSAGE, "@a:test", 3);
+    let outcomes = s.rooms.persist_events(&[fine]).await.expect("next batch");
+    assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
 }
 
 async fn failed_batch_writes_nothing(s: Storage) {
@@ -229,7 +233,7 @@ async fn failed_batch_writes_nothing(s: Storage) {
     let duplicate = event_on(&a, &format!("${ROOM_A}0"), MESSAGE, "@a:test", 3);
     let error = s
         .rooms
-        .persist_events(&[fine, duplicate])
+        .persist_events(&[fine.clone(), duplicate])
         .await
         .expect_err("duplicate event id");
     assert!(matches!(error, StorageError::Conflict(_)), "{error:?}");
@@ -238,6 +242,10 @@ async fn failed_batch_writes_nothing(s: Storage) {
     assert_eq!(s.rooms.txn_event(&txn("fine")).await.expect("txn"), None);
     assert_eq!(room(&s, ROOM_A).await, a);
     assert_eq!(room(&s, ROOM_B).await, b);
+    // The transaction was ended (on SQLite by closing its connection): the next batch writes.
+    let outcomes = s.rooms.persist_events(&[fine]).await.expect("next batch");
+    assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
+    assert!(s.rooms.get_event("$fine").await.expect("get").is_some());
 }
 
 async fn redaction_of_an_event_in_the_same_batch(s: Storage) {

@@ -15,6 +15,7 @@ use crate::{
     },
     on_pool, on_tx,
     repo::{AliasRepo, KeyRepo, ProfileRepo, RoomRepo},
+    sqlite_tx::SqliteTx,
 };
 
 /// After this many deltas a state group stores the whole state again, so that reading the
@@ -247,7 +248,7 @@ async fn batch_reads(
 /// [`batch_reads`] on SQLite: the rooms' rows, the extremities, the used transaction ids and
 /// the stream counter as the parts of one `UNION ALL`, told apart by their first column.
 async fn sqlite_batch_reads(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: &mut SqliteTx,
     room_ids: &[&str],
     head_rooms: &[&str],
     keys: &[&TxnKey],
@@ -278,7 +279,8 @@ async fn sqlite_batch_reads(
         "SELECT {COUNTER}, NULL, NULL, NULL, counter_value, NULL FROM id_counters \
          WHERE name = 'events_stream'"
     ));
-    let sql = parts.join(" UNION ALL ");
+    // A batch's first query: it begins the transaction (see `SqliteBatch`).
+    let sql = format!("{}{}", tx.begin_prefix(), parts.join(" UNION ALL "));
     type Row = (
         i64,
         Option<String>,
@@ -297,7 +299,7 @@ async fn sqlite_batch_reads(
             .bind(&key.device_id)
             .bind(&key.txn_id);
     }
-    let rows = query.fetch_all(&mut **tx).await?;
+    let rows = query.fetch_all(tx.conn()).await?;
     let mut reads = BatchReads {
         locked: room_ids.iter().map(|id| ((*id).to_owned(), None)).collect(),
         extremities: HashMap::new(),
@@ -903,7 +905,7 @@ impl SqlStore {
             .filter_map(|room_id| Some((room_id, rooms.get(room_id)?)))
             .collect();
         push_room_updates(&mut writes, &state_rooms);
-        writes.flush(tx).await?;
+        writes.flush_last(tx).await?;
         Ok(outcomes)
     }
 }
@@ -1010,7 +1012,7 @@ impl RoomRepo for SqlStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.db.begin_batch().await?;
         let mut room_ids: Vec<&str> = events.iter().map(|e| e.room_id.as_str()).collect();
         room_ids.sort_unstable();
         room_ids.dedup();
