@@ -67,7 +67,7 @@ enum BatchState {
 
 /// A write transaction sqlx does not know about: its `BEGIN IMMEDIATE` is sent with its first
 /// query ([`SqliteTx::begin_prefix`]) and its `COMMIT` with its last writes
-/// ([`crate::db::DeferredWrites::commit`]), two hand-offs fewer than sqlx's. `IMMEDIATE` takes
+/// (`DeferredWrites::flush_last`), two hand-offs fewer than sqlx's. `IMMEDIATE` takes
 /// the database's write lock at once, so another process's write cannot slip in between this
 /// transaction's reads and its writes. Dropped while open (an error part-way), its connection
 /// is closed, which rolls the transaction back, instead of going back to the pool inside it.
