@@ -100,6 +100,10 @@ pub trait RoomRepo: Send + Sync {
     /// conflicts writes nothing and does not stop the others; its outcome says so. `Err` when
     /// the transaction as a whole failed (nothing is written then).
     async fn persist_events(&self, events: &[NewEvent]) -> Result<Vec<Result<PersistedEvent>>>;
+
+    /// Called by the event writer once it has answered a batch's sends, with the number of
+    /// events the batch wrote: see [`crate::db::Db::checkpoint_if_due`].
+    async fn after_batch(&self, events: usize) -> Result<()>;
     async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>>;
     /// The events with these ids that exist, in no particular order.
     async fn get_events(&self, event_ids: &[String]) -> Result<Vec<EventRecord>>;

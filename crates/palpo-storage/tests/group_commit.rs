@@ -3,7 +3,8 @@
 //! the others be; a failing transaction writes nothing at all.
 
 use palpo_storage::{
-    Storage, StorageError,
+    Backend, Storage, StorageError,
+    db::{CHECKPOINT_EVERY_EVENTS, Pool},
     model::{NewEvent, RoomRecord, TxnKey},
     testing::{self, event_on},
 };
@@ -13,6 +14,7 @@ palpo_storage::conformance!(
     conflicting_events_write_nothing,
     failed_batch_writes_nothing,
     redaction_of_an_event_in_the_same_batch,
+    the_writer_checkpoints_the_log_after_enough_events,
 );
 
 const ROOM_A: &str = "!a:test";
@@ -281,5 +283,56 @@ async fn redaction_of_an_event_in_the_same_batch(s: Storage) {
     assert_eq!(
         room(&s, ROOM_A).await.forward_extremities,
         vec!["$redact-earlier".to_owned()]
+    );
+}
+
+/// Persists `n` messages into room A, one transaction each, telling the writer after each.
+async fn messages_one_by_one(s: &Storage, n: usize, tag: &str) {
+    for i in 0..n {
+        let a = room(s, ROOM_A).await;
+        let event = event_on(&a, &format!("${tag}{i}"), MESSAGE, "@a:test", 10 + i as i64);
+        let outcomes = s.rooms.persist_events(&[event]).await.expect("persist");
+        assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
+        s.rooms.after_batch(1).await.expect("after the batch");
+    }
+}
+
+/// SQLite: the frames in the write-ahead log (and how many of them are checkpointed), read
+/// by checkpointing it.
+async fn log_frames(s: &Storage) -> (i64, i64) {
+    let Pool::Sqlite(conns) = s.db().primary() else {
+        unreachable!("SQLite only")
+    };
+    let writer = conns.pool().expect("the writer is a pool");
+    let (_busy, log, checkpointed): (i64, i64, i64) =
+        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(writer)
+            .await
+            .expect("checkpoint");
+    (log, checkpointed)
+}
+
+async fn the_writer_checkpoints_the_log_after_enough_events(s: Storage) {
+    two_rooms(&s).await;
+    // Every backend accepts the call; only SQLite has a log of its own to checkpoint.
+    messages_one_by_one(&s, CHECKPOINT_EVERY_EVENTS, "first").await;
+    if s.db().backend() != Backend::Sqlite {
+        return;
+    }
+    // The writer checkpointed after the last of those, so the next commit started the log
+    // over: it holds that one transaction's frames, not the 41 transactions' (each commit
+    // writes at least one frame). Left to SQLite (1000 pages, here 10 000) it would hold all.
+    messages_one_by_one(&s, 1, "next").await;
+    let (log, checkpointed) = log_frames(&s).await;
+    assert!(
+        log < CHECKPOINT_EVERY_EVENTS as i64,
+        "the log holds {log} frames ({checkpointed} checkpointed)"
+    );
+    // Below the threshold nothing is checkpointed: the log grows.
+    messages_one_by_one(&s, CHECKPOINT_EVERY_EVENTS / 2, "more").await;
+    let (grown, _) = log_frames(&s).await;
+    assert!(
+        grown > log,
+        "{grown} frames after more events, {log} before"
     );
 }

@@ -107,9 +107,14 @@ async fn write_batch(rooms: &dyn RoomRepo, jobs: Vec<Job>) {
         jobs.into_iter().map(|job| (job.event, job.reply)).unzip();
     match rooms.persist_events(&events).await {
         Ok(outcomes) => {
+            let written = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 // The sender may have gone (its request was dropped); the event stays.
                 let _ = reply.send(outcome);
+            }
+            // Answered first: the next batch waits for this, the senders of this one do not.
+            if let Err(error) = rooms.after_batch(written).await {
+                tracing::warn!(%error, "checkpointing the database's log failed");
             }
         }
         Err(error) if events.len() == 1 => {

@@ -1027,6 +1027,10 @@ impl RoomRepo for SqlStore {
         Ok(outcomes)
     }
 
+    async fn after_batch(&self, events: usize) -> Result<()> {
+        self.db.checkpoint_if_due(events).await
+    }
+
     async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>> {
         let query = format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = ?");
         let row: Option<EventRow> = on_pool!(self.db.fresh(), &query, |p, sql| {
