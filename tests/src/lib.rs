@@ -713,6 +713,21 @@ impl TestApp {
         }
     }
 
+    /// Sets `session`'s display name; panics unless it succeeds.
+    pub async fn set_displayname(&self, session: &Session, name: &str) {
+        let path = format!(
+            "/_matrix/client/v3/profile/{}/displayname",
+            enc(&session.user_id)
+        );
+        self.put(
+            &path,
+            Some(&session.access_token),
+            json!({ "displayname": name }),
+        )
+        .await
+        .expect_ok();
+    }
+
     /// Sends an `m.room.message` text; panics unless it succeeds. Returns the event id.
     #[track_caller]
     pub fn send_text<'a>(

@@ -87,20 +87,6 @@ fn joined(response: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn set_displayname(app: &TestApp, session: &Session, name: &str) {
-    let path = format!(
-        "/_matrix/client/v3/profile/{}/displayname",
-        enc(&session.user_id)
-    );
-    app.put(
-        &path,
-        Some(&session.access_token),
-        json!({ "displayname": name }),
-    )
-    .await
-    .expect_ok();
-}
-
 async fn set_typing(app: &TestApp, session: &Session, room_id: &str, body: Value) {
     let path = app.room_path(room_id, &format!("/typing/{}", enc(&session.user_id)));
     app.put(&path, Some(&session.access_token), body)
@@ -626,7 +612,7 @@ async fn main_receipt_scenario(app: &TestApp) {
     )
     .await
     .expect_ok();
-    set_displayname(app, &bob, "Robert").await;
+    app.set_displayname(&bob, "Robert").await;
     let next = sync(app, &bob.access_token, Some(&since), 0).await;
     assert_eq!(unread(&next, &room_id), (1, 0), "{next}");
     let initial = sync(app, &bob.access_token, None, 0).await;
@@ -674,7 +660,7 @@ async fn unread_across_processes_scenario(app: &TestApp) {
         // A display name set through the other process is what mentions look for from then
         // on, though this process kept the names it read before.
         let since = next_batch(&next);
-        set_displayname(&peer, &bob, "Robert Tables").await;
+        peer.set_displayname(&bob, "Robert Tables").await;
         peer.send_text(&alice.access_token, &room_id, "hey Robert Tables")
             .await;
         let next = sync(app, &bob.access_token, Some(&since), 0).await;

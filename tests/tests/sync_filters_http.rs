@@ -174,17 +174,7 @@ async fn lazy_members_scenario(app: &TestApp) {
 
     // A membership change in a gap is sent, though its member sends nothing.
     let since = next_batch(&next);
-    let profile = format!(
-        "/_matrix/client/v3/profile/{}/displayname",
-        enc(&u5.user_id)
-    );
-    app.put(
-        &profile,
-        Some(&u5.access_token),
-        json!({"displayname": "Five"}),
-    )
-    .await
-    .expect_ok();
+    app.set_displayname(u5, "Five").await;
     for n in 0..3 {
         app.send_text(&u6.access_token, &room_id, &format!("u6 {n}"))
             .await;
