@@ -139,8 +139,8 @@ async fn an_incremental_sync_pass_issues_few_statements() {
             println!("{backend:?}: a send, {} statements\n{list}", sent.len());
             if backend == Backend::Sqlite {
                 // The token, then the batch: its reads begin the transaction and its writes
-                // commit it (7 statements before the reads were one query, 4 before the
-                // BEGIN and COMMIT went with them).
+                // commit it (the batch was 7 queries before its reads became one, 4 before
+                // the BEGIN and COMMIT went with them).
                 assert_eq!(sent.len(), 3, "SQLite send:\n{list}");
                 assert!(
                     sent[1].starts_with("BEGIN IMMEDIATE;") && sent[1].contains("UNION ALL"),

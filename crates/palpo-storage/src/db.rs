@@ -233,13 +233,11 @@ impl<'a> DeferredWrites<'a> {
         let Tx::Sqlite(sqlite @ SqliteTx::Batch(_)) = tx else {
             return self.flush(tx).await;
         };
-        let begin = sqlite.begin_prefix();
-        if !begin.is_empty() {
+        if let Some(begin) = sqlite.take_begin() {
             self.writes.insert(
                 0,
                 DeferredWrite {
-                    // The statements are joined with their separators.
-                    sql: begin.trim_end().trim_end_matches(';').into(),
+                    sql: begin.into(),
                     binds: Vec::new(),
                     conflict: "begin",
                 },

@@ -16,17 +16,17 @@ pub enum SqliteTx {
 }
 
 impl SqliteTx {
-    /// What the transaction's first query must start with: `BEGIN IMMEDIATE;` for a batch not
-    /// yet begun (which then counts as begun), nothing otherwise.
-    pub(crate) fn begin_prefix(&mut self) -> &'static str {
+    /// The statement the transaction's first query must run before its own: `BEGIN
+    /// IMMEDIATE` for a batch not yet begun (which then counts as begun), none otherwise.
+    pub(crate) fn take_begin(&mut self) -> Option<&'static str> {
         match self {
             SqliteTx::Batch(batch) if batch.state == BatchState::NotBegun => {
                 // Counted as begun even should the query fail: a rollback of a transaction
                 // that never began fails harmlessly, a forgotten one would not.
                 batch.state = BatchState::Open;
-                "BEGIN IMMEDIATE;\n"
+                Some("BEGIN IMMEDIATE")
             }
-            _ => "",
+            _ => None,
         }
     }
 
@@ -57,7 +57,7 @@ impl SqliteTx {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BatchState {
-    /// No query sent yet: the first one must carry [`SqliteTx::begin_prefix`].
+    /// No query sent yet: the first one must carry [`SqliteTx::take_begin`].
     NotBegun,
     /// A `BEGIN` was sent; a `COMMIT` or `ROLLBACK` is owed.
     Open,
@@ -66,7 +66,7 @@ enum BatchState {
 }
 
 /// A write transaction sqlx does not know about: its `BEGIN IMMEDIATE` is sent with its first
-/// query ([`SqliteTx::begin_prefix`]) and its `COMMIT` with its last writes
+/// query ([`SqliteTx::take_begin`]) and its `COMMIT` with its last writes
 /// (`DeferredWrites::flush_last`), two hand-offs fewer than sqlx's. `IMMEDIATE` takes
 /// the database's write lock at once, so another process's write cannot slip in between this
 /// transaction's reads and its writes. Dropped while open (an error part-way), its connection

@@ -280,7 +280,11 @@ async fn sqlite_batch_reads(
          WHERE name = 'events_stream'"
     ));
     // A batch's first query: it begins the transaction (see `SqliteBatch`).
-    let sql = format!("{}{}", tx.begin_prefix(), parts.join(" UNION ALL "));
+    let reads = parts.join(" UNION ALL ");
+    let sql = match tx.take_begin() {
+        Some(begin) => format!("{begin};\n{reads}"),
+        None => reads,
+    };
     type Row = (
         i64,
         Option<String>,
