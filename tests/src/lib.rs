@@ -415,6 +415,10 @@ impl TestApp {
             let resp = self.whoami(token).await;
             resp.expect_error_at(401, "M_UNKNOWN_TOKEN", caller);
             assert_eq!(resp.json["soft_logout"], false, "{caller}: {}", resp.text);
+            // `/sync` may take a token from memory: it must be refused all the same.
+            let resp = self.get("/_matrix/client/v3/sync", Some(token)).await;
+            resp.expect_error_at(401, "M_UNKNOWN_TOKEN", caller);
+            assert_eq!(resp.json["soft_logout"], false, "{caller}: {}", resp.text);
         }
     }
 }

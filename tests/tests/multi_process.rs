@@ -66,6 +66,21 @@ mod alternating_senders {
     }
 }
 
+mod logout_elsewhere {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::logout_elsewhere(super::Backend::Sqlite).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::logout_elsewhere(super::Backend::Postgres).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql() {
+        super::logout_elsewhere(super::Backend::MySql).await;
+    }
+}
+
 /// Runs `scenario` on `a` (with Redis) and peers on its database, one per entry of
 /// `peers_with_redis`; tears them all down, panic or not.
 async fn with_processes<F>(backend: Backend, peers_with_redis: &[bool], scenario: F)
@@ -356,6 +371,96 @@ async fn alternating_senders(backend: Backend) {
             .expect("room")
             .expect("exists");
         assert_eq!(room.forward_extremities, [sent[5].clone()]);
+    })
+    .await;
+}
+
+/// Devices logged out through another process while this one remembers their tokens (sends
+/// and syncs take them from memory): the first request of each here is refused with 401
+/// `M_UNKNOWN_TOKEN`, whichever way it first touches the database (a new message checked in
+/// its write, a retried transaction id, a long-poll's next pass), and nothing is written.
+async fn logout_elsewhere(backend: Backend) {
+    with_processes(backend, &[true], async |a: &TestApp, peers: &[TestApp]| {
+        let b = &peers[0];
+        let (alice, bob, room_id) = chat(a, b).await;
+        let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
+        let send_path = |txn: &str| a.room_path(&room_id, &format!("/send/m.room.message/{txn}"));
+        let (phone, tablet, laptop) = (
+            a.login("alice", "pw").await,
+            a.login("alice", "pw").await,
+            a.login("alice", "pw").await,
+        );
+        // Each sends (or syncs) through `a` first: its token is remembered there.
+        for (device, txn) in [(&phone, "phone"), (&tablet, "tablet")] {
+            a.put(&send_path(txn), Some(&device.access_token), text(txn))
+                .await
+                .expect_ok();
+        }
+        let since = initial_since(a, &laptop).await;
+        let poll = start_long_poll(a, &laptop, &since, Duration::from_secs(5)).await;
+        // The laptop first: each logout is a device-list change for Alice, which wakes the
+        // long-poll (an answer while its token still stood would be right, and end it).
+        for device in [&laptop, &phone, &tablet] {
+            b.post(
+                "/_matrix/client/v3/logout",
+                Some(&device.access_token),
+                json!({}),
+            )
+            .await
+            .expect_ok();
+        }
+
+        let refused = |resp: palpo_tests::Resp| {
+            resp.expect_error(401, "M_UNKNOWN_TOKEN");
+            assert_eq!(resp.json["soft_logout"], false, "{}", resp.text);
+        };
+        // A new message from the tablet: checked in the write's transaction.
+        refused(
+            a.put(
+                &send_path("tablet-2"),
+                Some(&tablet.access_token),
+                text("after"),
+            )
+            .await,
+        );
+        // The long-poll's next pass read the position and checked the token with it.
+        let (answer, _) = poll.await.expect("long-poll");
+        assert_eq!(answer["errcode"], "M_UNKNOWN_TOKEN", "{answer}");
+
+        // Alice's first device still sends; then she leaves.
+        a.send_text(&alice.access_token, &room_id, "still here")
+            .await;
+        a.post(
+            &a.room_path(&room_id, "/leave"),
+            Some(&alice.access_token),
+            json!({}),
+        )
+        .await
+        .expect_ok();
+        // A retry of the transaction id the phone used, which can no longer be built (Alice
+        // left): the event the id created is not handed to a revoked token.
+        refused(
+            a.put(
+                &send_path("phone"),
+                Some(&phone.access_token),
+                text("again"),
+            )
+            .await,
+        );
+        for device in [&phone, &tablet, &laptop] {
+            refused(
+                a.get("/_matrix/client/v3/sync", Some(&device.access_token))
+                    .await,
+            );
+        }
+        // Nothing was written with the revoked tokens.
+        let seen = b
+            .get("/_matrix/client/v3/sync", Some(&bob.access_token))
+            .await;
+        assert_eq!(
+            messages(seen.expect_ok(), &room_id),
+            ["phone", "tablet", "still here"]
+        );
     })
     .await;
 }

@@ -1,7 +1,7 @@
 //! The access-token security scheme: `Authorization: Bearer <token>` or `?access_token=`.
 
 use palpo_core::{Error, ErrorCode};
-use palpo_service::{Authed, Services};
+use palpo_service::{Authed, Services, accounts::Caller};
 use poem::{Request, RequestBody};
 use poem_openapi::{
     ApiExtractor, ApiExtractorType, ExtractParamOptions,
@@ -61,20 +61,64 @@ impl<'a> ApiExtractor<'a> for AccessToken {
         _body: &mut RequestBody,
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        let token = access_token(req).ok_or_else(|| {
-            MatrixError::from(Error::new(ErrorCode::MissingToken, "Missing access token"))
-        })?;
-        let services = req
-            .data::<Services>()
-            .ok_or_else(|| MatrixError::from(Error::internal("services not attached")))?;
-        let ip = client_ip(req);
+        let (services, token) = services_and_token(req)?;
         let authed = services
             .accounts
-            .authenticate(&token, ip.as_deref())
+            .authenticate(&token, client_ip(req).as_deref())
             .await
             .map_err(MatrixError::from)?;
         Ok(AccessToken(authed))
     }
+}
+
+/// The caller of an operation, possibly remembered from an earlier request without asking the
+/// database ([`AccountService::authenticate_remembered`]): for the hot operations (send,
+/// sync) whose service checks the token in the same statement as its own work. The handler
+/// passes [`Caller::unchecked`] on and ends with [`AccountService::settle`]. Same security
+/// schemes as [`AccessToken`].
+///
+/// [`AccountService::authenticate_remembered`]: palpo_service::AccountService::authenticate_remembered
+/// [`AccountService::settle`]: palpo_service::AccountService::settle
+/// [`Caller::unchecked`]: palpo_service::accounts::Caller::unchecked
+pub struct RememberedAccessToken(pub Caller);
+
+impl<'a> ApiExtractor<'a> for RememberedAccessToken {
+    const TYPES: &'static [ApiExtractorType] = AccessToken::TYPES;
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        AccessToken::register(registry);
+    }
+
+    fn security_schemes() -> Vec<&'static str> {
+        AccessToken::security_schemes()
+    }
+
+    async fn from_request(
+        req: &'a Request,
+        _body: &mut RequestBody,
+        _param_opts: ExtractParamOptions<Self::ParamType>,
+    ) -> poem::Result<Self> {
+        let (services, token) = services_and_token(req)?;
+        let caller = services
+            .accounts
+            .authenticate_remembered(&token, client_ip(req).as_deref())
+            .await
+            .map_err(MatrixError::from)?;
+        Ok(RememberedAccessToken(caller))
+    }
+}
+
+/// The services, and the request's access token (401 `M_MISSING_TOKEN` without one).
+fn services_and_token(req: &Request) -> poem::Result<(&Services, String)> {
+    let token = access_token(req).ok_or_else(|| {
+        MatrixError::from(Error::new(ErrorCode::MissingToken, "Missing access token"))
+    })?;
+    let services = req
+        .data::<Services>()
+        .ok_or_else(|| MatrixError::from(Error::internal("services not attached")))?;
+    Ok((services, token))
 }
 
 /// The token from the `Authorization` header, else from the `access_token` query parameter.

@@ -171,6 +171,12 @@ impl Error {
     pub fn unrecognized(status: u16, message: impl Into<String>) -> Self {
         Self::with_status(status, ErrorCode::Unrecognized, message)
     }
+    /// 401 `M_UNKNOWN_TOKEN` for an access token that does not exist (any more): a hard
+    /// logout (`soft_logout: false`), the client must log in again.
+    pub fn unknown_token() -> Self {
+        Self::new(ErrorCode::UnknownToken, "Unknown access token")
+            .with_field("soft_logout", Value::Bool(false))
+    }
     pub fn limit_exceeded(retry_after_ms: u64) -> Self {
         Self::new(ErrorCode::LimitExceeded, "Too many requests")
             .with_field("retry_after_ms", Value::from(retry_after_ms))

@@ -13,10 +13,10 @@ use std::{
 };
 
 use palpo_core::{Error, ErrorCode, Result, now_millis};
-use palpo_storage::{Storage, StorageError, model::AccountDataRecord};
+use palpo_storage::{Storage, model::AccountDataRecord};
 use serde_json::{Map, Value, json};
 
-use crate::notifier::Notifier;
+use crate::{internal, notifier::Notifier};
 
 /// The room account data type that holds the room's tags.
 pub const TAG: &str = "m.tag";
@@ -52,10 +52,6 @@ pub struct AccountDataService {
     notifier: Arc<Notifier>,
     /// Tag changes read, modify and write the room's `m.tag` content: one at a time here.
     tags: tokio::sync::Mutex<()>,
-}
-
-fn internal(e: StorageError) -> Error {
-    Error::internal(e)
 }
 
 /// Only the user themselves may read or write their account data, tags and filters.

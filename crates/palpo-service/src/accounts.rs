@@ -12,7 +12,7 @@ use palpo_core::{Config, Error, ErrorCode, Result, now_millis};
 pub use palpo_storage::model::DeviceRecord;
 use palpo_storage::{
     Storage, StorageError,
-    model::{DeviceLogin, NewUser, ProfileRecord, Removed},
+    model::{DeviceLogin, NewUser, ProfileRecord, Removed, TokenCheck, TokenOwner},
 };
 use serde_json::Value;
 
@@ -21,6 +21,7 @@ use crate::{
     credentials::{
         hash_password, new_access_token, new_device_id, random_string, token_hash, verify_password,
     },
+    internal,
     uia::{self, Uia, UiaRequest},
 };
 
@@ -29,6 +30,16 @@ use crate::{
 pub struct Authed {
     pub user_id: String,
     pub device_id: String,
+}
+
+/// The caller of a request whose handler checks the access token itself, where the request
+/// first touches the database (see [`AccountService::authenticate_remembered`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub authed: Authed,
+    /// `Some` when the token was taken from this process's memory without asking the
+    /// database: it may have been revoked since (by any process), so it is still to check.
+    pub unchecked: Option<TokenCheck>,
 }
 
 /// A password login (`m.login.password` with an `m.id.user` identifier).
@@ -66,6 +77,9 @@ pub struct Session {
 const MAX_PASSWORD_BYTES: usize = 512;
 /// How often a device's "last seen" is written at most.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(300);
+/// Most access tokens a process remembers (see [`AccountService::authenticate_remembered`]);
+/// when full, it starts over.
+const REMEMBERED_TOKENS: usize = 10_000;
 
 pub struct AccountService {
     config: Arc<Config>,
@@ -73,6 +87,9 @@ pub struct AccountService {
     uia: Uia,
     /// When each device's "last seen" was last written, so that not every request writes.
     touched: Mutex<HashMap<(String, String), Instant>>,
+    /// Owners of access tokens (by hash) this process has looked up: a hint, checked where
+    /// each request using it touches the database.
+    remembered: Mutex<HashMap<String, TokenOwner>>,
     /// Told of deleted devices, whose keys and to-device inboxes go with them.
     e2ee: Option<Arc<E2eeService>>,
 }
@@ -89,6 +106,7 @@ impl AccountService {
             storage,
             uia,
             touched: Mutex::new(HashMap::new()),
+            remembered: Mutex::new(HashMap::new()),
             e2ee: None,
         }
     }
@@ -123,15 +141,111 @@ impl AccountService {
             .find_token(&token_hash(access_token))
             .await
             .map_err(internal)?
-            .ok_or_else(|| {
-                Error::new(ErrorCode::UnknownToken, "Unknown access token")
-                    .with_field("soft_logout", Value::Bool(false))
-            })?;
+            .ok_or_else(Error::unknown_token)?;
         self.maybe_touch(&owner.user_id, &owner.device_id, ip).await;
         Ok(Authed {
             user_id: owner.user_id,
             device_id: owner.device_id,
         })
+    }
+
+    /// Resolves an access token from this process's memory of the tokens it looked up, else
+    /// as [`AccountService::authenticate`] (and remembers it). Saves the lookup, a database
+    /// round trip, on the requests clients repeat the most (sends and syncs).
+    ///
+    /// The memory may be stale: another process (or this one) may have logged the device out.
+    /// So a remembered token comes back in [`Caller::unchecked`], and the request must check
+    /// it where it first touches the database, in the same statement or transaction as its
+    /// work (a send in its event's write, a sync in its position read), and report errors only
+    /// after checking it ([`AccountService::settle`]).
+    #[tracing::instrument(skip_all)]
+    pub async fn authenticate_remembered(
+        &self,
+        access_token: &str,
+        ip: Option<&str>,
+    ) -> Result<Caller> {
+        let hash = token_hash(access_token);
+        let remembered = self
+            .remembered
+            .lock()
+            .ok()
+            .and_then(|memory| memory.get(&hash).cloned());
+        if let Some(owner) = remembered {
+            self.maybe_touch(&owner.user_id, &owner.device_id, ip).await;
+            return Ok(Caller {
+                unchecked: Some(TokenCheck {
+                    token_hash: hash,
+                    user_id: owner.user_id.clone(),
+                    device_id: owner.device_id.clone(),
+                }),
+                authed: Authed {
+                    user_id: owner.user_id,
+                    device_id: owner.device_id,
+                },
+            });
+        }
+        let authed = self.authenticate(access_token, ip).await?;
+        if let Ok(mut memory) = self.remembered.lock() {
+            if memory.len() >= REMEMBERED_TOKENS {
+                memory.clear();
+            }
+            memory.insert(
+                hash,
+                TokenOwner {
+                    user_id: authed.user_id.clone(),
+                    device_id: authed.device_id.clone(),
+                },
+            );
+        }
+        Ok(Caller {
+            authed,
+            unchecked: None,
+        })
+    }
+
+    /// Checks a remembered token against the database: 401 `M_UNKNOWN_TOKEN` (and forgotten)
+    /// when it no longer belongs to the caller's device.
+    pub async fn check_token(&self, caller: &Caller) -> Result<()> {
+        let Some(check) = &caller.unchecked else {
+            return Ok(());
+        };
+        let owner = self
+            .storage
+            .devices
+            .find_token(&check.token_hash)
+            .await
+            .map_err(internal)?;
+        if owner.is_some_and(|o| o.user_id == check.user_id && o.device_id == check.device_id) {
+            return Ok(());
+        }
+        self.forget_token(check);
+        Err(Error::unknown_token())
+    }
+
+    fn forget_token(&self, check: &TokenCheck) {
+        if let Ok(mut memory) = self.remembered.lock() {
+            memory.remove(&check.token_hash);
+        }
+    }
+
+    /// The outcome of a request made with a remembered token: a token found gone is forgotten;
+    /// any other error is reported only once the token is checked (a client whose token was
+    /// revoked learns that, not what it could no longer do).
+    pub async fn settle<T>(&self, caller: &Caller, outcome: Result<T>) -> Result<T> {
+        let Err(error) = outcome else {
+            return outcome;
+        };
+        match &caller.unchecked {
+            Some(check) if error.code() == ErrorCode::UnknownToken => {
+                self.forget_token(check);
+                Err(error)
+            }
+            Some(_) => {
+                self.check_token(caller).await?;
+                Err(error)
+            }
+            None => Err(error),
+        }
     }
 
     async fn maybe_touch(&self, user_id: &str, device_id: &str, ip: Option<&str>) {
@@ -566,10 +680,6 @@ fn check_new_password(password: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn internal(err: StorageError) -> Error {
-    Error::internal(err)
 }
 
 /// An argon2 hash of a random password, checked against when the user does not exist.

@@ -25,7 +25,7 @@ use palpo_storage::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::{notifier::Notifier, uia::Uia};
+use crate::{internal, notifier::Notifier, uia::Uia};
 
 pub mod cross_signing;
 
@@ -40,10 +40,6 @@ const SIGNED_CURVE25519: &str = "signed_curve25519";
 const MAX_ALGORITHM_BYTES: usize = 64;
 const MAX_KEY_ID_BYTES: usize = 128;
 const MAX_ID_BYTES: usize = 255;
-
-fn internal(e: StorageError) -> Error {
-    Error::internal(e)
-}
 
 /// Keys a device publishes (`POST /keys/upload`).
 #[derive(Debug, Clone, Default)]

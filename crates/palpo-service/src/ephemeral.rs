@@ -14,12 +14,12 @@ use std::{
 
 use palpo_core::{Error, Result, now_millis};
 use palpo_storage::{
-    Storage, StorageError,
-    model::{EventRecord, PresenceRecord, ReceiptRecord, StreamHeads, TypingRecord},
+    Storage,
+    model::{EventRecord, PresenceRecord, ReceiptRecord, StreamHeads, TokenCheck, TypingRecord},
 };
 use serde_json::{Map, Value, json};
 
-use crate::{RoomService, notifier::Notifier};
+use crate::{RoomService, internal, notifier::Notifier};
 
 mod unread;
 
@@ -126,10 +126,6 @@ pub struct EphemeralService {
     /// active time: while that is recent, a sync setting the same state neither reads nor
     /// writes presence (see [`EphemeralService::presence_on_sync`]).
     presence_seen: Mutex<HashMap<String, (PresenceState, i64)>>,
-}
-
-fn internal(err: StorageError) -> Error {
-    Error::internal(err)
 }
 
 impl EphemeralService {
@@ -243,17 +239,19 @@ impl EphemeralService {
     /// The stream's position for a sync of `user` (on `device`), after typing notifications
     /// that ran out became a change, and the newest change of each kind the sync's sections
     /// read (`None` when typing ran out: the position moved after they were read, so every
-    /// section is read).
+    /// section is read). With `token`, the same statement checks it still belongs to the
+    /// device (401 `M_UNKNOWN_TOKEN` if not).
     pub async fn sync_position(
         &self,
         user: &str,
         device: Option<&str>,
+        token: Option<&TokenCheck>,
     ) -> Result<(i64, Option<StreamHeads>)> {
         let now = now_millis();
         let read = self
             .storage
             .ephemeral
-            .sync_position(now, user, device)
+            .sync_position(now, user, device, token)
             .await
             .map_err(internal)?;
         if !read.typing_due {
@@ -524,6 +522,21 @@ impl EphemeralService {
     /// to do. Another process changing the user's presence meanwhile (`PUT /presence` there)
     /// is noticed at the next touch, a few seconds later at most, as the last active time was
     /// already; this process's own `PUT /presence` forgets what it remembered.
+    /// Whether [`EphemeralService::presence_on_sync`] may touch the database (it has not
+    /// recorded this presence recently); an invalid `set_presence` is left to it.
+    pub fn presence_on_sync_due(&self, user: &str, set_presence: Option<&str>) -> bool {
+        match set_presence.map(PresenceState::parse).transpose() {
+            Ok(Some(PresenceState::Offline)) => false,
+            Ok(state) => !self.presence_is_fresh(
+                user,
+                state.unwrap_or(PresenceState::Online),
+                now_millis(),
+                self.touch_every_ms(),
+            ),
+            Err(_) => true,
+        }
+    }
+
     pub async fn presence_on_sync(&self, user: &str, set_presence: Option<&str>) -> Result<()> {
         let state = match set_presence {
             None => PresenceState::Online,

@@ -26,6 +26,15 @@ pub use rooms::RoomService;
 pub use sync::SyncService;
 
 /// The capacity of an in-process LRU cache (at least 1).
+/// A storage failure as a Matrix error: an access token found gone (checked where the request
+/// first touched the database) is 401 `M_UNKNOWN_TOKEN`; anything else is internal.
+pub(crate) fn internal(err: palpo_storage::StorageError) -> palpo_core::Error {
+    match err {
+        palpo_storage::StorageError::UnknownToken => palpo_core::Error::unknown_token(),
+        err => palpo_core::Error::internal(err),
+    }
+}
+
 pub(crate) const fn cache_capacity(entries: usize) -> std::num::NonZeroUsize {
     match std::num::NonZeroUsize::new(entries) {
         Some(n) => n,

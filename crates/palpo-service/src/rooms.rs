@@ -27,7 +27,7 @@ use std::{
 };
 
 use palpo_core::{Config, Error, Result};
-use palpo_storage::{Storage, StorageError};
+use palpo_storage::Storage;
 use ruma::{RoomVersionId, room_version_rules::RoomVersionRules};
 
 pub use create::{CreateRoom, InitialState, Preset};
@@ -37,7 +37,7 @@ pub use read::{MessagesPage, MessagesQuery, TimelineFilter, parse_token, token};
 pub use sync::{InvitedRoom, JoinedRoom, LeftRoom, RoomSummary, SyncRequest, SyncRooms, Timeline};
 pub use timeline::EventDraft;
 
-use crate::{keys::ServerKeys, notifier::Notifier};
+use crate::{internal, keys::ServerKeys, notifier::Notifier};
 
 /// Room versions this server understands, as `(version, stable)`.
 pub const ROOM_VERSIONS: &[&str] = &[
@@ -221,8 +221,4 @@ fn unsupported_version(version: &str) -> Error {
         palpo_core::ErrorCode::UnsupportedRoomVersion,
         format!("Room version {version} is not supported"),
     )
-}
-
-fn internal(err: StorageError) -> Error {
-    Error::internal(err)
 }

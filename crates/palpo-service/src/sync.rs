@@ -13,7 +13,7 @@ use std::{
 };
 
 use palpo_core::{Error, Result};
-use palpo_storage::model::StreamHeads;
+use palpo_storage::model::{StreamHeads, TokenCheck};
 use serde_json::Value;
 
 mod sliding;
@@ -375,10 +375,16 @@ impl SyncService {
         &self,
         user: &str,
         device: Option<&str>,
+        token: Option<&TokenCheck>,
     ) -> Result<(i64, Option<StreamHeads>)> {
         match &self.ephemeral {
-            Some(ephemeral) => ephemeral.sync_position(user, device).await,
-            None => Ok((self.rooms.stream_position().await?, None)),
+            Some(ephemeral) => ephemeral.sync_position(user, device, token).await,
+            None => {
+                if let Some(token) = token {
+                    self.rooms.check_token(token).await?;
+                }
+                Ok((self.rooms.stream_position().await?, None))
+            }
         }
     }
 
@@ -429,17 +435,20 @@ impl SyncService {
 
     #[tracing::instrument(skip_all, fields(user = %user))]
     pub async fn sync(&self, user: &str, options: &SyncOptions) -> Result<SyncResponse> {
-        self.sync_device(user, None, options).await
+        self.sync_device(user, None, options, None).await
     }
 
     /// `/sync` for a device: as [`SyncService::sync`], with the device's to-device messages,
-    /// device-list changes and key counts.
+    /// device-list changes and key counts. With `token` (an access token remembered without
+    /// asking the database), every read of the position checks it still belongs to the
+    /// device, so a token revoked meanwhile ends the sync with 401 `M_UNKNOWN_TOKEN`.
     #[tracing::instrument(skip_all, fields(user = %user))]
     pub async fn sync_device(
         &self,
         user: &str,
         device: Option<&str>,
         options: &SyncOptions,
+        token: Option<&TokenCheck>,
     ) -> Result<SyncResponse> {
         let since = options.since.as_deref().map(SyncToken::parse).transpose()?;
         let deadline = tokio::time::Instant::now() + options.timeout.min(MAX_TIMEOUT);
@@ -449,7 +458,7 @@ impl SyncService {
             let ephemeral = self.notifier.ephemeral_serial();
             // A long-poll that starts where the stream is has nothing to answer yet: wait
             // without reading every section first.
-            let (upto, heads) = self.current_position(user, device).await?;
+            let (upto, heads) = self.current_position(user, device, token).await?;
             if let Some(since) = since
                 && upto == since.stream
                 && since.ephemeral == ephemeral

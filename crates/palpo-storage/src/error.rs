@@ -1,11 +1,18 @@
 use thiserror::Error;
 
-/// A storage failure. Callers branch only on [`StorageError::Conflict`]; the rest are internal.
+/// A storage failure. Callers branch only on [`StorageError::Conflict`] and
+/// [`StorageError::UnknownToken`]; the rest are internal.
 #[derive(Debug, Error)]
 pub enum StorageError {
     /// A unique key already exists (user id taken, device id reused...).
     #[error("already exists: {0}")]
     Conflict(String),
+    /// The access token a write or read was asked to check (a [`TokenCheck`]) is gone: its
+    /// device logged out (in any process). Nothing was written for it.
+    ///
+    /// [`TokenCheck`]: crate::model::TokenCheck
+    #[error("the access token is no longer valid")]
+    UnknownToken,
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migration error: {0}")]

@@ -66,6 +66,16 @@ pub struct TokenOwner {
     pub device_id: String,
 }
 
+/// An access token a process took on trust from its memory: where the request first touches
+/// the database it is checked to still belong to `user_id`'s `device_id` (in the same
+/// statement or transaction, so that a token revoked by any process is refused exactly).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenCheck {
+    pub token_hash: String,
+    pub user_id: String,
+    pub device_id: String,
+}
+
 /// What a delete removed, so that caches can forget it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Removed {

@@ -273,11 +273,14 @@ pub trait EphemeralRepo: Send + Sync {
     /// The global stream's position, whether a typing notification ran out by `now` (which
     /// [`EphemeralRepo::expire_typing`] would announce), and the newest change of each kind a
     /// sync of `user_id` (and `device_id`) reads, in one statement: what every sync asks first.
+    /// With `token`, the same statement checks the access token still belongs to the device
+    /// ([`StorageError::UnknownToken`](crate::StorageError::UnknownToken) if not).
     async fn sync_position(
         &self,
         now: i64,
         user_id: &str,
         device_id: Option<&str>,
+        token: Option<&crate::model::TokenCheck>,
     ) -> Result<crate::model::SyncPosition>;
 
     async fn get_presence(&self, user_id: &str) -> Result<Option<crate::model::PresenceRecord>>;

@@ -712,6 +712,7 @@ pub fn event_on(
         redacts: None,
         txn: None,
         thread_id: None,
+        sent_with: None,
     }
 }
 

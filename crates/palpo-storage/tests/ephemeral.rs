@@ -235,7 +235,7 @@ async fn typing(s: Storage) {
 async fn due(s: &Storage, now: i64) -> (i64, bool) {
     let read = s
         .ephemeral
-        .sync_position(now, "@a:test", None)
+        .sync_position(now, "@a:test", None, None)
         .await
         .expect("position");
     (read.position, read.typing_due)

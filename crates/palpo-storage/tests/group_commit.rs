@@ -5,7 +5,7 @@
 use palpo_storage::{
     Backend, Storage, StorageError,
     db::{CHECKPOINT_EVERY_EVENTS, Pool},
-    model::{NewEvent, RoomRecord, TxnKey},
+    model::{DeviceLogin, NewEvent, NewUser, RoomRecord, TokenCheck, TxnKey},
     testing::{self, event_on},
 };
 
@@ -15,6 +15,7 @@ palpo_storage::conformance!(
     failed_batch_writes_nothing,
     redaction_of_an_event_in_the_same_batch,
     the_writer_checkpoints_the_log_after_enough_events,
+    events_sent_with_a_revoked_token_write_nothing,
 );
 
 const ROOM_A: &str = "!a:test";
@@ -335,4 +336,113 @@ async fn the_writer_checkpoints_the_log_after_enough_events(s: Storage) {
         grown > log,
         "{grown} frames after more events, {log} before"
     );
+}
+
+/// Logs `user_id`'s device `device_id` in with the token hashed `token_hash`.
+async fn logged_in(s: &Storage, user_id: &str, device_id: &str, token_hash: &str) -> TokenCheck {
+    s.users
+        .create_user(&NewUser {
+            user_id: user_id.to_owned(),
+            password_hash: None,
+            is_admin: false,
+            created_at: 1,
+        })
+        .await
+        .expect("create user");
+    s.devices
+        .login_device(&DeviceLogin {
+            user_id: user_id.to_owned(),
+            device_id: device_id.to_owned(),
+            display_name: None,
+            token_hash: token_hash.to_owned(),
+            ip: None,
+            now: 1,
+        })
+        .await
+        .expect("login");
+    TokenCheck {
+        token_hash: token_hash.to_owned(),
+        user_id: user_id.to_owned(),
+        device_id: device_id.to_owned(),
+    }
+}
+
+/// Events whose sender was remembered from an access token: the batch writes those whose token
+/// still belongs to the device and refuses the others (`UnknownToken`, nothing written), and
+/// the sync position read checks the token the same way.
+async fn events_sent_with_a_revoked_token_write_nothing(s: Storage) {
+    let (a, b) = two_rooms(&s).await;
+    let live = logged_in(&s, "@a:test", "LIVE", "live-hash").await;
+    let revoked = logged_in(&s, "@d:test", "GONE", "gone-hash").await;
+    s.devices
+        .delete_devices("@d:test", &["GONE".to_owned()])
+        .await
+        .expect("log out");
+    // A token that exists, but is another device's than the one remembered.
+    let wrong_device = TokenCheck {
+        device_id: "OTHER".into(),
+        ..live.clone()
+    };
+    let before = s.rooms.max_stream_ordering().await.expect("max");
+
+    let ok = NewEvent {
+        sent_with: Some(live.clone()),
+        ..event_on(&a, "$live", MESSAGE, "@a:test", 10)
+    };
+    let refused = NewEvent {
+        sent_with: Some(revoked.clone()),
+        ..event_on(&b, "$revoked", MESSAGE, "@d:test", 10)
+    };
+    let misattributed = NewEvent {
+        sent_with: Some(wrong_device.clone()),
+        prev_events: vec!["$live".into()],
+        expected_write_version: a.write_version + 1,
+        ..event_on(&a, "$wrong-device", MESSAGE, "@a:test", 11)
+    };
+    let outcomes = s
+        .rooms
+        .persist_events(&[ok, refused, misattributed])
+        .await
+        .expect("batch");
+    assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
+    assert!(
+        matches!(outcomes[1], Err(StorageError::UnknownToken)),
+        "{:?}",
+        outcomes[1]
+    );
+    assert!(
+        matches!(outcomes[2], Err(StorageError::UnknownToken)),
+        "{:?}",
+        outcomes[2]
+    );
+    assert!(s.rooms.get_event("$live").await.expect("read").is_some());
+    for refused in ["$revoked", "$wrong-device"] {
+        assert!(
+            s.rooms.get_event(refused).await.expect("read").is_none(),
+            "{refused} was written"
+        );
+    }
+    assert_eq!(
+        s.rooms.max_stream_ordering().await.expect("max"),
+        before + 1
+    );
+    // Room B did not move: its next event builds on its head as it was.
+    let b_after = room(&s, ROOM_B).await;
+    assert_eq!(b_after.write_version, b.write_version);
+
+    // The sync's position read checks the token in the same statement.
+    let read = s
+        .ephemeral
+        .sync_position(1, "@a:test", Some("LIVE"), Some(&live))
+        .await
+        .expect("live token");
+    assert!(read.position > before, "{read:?}");
+    for gone in [&revoked, &wrong_device] {
+        assert!(matches!(
+            s.ephemeral
+                .sync_position(1, &gone.user_id, Some(&gone.device_id), Some(gone))
+                .await,
+            Err(StorageError::UnknownToken)
+        ));
+    }
 }

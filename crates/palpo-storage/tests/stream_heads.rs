@@ -20,7 +20,7 @@ const BOB: &str = "@bob:test";
 
 async fn position(s: &Storage) -> SyncPosition {
     s.ephemeral
-        .sync_position(1, ALICE, Some("A1"))
+        .sync_position(1, ALICE, Some("A1"), None)
         .await
         .expect("sync position")
 }
@@ -110,7 +110,7 @@ async fn each_writer_moves_its_head(s: Storage) {
     moved_to("typing", &receipt, &typing, |h| h.typing);
     assert!(
         s.ephemeral
-            .sync_position(11, ALICE, Some("A1"))
+            .sync_position(11, ALICE, Some("A1"), None)
             .await
             .expect("later")
             .typing_due,

@@ -21,7 +21,11 @@ use poem_openapi::{
 };
 use serde_json::{Map, Value};
 
-use crate::{ApiTags, AppState, auth::AccessToken, error::ApiResult};
+use crate::{
+    ApiTags, AppState,
+    auth::{AccessToken, RememberedAccessToken},
+    error::ApiResult,
+};
 
 /// A free-form JSON object: event content, a profile, an override of power levels.
 pub type JsonObject = BTreeMap<String, Value>;
@@ -400,24 +404,37 @@ impl RoomsApi {
     async fn send_message(
         &self,
         state: Data<&Arc<AppState>>,
-        auth: AccessToken,
+        auth: RememberedAccessToken,
         #[oai(name = "roomId")] room_id: Path<String>,
         #[oai(name = "eventType")] event_type: Path<String>,
         #[oai(name = "txnId")] txn_id: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<Json<EventIdResponse>> {
-        let event_id = state
-            .services
-            .rooms
-            .send_message(
-                &auth.0.user_id,
-                &auth.0.device_id,
-                &room_id.0,
-                &event_type.0,
-                &txn_id.0,
-                object_value(body.0),
-            )
-            .await?;
+        let (services, caller) = (&state.services, &auth.0);
+        let content = object_value(body.0);
+        // A remembered token is checked in the event's own transaction.
+        let sent = match &caller.unchecked {
+            Some(token) => {
+                services
+                    .rooms
+                    .send_message_checking(token, &room_id.0, &event_type.0, &txn_id.0, content)
+                    .await
+            }
+            None => {
+                services
+                    .rooms
+                    .send_message(
+                        &caller.authed.user_id,
+                        &caller.authed.device_id,
+                        &room_id.0,
+                        &event_type.0,
+                        &txn_id.0,
+                        content,
+                    )
+                    .await
+            }
+        };
+        let event_id = services.accounts.settle(caller, sent).await?;
         Ok(Json(EventIdResponse { event_id }))
     }
 

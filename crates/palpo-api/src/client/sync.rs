@@ -4,6 +4,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use palpo_core::Error;
 use palpo_service::{
+    Services,
+    accounts::Caller,
     ephemeral::UnreadCounts,
     filter::SyncFilter,
     rooms::{InvitedRoom, JoinedRoom, LeftRoom, Timeline as RoomTimeline},
@@ -13,7 +15,7 @@ use poem::web::Data;
 use poem_openapi::{Object, OpenApi, param::Query, payload::Json};
 use serde_json::Value;
 
-use crate::{ApiTags, AppState, auth::AccessToken, error::ApiResult};
+use crate::{ApiTags, AppState, auth::RememberedAccessToken, error::ApiResult};
 
 /// A list of events.
 #[derive(Debug, Object, Default)]
@@ -300,7 +302,7 @@ impl SyncApi {
     async fn sync(
         &self,
         state: Data<&Arc<AppState>>,
-        auth: AccessToken,
+        auth: RememberedAccessToken,
         /// A token from a previous sync's `next_batch`.
         since: Query<Option<String>>,
         /// Milliseconds to wait for something new (default 0).
@@ -318,55 +320,103 @@ impl SyncApi {
         #[oai(default)]
         use_state_after: Query<bool>,
     ) -> ApiResult<Json<SyncResponse>> {
-        if let Some(presence) = set_presence.0.as_deref()
-            && !matches!(presence, "online" | "offline" | "unavailable")
-        {
-            return Err(Error::invalid_param(
-                "set_presence must be online, offline or unavailable",
+        let (services, caller) = (&state.services, &auth.0);
+        // A remembered token is checked by the sync's first read of the position; errors
+        // before that are reported once it is checked.
+        let synced = async {
+            if let Some(presence) = set_presence.0.as_deref()
+                && !matches!(presence, "online" | "offline" | "unavailable")
+            {
+                return Err(Error::invalid_param(
+                    "set_presence must be online, offline or unavailable",
+                ));
+            }
+            let parsed = match filter.0.as_deref() {
+                Some(inline) if inline.trim_start().starts_with('{') => {
+                    parse_inline_filter(inline)?
+                }
+                // A stored filter of the user; an unknown id is 400 `M_INVALID_PARAM`.
+                Some(filter_id) => parse_filter(
+                    &services
+                        .account_data
+                        .sync_filter(&caller.authed.user_id, filter_id)
+                        .await?,
+                )?,
+                None => SyncFilter::default(),
+            };
+            sync_as(
+                services,
+                caller,
+                SyncParams {
+                    since: since.0,
+                    timeout: timeout.0,
+                    full_state: full_state.0,
+                    set_presence: set_presence.0,
+                    filter_key: filter.0.unwrap_or_default(),
+                    filter: parsed,
+                    use_state_after: use_state_after.0,
+                },
             )
-            .into());
+            .await
         }
-        let parsed = match filter.0.as_deref() {
-            Some(inline) if inline.trim_start().starts_with('{') => parse_inline_filter(inline)?,
-            // A stored filter of the user; an unknown id is 400 `M_INVALID_PARAM`.
-            Some(filter_id) => parse_filter(
-                &state
-                    .services
-                    .account_data
-                    .sync_filter(&auth.0.user_id, filter_id)
-                    .await?,
-            )?,
-            None => SyncFilter::default(),
-        };
-        let mut options = SyncOptions::new(
-            since.0,
-            Duration::from_millis(timeout.0.unwrap_or(0)),
-            full_state.0,
-            parsed,
-        );
-        options.rooms.use_state_after = use_state_after.0;
-        // Lazy-loaded members are remembered per device and filter.
-        options.lazy_members_key = Some((
-            auth.0.device_id.clone(),
-            filter.0.clone().unwrap_or_default(),
-        ));
-        state
-            .services
-            .ephemeral
-            .presence_on_sync(&auth.0.user_id, set_presence.0.as_deref())
-            .await?;
-        let response: SyncResponse = state
-            .services
-            .sync
-            .sync_device(&auth.0.user_id, Some(&auth.0.device_id), &options)
-            .await?
-            .into();
-        Ok(Json(if use_state_after.0 {
-            response.state_after()
-        } else {
-            response
-        }))
+        .await;
+        Ok(Json(services.accounts.settle(caller, synced).await?))
     }
+}
+
+/// The parameters of a `/sync`, once its filter is parsed.
+struct SyncParams {
+    since: Option<String>,
+    timeout: Option<u64>,
+    full_state: bool,
+    set_presence: Option<String>,
+    /// The filter as the client gave it (id or inline JSON): lazy-loaded members are
+    /// remembered per device and filter.
+    filter_key: String,
+    filter: SyncFilter,
+    use_state_after: bool,
+}
+
+/// `/sync` for `caller`, with its filter parsed.
+async fn sync_as(
+    services: &Services,
+    caller: &Caller,
+    params: SyncParams,
+) -> palpo_core::Result<SyncResponse> {
+    let user_id = &caller.authed.user_id;
+    let presence = params.set_presence.as_deref();
+    // Marking the user present writes; a remembered token is checked before, unless the
+    // presence was recorded recently (then nothing is written).
+    if services.ephemeral.presence_on_sync_due(user_id, presence) {
+        services.accounts.check_token(caller).await?;
+    }
+    let mut options = SyncOptions::new(
+        params.since,
+        Duration::from_millis(params.timeout.unwrap_or(0)),
+        params.full_state,
+        params.filter,
+    );
+    options.rooms.use_state_after = params.use_state_after;
+    options.lazy_members_key = Some((caller.authed.device_id.clone(), params.filter_key));
+    services
+        .ephemeral
+        .presence_on_sync(user_id, presence)
+        .await?;
+    let response: SyncResponse = services
+        .sync
+        .sync_device(
+            user_id,
+            Some(&caller.authed.device_id),
+            &options,
+            caller.unchecked.as_ref(),
+        )
+        .await?
+        .into();
+    Ok(if params.use_state_after {
+        response.state_after()
+    } else {
+        response
+    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! profile data a member event carries.
 
 use palpo_core::{Error, Result};
-use palpo_storage::model::TxnKey;
+use palpo_storage::model::{TokenCheck, TxnKey};
 use serde_json::Value;
 
 use super::{RoomService, create::member_draft, internal, timeline::EventDraft};
@@ -243,6 +243,24 @@ impl RoomService {
     ) -> Result<String> {
         let draft = EventDraft::message(event_type, content);
         self.append(room_id, sender, draft, Some(txn(sender, device_id, txn_id)))
+            .await
+    }
+
+    /// [`RoomService::send_message`] for a sender remembered from its access token without
+    /// asking the database: the event is written only if `token` still belongs to its
+    /// device, checked in the event's transaction (401 `M_UNKNOWN_TOKEN` if not).
+    pub async fn send_message_checking(
+        &self,
+        token: &TokenCheck,
+        room_id: &str,
+        event_type: &str,
+        txn_id: &str,
+        content: Value,
+    ) -> Result<String> {
+        let (sender, device_id) = (&token.user_id, &token.device_id);
+        let draft = EventDraft::message(event_type, content);
+        let txn = txn(sender, device_id, txn_id);
+        self.append_checking(room_id, sender, draft, Some(txn), Some(token))
             .await
     }
 

@@ -62,6 +62,7 @@ impl RoomService {
                 redacts: None,
                 txn: None,
                 thread_id: None,
+                sent_with: None,
             })
             .await
             .map_err(internal)?;

@@ -9,7 +9,7 @@ use std::{
 use palpo_core::{Error, ErrorCode, Result, now_millis};
 use palpo_storage::{
     RoomWriteLock, StorageError,
-    model::{NewEvent, PersistedEvent, RoomRecord, StateMap, TxnKey},
+    model::{NewEvent, PersistedEvent, RoomRecord, StateMap, TokenCheck, TxnKey},
 };
 use ruma::{
     CanonicalJsonObject, OwnedEventId,
@@ -123,17 +123,56 @@ impl RoomService {
         draft: EventDraft,
         txn: Option<TxnKey>,
     ) -> Result<String> {
+        self.append_checking(room_id, sender, draft, txn, None)
+            .await
+    }
+
+    /// [`RoomService::append`] for a sender taken on trust from memory: the event is written
+    /// only if `sent_with` (the send's access token) still belongs to the sender's device,
+    /// checked in the write's transaction; else 401 `M_UNKNOWN_TOKEN`.
+    pub(crate) async fn append_checking(
+        &self,
+        room_id: &str,
+        sender: &str,
+        draft: EventDraft,
+        txn: Option<TxnKey>,
+        sent_with: Option<&TokenCheck>,
+    ) -> Result<String> {
         check_draft(&draft)?;
         // Transaction ids are not looked up before building: a retry is rare, and the write
         // itself detects a used one (the id's insert conflicts, nothing is written). A retry
         // that can no longer be built (the sender left the room, say) still gets the event
         // the first attempt created.
-        match self.append_once(room_id, sender, draft, txn.as_ref()).await {
+        match self
+            .append_once(room_id, sender, draft, txn.as_ref(), sent_with)
+            .await
+        {
+            Err(e) if e.code() == ErrorCode::UnknownToken => Err(e),
             Err(e) if txn.is_some() => match self.txn_event(txn.as_ref()).await? {
-                Some(event_id) => Ok(event_id),
+                Some(event_id) => {
+                    // Answered without writing: the token is checked on its own.
+                    if let Some(token) = sent_with {
+                        self.check_token(token).await?;
+                    }
+                    Ok(event_id)
+                }
                 None => Err(e),
             },
             outcome => outcome,
+        }
+    }
+
+    /// 401 `M_UNKNOWN_TOKEN` unless the access token still belongs to the checked device.
+    pub(crate) async fn check_token(&self, token: &TokenCheck) -> Result<()> {
+        let owner = self
+            .storage
+            .devices
+            .find_token(&token.token_hash)
+            .await
+            .map_err(internal)?;
+        match owner {
+            Some(o) if o.user_id == token.user_id && o.device_id == token.device_id => Ok(()),
+            _ => Err(Error::unknown_token()),
         }
     }
 
@@ -151,6 +190,7 @@ impl RoomService {
         sender: &str,
         draft: EventDraft,
         txn: Option<&TxnKey>,
+        sent_with: Option<&TokenCheck>,
     ) -> Result<String> {
         let lock = self.room_lock(room_id);
         // The first attempt builds on the head this process kept and is written with other
@@ -190,7 +230,7 @@ impl RoomService {
                 .await?;
             self.authorize(&rules, &built.pdu, &state).await?;
             let event = self
-                .new_event(&head.room, &built, &draft, txn.cloned())
+                .new_event(&head.room, &built, &draft, txn.cloned(), sent_with.cloned())
                 .await?;
             let outcome = match db_lock {
                 Some(lock) if lock.holds_room() => {
@@ -220,6 +260,11 @@ impl RoomService {
                         self.keep_head(head);
                     }
                     return Ok(built.event_id);
+                }
+                Err(StorageError::UnknownToken) => {
+                    // Nothing was written; events built on this one are built again.
+                    self.forget_head(room_id);
+                    return Err(Error::unknown_token());
                 }
                 Err(StorageError::Conflict(what)) if what == "transaction id" => {
                     // A retry of a send that was written: `append` answers with its event.
@@ -350,6 +395,7 @@ impl RoomService {
         built: &BuiltEvent,
         draft: &EventDraft,
         txn: Option<TxnKey>,
+        sent_with: Option<TokenCheck>,
     ) -> Result<NewEvent> {
         let membership = (draft.event_type == "m.room.member")
             .then(|| draft.content.get("membership").and_then(Value::as_str))
@@ -380,6 +426,7 @@ impl RoomService {
             redacts: built.pdu.redacts.as_ref().map(ToString::to_string),
             txn,
             thread_id,
+            sent_with,
         })
     }
 
@@ -391,7 +438,7 @@ impl RoomService {
         built: &BuiltEvent,
         draft: &EventDraft,
     ) -> Result<PersistedEvent> {
-        let event = self.new_event(room, built, draft, None).await?;
+        let event = self.new_event(room, built, draft, None, None).await?;
         let persisted = self.persister.submit(event).await.map_err(internal)?;
         self.notifier.stream_advanced(persisted.stream_ordering);
         Ok(persisted)

@@ -90,6 +90,12 @@ pub struct NewEvent {
     pub txn: Option<TxnKey>,
     /// The thread (root event id) the event belongs to; `None` for the main timeline.
     pub thread_id: Option<String>,
+    /// The access token of the send, when the sender was taken on trust from memory: the
+    /// event is written only if the token still belongs to that device, checked in the
+    /// write's transaction (else the outcome is [`StorageError::UnknownToken`]).
+    ///
+    /// [`StorageError::UnknownToken`]: crate::StorageError::UnknownToken
+    pub sent_with: Option<super::TokenCheck>,
 }
 
 impl NewEvent {

@@ -18,7 +18,7 @@ use crate::{
     error::{Result, StorageError},
     model::{
         EventRecord, PresenceRecord, ReadPosition, ReceiptRecord, StreamHeads, SyncPosition,
-        TypingRecord,
+        TokenCheck, TypingRecord,
     },
     on_pool, on_tx,
     repo::EphemeralRepo,
@@ -344,6 +344,7 @@ impl EphemeralRepo for SqlStore {
         now: i64,
         user_id: &str,
         device_id: Option<&str>,
+        token: Option<&TokenCheck>,
     ) -> Result<SyncPosition> {
         // Each head is the end of an index (`MAX` of its leading column, or of the last one
         // after equalities), so this stays a handful of index lookups however large the
@@ -359,6 +360,7 @@ impl EphemeralRepo for SqlStore {
             Option<i64>,
             Option<i64>,
             Option<i64>,
+            i64,
         );
         let row: Row = on_pool!(
             self.db.fresh(),
@@ -371,7 +373,9 @@ impl EphemeralRepo for SqlStore {
              (SELECT MAX(stream_position) FROM to_device_messages \
               WHERE user_id = ? AND device_id = ?), \
              (SELECT MAX(stream_position) FROM device_list_changes), \
-             (SELECT MAX(stream_ordering) FROM room_memberships) \
+             (SELECT MAX(stream_ordering) FROM room_memberships), \
+             (SELECT COUNT(*) FROM access_tokens \
+              WHERE token_hash = ? AND user_id = ? AND device_id = ?) \
              FROM id_counters WHERE name = ?",
             |p, sql| {
                 sqlx::query_as(sql)
@@ -379,13 +383,29 @@ impl EphemeralRepo for SqlStore {
                     .bind(user_id)
                     .bind(user_id)
                     .bind(device_id.unwrap_or_default())
+                    .bind(token.map_or("", |t| t.token_hash.as_str()))
+                    .bind(token.map_or("", |t| t.user_id.as_str()))
+                    .bind(token.map_or("", |t| t.device_id.as_str()))
                     .bind(STREAM)
                     .fetch_one(p)
                     .await?
             }
         );
-        let (position, due, typing, receipts, presence, account_data, to_device, lists, members) =
-            row;
+        let (
+            position,
+            due,
+            typing,
+            receipts,
+            presence,
+            account_data,
+            to_device,
+            lists,
+            members,
+            token_found,
+        ) = row;
+        if token.is_some() && token_found == 0 {
+            return Err(StorageError::UnknownToken);
+        }
         Ok(SyncPosition {
             position,
             typing_due: due > 0,

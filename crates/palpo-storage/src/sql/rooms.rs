@@ -11,7 +11,7 @@ use crate::{
     error::{Result, StorageError},
     model::{
         AliasRecord, Direction, EventRecord, MembershipRecord, NewEvent, NewRoom, PersistedEvent,
-        ProfileRecord, RoomRecord, SigningKeyRecord, StateMap, TxnKey,
+        ProfileRecord, RoomRecord, SigningKeyRecord, StateMap, TokenCheck, TxnKey,
     },
     on_pool, on_tx,
     repo::{AliasRepo, KeyRepo, ProfileRepo, RoomRepo},
@@ -213,6 +213,8 @@ struct BatchReads {
     extremities: HashMap<String, HashSet<String>>,
     /// The batch's transaction ids that earlier sends used.
     used_txns: HashSet<TxnKey>,
+    /// Of the access tokens the batch's events are sent with, those that still exist.
+    live_tokens: HashSet<TokenCheck>,
     /// SQLite only: the `events_stream` counter as read with the rest. The batch writes its
     /// new value with its other deferred writes instead of taking it in a query of its own
     /// (the process's one writer connection runs one write transaction at a time; another
@@ -230,8 +232,14 @@ async fn batch_reads(
     events: &[&NewEvent],
 ) -> Result<BatchReads> {
     let keys: Vec<&TxnKey> = events.iter().filter_map(|e| e.txn.as_ref()).collect();
+    let mut tokens: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e.sent_with.as_ref().map(|t| t.token_hash.as_str()))
+        .collect();
+    tokens.sort_unstable();
+    tokens.dedup();
     if let (Tx::Sqlite(sqlite), None) = (&mut *tx, &locked) {
-        return sqlite_batch_reads(sqlite, room_ids, &head_rooms(events), &keys).await;
+        return sqlite_batch_reads(sqlite, room_ids, &head_rooms(events), &keys, &tokens).await;
     }
     let locked = match locked {
         Some(locked) => locked,
@@ -241,6 +249,7 @@ async fn batch_reads(
         locked,
         extremities: forward_extremities_of(tx, &head_rooms(events)).await?,
         used_txns: used_txn_ids(tx, &keys).await?,
+        live_tokens: live_tokens(tx, &tokens).await?,
         stream_counter: None,
     })
 }
@@ -252,11 +261,13 @@ async fn sqlite_batch_reads(
     room_ids: &[&str],
     head_rooms: &[&str],
     keys: &[&TxnKey],
+    tokens: &[&str],
 ) -> Result<BatchReads> {
     const ROOM: i64 = 0;
     const EXTREMITY: i64 = 1;
     const TXN: i64 = 2;
     const COUNTER: i64 = 3;
+    const TOKEN: i64 = 4;
     let mut parts = vec![format!(
         "SELECT {ROOM}, room_id, NULL, NULL, write_version, state_group FROM rooms \
          WHERE room_id IN ({})",
@@ -273,6 +284,13 @@ async fn sqlite_batch_reads(
         parts.push(format!(
             "SELECT {TXN}, user_id, device_id, txn_id, NULL, NULL FROM event_transactions WHERE {}",
             txn_keys_condition(keys.len())
+        ));
+    }
+    if !tokens.is_empty() {
+        parts.push(format!(
+            "SELECT {TOKEN}, token_hash, user_id, device_id, NULL, NULL FROM access_tokens \
+             WHERE token_hash IN ({})",
+            placeholders(tokens.len())
         ));
     }
     parts.push(format!(
@@ -303,11 +321,15 @@ async fn sqlite_batch_reads(
             .bind(&key.device_id)
             .bind(&key.txn_id);
     }
+    for token in tokens {
+        query = query.bind(*token);
+    }
     let rows = query.fetch_all(tx.conn()).await?;
     let mut reads = BatchReads {
         locked: room_ids.iter().map(|id| ((*id).to_owned(), None)).collect(),
         extremities: HashMap::new(),
         used_txns: HashSet::new(),
+        live_tokens: HashSet::new(),
         stream_counter: None,
     };
     let corrupt = || StorageError::Corrupt("unexpected row in a batch's reads".into());
@@ -328,6 +350,13 @@ async fn sqlite_batch_reads(
                     user_id,
                     device_id,
                     txn_id,
+                });
+            }
+            (TOKEN, Some(token_hash), Some(user_id), Some(device_id), _) => {
+                reads.live_tokens.insert(TokenCheck {
+                    token_hash,
+                    user_id,
+                    device_id,
                 });
             }
             (COUNTER, _, _, _, Some(value)) => reads.stream_counter = Some(value),
@@ -398,6 +427,32 @@ async fn used_txn_ids(tx: &mut Tx, keys: &[&TxnKey]) -> Result<HashSet<TxnKey>> 
             user_id: user_id.0,
             device_id: device_id.0,
             txn_id: txn_id.0,
+        })
+        .collect())
+}
+
+/// Of the access tokens with hashes `token_hashes`, those that still exist (with their owners).
+async fn live_tokens(tx: &mut Tx, token_hashes: &[&str]) -> Result<HashSet<TokenCheck>> {
+    if token_hashes.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = format!(
+        "SELECT token_hash, user_id, device_id FROM access_tokens WHERE token_hash IN ({})",
+        placeholders(token_hashes.len())
+    );
+    let rows: Vec<(Text, Text, Text)> = on_tx!(tx, &sql, |c, sql| {
+        let mut query = sqlx::query_as(sql);
+        for token_hash in token_hashes {
+            query = query.bind(*token_hash);
+        }
+        query.fetch_all(&mut *c).await?
+    });
+    Ok(rows
+        .into_iter()
+        .map(|(token_hash, user_id, device_id)| TokenCheck {
+            token_hash: token_hash.0,
+            user_id: user_id.0,
+            device_id: device_id.0,
         })
         .collect())
 }
@@ -789,6 +844,7 @@ impl SqlStore {
             locked,
             mut extremities,
             mut used_txns,
+            live_tokens,
             stream_counter,
         } = reads;
         let mut writes = DeferredWrites::default();
@@ -797,6 +853,14 @@ impl SqlStore {
         let mut outcomes: Vec<Result<PersistedEvent>> = Vec::with_capacity(events.len());
         let mut written: Vec<usize> = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
+            if let Some(token) = &event.sent_with
+                && !live_tokens.contains(token)
+            {
+                // Logged out since this process last looked the token up (the events built
+                // on this one fail the extremities check below and are built again).
+                outcomes.push(Err(StorageError::UnknownToken));
+                continue;
+            }
             let Some(Some((write_version, state_group))) = locked.get(&event.room_id) else {
                 outcomes.push(Err(StorageError::Conflict(format!(
                     "no room {}",
