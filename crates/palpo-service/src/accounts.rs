@@ -19,7 +19,8 @@ use serde_json::Value;
 use crate::{
     E2eeService,
     credentials::{
-        hash_password, new_access_token, new_device_id, random_string, token_hash, verify_password,
+        self, hash_password, new_access_token, new_device_id, random_string, token_hash,
+        verify_password,
     },
     internal,
     uia::{self, Uia, UiaRequest},
@@ -209,17 +210,14 @@ impl AccountService {
         let Some(check) = &caller.unchecked else {
             return Ok(());
         };
-        let owner = self
-            .storage
-            .devices
-            .find_token(&check.token_hash)
-            .await
-            .map_err(internal)?;
-        if owner.is_some_and(|o| o.user_id == check.user_id && o.device_id == check.device_id) {
-            return Ok(());
+        let checked = credentials::check_token(&self.storage, check).await;
+        if checked
+            .as_ref()
+            .is_err_and(|e| e.code() == ErrorCode::UnknownToken)
+        {
+            self.forget_token(check);
         }
-        self.forget_token(check);
-        Err(Error::unknown_token())
+        checked
     }
 
     fn forget_token(&self, check: &TokenCheck) {

@@ -32,7 +32,7 @@ use sqlx::{Connection, mysql::MySqlConnection, postgres::PgConnection};
 use crate::{
     Storage,
     db::Backend,
-    model::{NewEvent, RoomRecord},
+    model::{DeviceLogin, NewEvent, NewUser, RoomRecord},
 };
 
 pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -682,6 +682,28 @@ macro_rules! conformance {
             async fn mysql() { run_scenario(Backend::MySql, false, super::$scenario).await }
         }
     )*};
+}
+
+/// A test user `user_id` (created at 1, no admin, a placeholder password hash).
+pub fn new_user(user_id: &str) -> NewUser {
+    NewUser {
+        user_id: user_id.to_owned(),
+        password_hash: Some("hash-0".to_owned()),
+        is_admin: false,
+        created_at: 1,
+    }
+}
+
+/// A login of `user_id`'s device `device_id` with the token hashed `token_hash`, at 1.
+pub fn device_login(user_id: &str, device_id: &str, token_hash: &str) -> DeviceLogin {
+    DeviceLogin {
+        user_id: user_id.to_owned(),
+        device_id: device_id.to_owned(),
+        display_name: None,
+        token_hash: token_hash.to_owned(),
+        ip: None,
+        now: 1,
+    }
 }
 
 /// The `n`th test event of `room`, built on its current head: a `{}` PDU with no state key,

@@ -22,11 +22,12 @@ use futures::FutureExt;
 use palpo_core::config::CacheConfig;
 use palpo_storage::{
     Backend, Storage,
-    model::{DeviceLogin, NewUser, TokenOwner, UserRecord},
+    model::{TokenOwner, UserRecord},
     on_pool,
     testing::{
-        PrivateRedis, TestDatabase, backend_enabled, delete_namespace, redis_connection, redis_url,
-        test_cache_config, unique_namespace, with_database,
+        PrivateRedis, TestDatabase, backend_enabled, delete_namespace, device_login as login,
+        new_user as user, redis_connection, redis_url, test_cache_config, unique_namespace,
+        with_database,
     },
 };
 
@@ -95,26 +96,6 @@ fn cache_on(url: &str) -> CacheConfig {
         redis_url: Some(url.to_owned()),
         namespace: unique_namespace(),
         ttl_secs: 300,
-    }
-}
-
-fn user(user_id: &str) -> NewUser {
-    NewUser {
-        user_id: user_id.to_owned(),
-        password_hash: Some("hash-0".to_owned()),
-        is_admin: false,
-        created_at: 1,
-    }
-}
-
-fn login(user_id: &str, device_id: &str, token_hash: &str) -> DeviceLogin {
-    DeviceLogin {
-        user_id: user_id.to_owned(),
-        device_id: device_id.to_owned(),
-        display_name: None,
-        token_hash: token_hash.to_owned(),
-        ip: None,
-        now: 1,
     }
 }
 

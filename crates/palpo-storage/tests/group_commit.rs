@@ -5,7 +5,7 @@
 use palpo_storage::{
     Backend, Storage, StorageError,
     db::{CHECKPOINT_EVERY_EVENTS, Pool},
-    model::{DeviceLogin, NewEvent, NewUser, RoomRecord, TokenCheck, TxnKey},
+    model::{NewEvent, RoomRecord, TokenCheck, TxnKey},
     testing::{self, event_on},
 };
 
@@ -341,23 +341,11 @@ async fn the_writer_checkpoints_the_log_after_enough_events(s: Storage) {
 /// Logs `user_id`'s device `device_id` in with the token hashed `token_hash`.
 async fn logged_in(s: &Storage, user_id: &str, device_id: &str, token_hash: &str) -> TokenCheck {
     s.users
-        .create_user(&NewUser {
-            user_id: user_id.to_owned(),
-            password_hash: None,
-            is_admin: false,
-            created_at: 1,
-        })
+        .create_user(&testing::new_user(user_id))
         .await
         .expect("create user");
     s.devices
-        .login_device(&DeviceLogin {
-            user_id: user_id.to_owned(),
-            device_id: device_id.to_owned(),
-            display_name: None,
-            token_hash: token_hash.to_owned(),
-            ip: None,
-            now: 1,
-        })
+        .login_device(&testing::device_login(user_id, device_id, token_hash))
         .await
         .expect("login");
     TokenCheck {

@@ -164,16 +164,7 @@ impl RoomService {
 
     /// 401 `M_UNKNOWN_TOKEN` unless the access token still belongs to the checked device.
     pub(crate) async fn check_token(&self, token: &TokenCheck) -> Result<()> {
-        let owner = self
-            .storage
-            .devices
-            .find_token(&token.token_hash)
-            .await
-            .map_err(internal)?;
-        match owner {
-            Some(o) if o.user_id == token.user_id && o.device_id == token.device_id => Ok(()),
-            _ => Err(Error::unknown_token()),
-        }
+        crate::credentials::check_token(&self.storage, token).await
     }
 
     /// The event a transaction id already created, if any.
