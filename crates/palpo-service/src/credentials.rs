@@ -94,6 +94,23 @@ pub fn new_device_id() -> String {
         .collect()
 }
 
+/// Checks, with a read of its own, that the access token of `check` still belongs to its
+/// device: 401 `M_UNKNOWN_TOKEN` if not.
+pub(crate) async fn check_token(
+    storage: &palpo_storage::Storage,
+    check: &palpo_storage::model::TokenCheck,
+) -> Result<()> {
+    let owner = storage
+        .devices
+        .find_token(&check.token_hash)
+        .await
+        .map_err(crate::internal)?;
+    match owner {
+        Some(o) if o.user_id == check.user_id && o.device_id == check.device_id => Ok(()),
+        _ => Err(Error::unknown_token()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,22 +158,5 @@ mod tests {
         assert!(!hash.contains(&a));
         assert_eq!(hash, token_hash(&a));
         assert_eq!(new_device_id().len(), 10);
-    }
-}
-
-/// Checks, with a read of its own, that the access token of `check` still belongs to its
-/// device: 401 `M_UNKNOWN_TOKEN` if not.
-pub(crate) async fn check_token(
-    storage: &palpo_storage::Storage,
-    check: &palpo_storage::model::TokenCheck,
-) -> Result<()> {
-    let owner = storage
-        .devices
-        .find_token(&check.token_hash)
-        .await
-        .map_err(crate::internal)?;
-    match owner {
-        Some(o) if o.user_id == check.user_id && o.device_id == check.device_id => Ok(()),
-        _ => Err(Error::unknown_token()),
     }
 }
