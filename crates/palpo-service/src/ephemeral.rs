@@ -511,6 +511,22 @@ impl EphemeralService {
             .any(|room| mine.contains(room)))
     }
 
+    /// Whether [`EphemeralService::presence_on_sync`] may touch the database (it has not
+    /// recorded this presence recently); an invalid `set_presence` is left to it.
+    pub fn presence_on_sync_due(&self, user: &str, set_presence: Option<&str>) -> bool {
+        match set_presence.map(PresenceState::parse).transpose() {
+            Ok(state) => self.presence_write_due(user, state.unwrap_or(PresenceState::Online)),
+            Err(_) => true,
+        }
+    }
+
+    /// Whether a sync asking for `state` has presence to record: not for `offline` (left
+    /// alone), nor while this process recorded the same state within the touch interval.
+    fn presence_write_due(&self, user: &str, state: PresenceState) -> bool {
+        state != PresenceState::Offline
+            && !self.presence_is_fresh(user, state, now_millis(), self.touch_every_ms())
+    }
+
     /// The `set_presence` parameter of `/sync`: absent or `online` marks the user online,
     /// `unavailable` idle, `offline` leaves their presence alone. A change of state takes a
     /// stream position; otherwise only the last active time moves, at most every few seconds
@@ -522,34 +538,16 @@ impl EphemeralService {
     /// to do. Another process changing the user's presence meanwhile (`PUT /presence` there)
     /// is noticed at the next touch, a few seconds later at most, as the last active time was
     /// already; this process's own `PUT /presence` forgets what it remembered.
-    /// Whether [`EphemeralService::presence_on_sync`] may touch the database (it has not
-    /// recorded this presence recently); an invalid `set_presence` is left to it.
-    pub fn presence_on_sync_due(&self, user: &str, set_presence: Option<&str>) -> bool {
-        match set_presence.map(PresenceState::parse).transpose() {
-            Ok(Some(PresenceState::Offline)) => false,
-            Ok(state) => !self.presence_is_fresh(
-                user,
-                state.unwrap_or(PresenceState::Online),
-                now_millis(),
-                self.touch_every_ms(),
-            ),
-            Err(_) => true,
-        }
-    }
-
     pub async fn presence_on_sync(&self, user: &str, set_presence: Option<&str>) -> Result<()> {
         let state = match set_presence {
             None => PresenceState::Online,
             Some(state) => PresenceState::parse(state)?,
         };
-        if state == PresenceState::Offline {
+        if !self.presence_write_due(user, state) {
             return Ok(());
         }
         let now = now_millis();
         let touch_every = self.touch_every_ms();
-        if self.presence_is_fresh(user, state, now, touch_every) {
-            return Ok(());
-        }
         let current = self
             .storage
             .ephemeral
