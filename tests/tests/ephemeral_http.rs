@@ -675,6 +675,86 @@ async fn unread_across_processes_scenario(app: &TestApp) {
 
 // ---------------------------------------------------------------------------------------------
 
+backend_matrix!(
+    unread_counts_over_quiet_rooms_and_gaps,
+    quiet_rooms_scenario
+);
+
+/// The bodies of a joined room's timeline in a sync response.
+fn timeline_bodies(response: &Value, room_id: &str) -> Vec<String> {
+    response["rooms"]["join"][room_id]["timeline"]["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A sync woken by news reads its rooms' events since its token once, and counts unread
+/// messages from that read: the kept counts of rooms without news move on with each sync,
+/// and a token further behind than one such read covers is caught up room by room. Either
+/// way the counts and timelines are what a process that kept nothing finds.
+async fn quiet_rooms_scenario(app: &TestApp) {
+    let fresh = app.spawn_peer(|_| {}).await;
+    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        let (alice, bob, room_a, _) = two_in_a_room(app).await;
+        let room_b = app
+            .create_room(&alice.access_token, json!({"preset": "public_chat"}))
+            .await;
+        app.join_room(&bob.access_token, &room_b).await;
+        // Alice's alone: its messages move the stream, not Bob's rooms.
+        let elsewhere = app.create_room(&alice.access_token, json!({})).await;
+        let mut since = next_batch(&sync(app, &bob.access_token, None, 0).await);
+        let mut step = async |via: &TestApp, room_id: &str, bodies: &[&str], expected| {
+            let next = sync(via, &bob.access_token, Some(&since), 0).await;
+            let other = if room_id == room_a { &room_b } else { &room_a };
+            assert_eq!(timeline_bodies(&next, room_id), bodies, "{next}");
+            assert!(next["rooms"]["join"][other].is_null(), "{next}");
+            assert!(next["rooms"]["join"][&elsewhere].is_null(), "{next}");
+            assert_eq!(unread(&next, room_id), expected, "{next}");
+            let from_scratch = sync(&fresh, &bob.access_token, None, 0).await;
+            assert_eq!(unread(&from_scratch, room_id), expected, "{from_scratch}");
+            since = next_batch(&next);
+        };
+
+        app.send_text(&alice.access_token, &room_a, "a1").await;
+        step(app, &room_a, &["a1"], (1, 0)).await;
+        app.send_text(&alice.access_token, &room_b, "b1").await;
+        app.send_text(&alice.access_token, &room_b, "b2").await;
+        step(app, &room_b, &["b1", "b2"], (2, 0)).await;
+        // Room A had no news meanwhile: its count goes on from what it was.
+        app.send_text(&alice.access_token, &room_a, "a2").await;
+        step(app, &room_a, &["a2"], (2, 0)).await;
+        // The token falls further behind than one read of news covers.
+        let gap = palpo_service::rooms::RECENT_RANGE + 10;
+        for n in 0..gap {
+            app.send_text(&alice.access_token, &elsewhere, &format!("x{n}"))
+                .await;
+        }
+        app.send_text(&alice.access_token, &room_a, "a3").await;
+        step(app, &room_a, &["a3"], (3, 0)).await;
+        app.send_text(&alice.access_token, &room_b, "b3").await;
+        step(app, &room_b, &["b3"], (3, 0)).await;
+        // A sync through the other process moves the token past news this process never
+        // counted: its kept count of room B is behind the next token, and is counted on from
+        // where it is, not from the token.
+        app.send_text(&alice.access_token, &room_b, "b4").await;
+        step(&fresh, &room_b, &["b4"], (4, 0)).await;
+        app.send_text(&alice.access_token, &room_b, "b5").await;
+        step(app, &room_b, &["b5"], (5, 0)).await;
+    }))
+    .await;
+    fresh.teardown().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ruma_round_trip() {
     run(Backend::Sqlite, false, async |app: &TestApp| {

@@ -315,6 +315,8 @@ impl SyncService {
         // The user's rooms, read once: the ephemeral part needs the joined ones, the rooms
         // part all of them. Independent reads at once: a pass's latency is its longest chain
         // of queries.
+        // A token close behind the stream: the joined rooms' events since, in one read, give
+        // the rooms that moved, their timelines and the messages the unread counts count.
         let rooms_and_extra = async {
             let memberships = match heads {
                 Some(heads) => {
@@ -324,17 +326,18 @@ impl SyncService {
                 }
                 None => self.rooms.memberships_of_user(user).await?,
             };
-            let joined = memberships
+            let joined: Vec<String> = memberships
                 .iter()
                 .filter(|m| m.membership == "join")
                 .map(|m| m.room_id.clone())
                 .collect();
-            let extra = ephemeral
-                .sync_in(user, Some(joined), since, upto, heads)
-                .await?;
-            Ok::<_, Error>((memberships, extra))
+            let (recent, extra) = futures::try_join!(
+                self.rooms.recent_events(&joined, since, upto),
+                ephemeral.sync_in(user, Some(joined.clone()), since, upto, heads)
+            )?;
+            Ok::<_, Error>((memberships, recent, extra))
         };
-        let ((memberships, mut extra), mut account_data) = futures::try_join!(
+        let ((memberships, recent, mut extra), mut account_data) = futures::try_join!(
             rooms_and_extra,
             self.account_data_pass(user, since, upto, heads)
         )?;
@@ -349,7 +352,15 @@ impl SyncService {
             .collect();
         let rooms = self
             .rooms
-            .sync_rooms_of(user, Some(memberships), since, upto, request, &also)
+            .sync_rooms_of(
+                user,
+                Some(memberships),
+                recent.as_ref(),
+                since,
+                upto,
+                request,
+                &also,
+            )
             .await?;
         ephemeral
             .add_unread_counts(
@@ -357,6 +368,7 @@ impl SyncService {
                 rooms.join.iter().map(|(id, room)| (id, room.joined_at)),
                 upto,
                 heads,
+                recent.as_ref(),
                 &mut extra,
             )
             .await?;

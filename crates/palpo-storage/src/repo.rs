@@ -180,6 +180,16 @@ pub trait RoomRepo: Send + Sync {
     /// Rooms that have timeline events with a stream position in `(after, up_to]`. Reads the
     /// stream index over that range only, so it costs what changed, not the history.
     async fn rooms_changed_between(&self, after: i64, up_to: i64) -> Result<Vec<String>>;
+    /// The timeline events of `room_ids` with a stream position in `(after, up_to]`, in stream
+    /// order, each with its thread (`None`: the main timeline). Reads every such event: for
+    /// the short range a woken sync catches up on (callers bound it), where one read serves
+    /// the timeline windows and the unread counts of all the user's rooms.
+    async fn timeline_between(
+        &self,
+        room_ids: &[String],
+        after: i64,
+        up_to: i64,
+    ) -> Result<Vec<(EventRecord, Option<String>)>>;
     /// The stream position of each room's latest timeline event (rooms with none are absent).
     async fn latest_positions(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>>;
     /// The thread (root event id) the event belongs to; `None` for the main timeline or an

@@ -10,6 +10,7 @@ use palpo_storage::{
 
 palpo_storage::conformance!(
     latest_events_in_rooms,
+    timeline_between_rooms,
     members_and_versions_of_rooms,
     states_of_groups,
     unread_candidates_in_rooms,
@@ -93,6 +94,46 @@ async fn latest_events_in_rooms(s: Storage) {
         .expect("batched");
     let ids: Vec<&str> = newest.iter().map(|e| e.event_id.as_str()).collect();
     assert_eq!(ids, ["$a-more3", "$a-more2", "$!b:test2", "$!b:test1"]);
+}
+
+async fn timeline_between_rooms(s: Storage) {
+    two_rooms(&s).await;
+    let max = s.rooms.max_stream_ordering().await.expect("max");
+    for (after, up_to) in [(0, max), (max - 3, max), (max - 3, max - 1), (max, max)] {
+        let read = s
+            .rooms
+            .timeline_between(&rooms(), after, up_to)
+            .await
+            .expect("range");
+        let mut one_by_one = Vec::new();
+        for room in rooms() {
+            one_by_one.extend(
+                s.rooms
+                    .room_events(&room, after, Some(up_to + 1), Direction::Forward, 1000)
+                    .await
+                    .expect("room events"),
+            );
+        }
+        one_by_one.sort_by_key(|e| e.stream_ordering);
+        let events: Vec<_> = read.iter().map(|(e, _)| e.clone()).collect();
+        assert_eq!(events, one_by_one, "({after}, {up_to}]");
+        assert!(read.iter().all(|(_, thread)| thread.is_none()));
+    }
+    // Only the rooms asked for.
+    let only_b = s
+        .rooms
+        .timeline_between(&[ROOM_B.to_owned()], 0, max)
+        .await
+        .expect("range");
+    assert_eq!(only_b.len(), 3);
+    assert!(only_b.iter().all(|(e, _)| e.room_id == ROOM_B));
+    assert!(
+        s.rooms
+            .timeline_between(&[], 0, max)
+            .await
+            .expect("none")
+            .is_empty()
+    );
 }
 
 async fn members_and_versions_of_rooms(s: Storage) {

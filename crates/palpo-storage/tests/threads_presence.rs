@@ -123,6 +123,21 @@ async fn unread_candidates_with_threads(s: Storage) {
         ],
         "messages of others, oldest first, each with its thread"
     );
+    // The range read of a woken sync carries the threads too (every event, every sender).
+    let range = s
+        .rooms
+        .timeline_between(&[ROOM.to_owned()], positions[0], positions[4])
+        .await
+        .expect("range");
+    assert_eq!(
+        ids(&range),
+        [
+            thread("$t1", Some("$root")),
+            thread("$t2", Some("$root")),
+            thread("$mine", Some("$root")),
+            thread("$react", Some("$root")),
+        ]
+    );
     let after_t2 = s
         .ephemeral
         .unread_candidates(

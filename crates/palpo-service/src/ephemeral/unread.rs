@@ -19,6 +19,8 @@ use palpo_core::Result;
 use palpo_storage::model::{EventRecord, ReadPosition, StreamHeads};
 use serde_json::Value;
 
+use crate::rooms::RecentEvents;
+
 use super::{
     EphemeralService, EphemeralSync, NOTIFYING_TYPES, PRIVATE_READ, PUBLIC_READ, UnreadCounts,
     internal,
@@ -57,6 +59,7 @@ impl Default for UnreadCache {
 struct Inputs {
     receipts_head: Option<i64>,
     memberships_head: Option<i64>,
+    /// The rooms `positions` hold the receipts of (sorted).
     rooms: Vec<String>,
     positions: Vec<ReadPosition>,
     mentions: Vec<String>,
@@ -127,11 +130,15 @@ impl EphemeralService {
         rooms: impl IntoIterator<Item = (&'a String, i64)>,
         up_to: i64,
         heads: Option<&StreamHeads>,
+        recent: Option<&RecentEvents>,
         out: &mut EphemeralSync,
     ) -> Result<()> {
         let rooms: Vec<(&String, i64)> = rooms.into_iter().collect();
         let keep: std::collections::HashSet<&str> = rooms.iter().map(|(r, _)| r.as_str()).collect();
         out.rooms.retain(|room, _| keep.contains(room.as_str()));
+        if let Some(recent) = recent {
+            self.carry_quiet_counts(user, recent, up_to);
+        }
         if rooms.is_empty() {
             return Ok(());
         }
@@ -163,21 +170,36 @@ impl EphemeralService {
                 )
             })
             .collect();
-        // The events after each count, for all rooms at once.
-        let ranges: Vec<(String, i64)> = counts
-            .iter()
-            .filter(|(_, counted)| counted.counted_to < up_to)
-            .map(|(room_id, counted)| ((*room_id).clone(), counted.counted_to))
-            .collect();
-        let candidates = if ranges.is_empty() {
-            Vec::new()
-        } else {
-            self.storage
-                .ephemeral
-                .unread_candidates(&ranges, user, NOTIFYING_TYPES, up_to, MAX_UNREAD_READ)
-                .await
-                .map_err(internal)?
-        };
+        // The events after each count: taken from what the sync read already where that
+        // covers them, else read for all the other rooms at once.
+        let mut candidates: Vec<(EventRecord, Option<String>)> = Vec::new();
+        let mut ranges: Vec<(String, i64)> = Vec::new();
+        for (room_id, counted) in &counts {
+            if counted.counted_to >= up_to {
+                continue;
+            }
+            match recent.and_then(|r| r.covering(room_id, counted.counted_to, up_to)) {
+                Some(events) => candidates.extend(
+                    events
+                        .filter(|(e, _)| {
+                            e.sender != user && NOTIFYING_TYPES.contains(&e.event_type.as_str())
+                        })
+                        .take(MAX_UNREAD_READ as usize)
+                        .cloned(),
+                ),
+                None => ranges.push(((*room_id).clone(), counted.counted_to)),
+            }
+        }
+        if !ranges.is_empty() {
+            candidates.extend(
+                self.storage
+                    .ephemeral
+                    .unread_candidates(&ranges, user, NOTIFYING_TYPES, up_to, MAX_UNREAD_READ)
+                    .await
+                    .map_err(internal)?,
+            );
+            candidates.sort_by_key(|(event, _)| event.stream_ordering);
+        }
         // What the user may see, for all rooms at once (one read of visibility facts).
         let events: Vec<&EventRecord> = candidates.iter().map(|(event, _)| event).collect();
         let visible = self.rooms.visible_to_member(user, &events).await?;
@@ -211,8 +233,9 @@ impl EphemeralService {
         Ok(())
     }
 
-    /// The user's read positions in `room_ids` (sorted) and their mention names: kept from
-    /// the last sync while `heads` say they cannot have changed (see [`Inputs`]).
+    /// The user's read positions in `room_ids` (perhaps with those of other rooms) and their
+    /// mention names: kept from earlier syncs while `heads` say they cannot have changed (see
+    /// [`Inputs`]).
     async fn count_inputs(
         &self,
         user: &str,
@@ -229,24 +252,30 @@ impl EphemeralService {
                 .cloned()?;
             Some((heads, inputs))
         });
-        let kept_positions = kept
+        // Positions kept for some rooms stay exact while no receipt moved: only the rooms not
+        // among them are read (a pass's rooms are those with news, a different few each time).
+        let (mut rooms, mut positions) = kept
             .as_ref()
-            .filter(|(heads, i)| i.receipts_head == heads.receipts && i.rooms == room_ids)
-            .map(|(_, i)| i.positions.clone());
+            .filter(|(heads, i)| i.receipts_head == heads.receipts)
+            .map(|(_, i)| (i.rooms.clone(), i.positions.clone()))
+            .unwrap_or_default();
+        let missing: Vec<String> = room_ids
+            .into_iter()
+            .filter(|r| rooms.binary_search(r).is_err())
+            .collect();
         let kept_mentions = kept
             .as_ref()
             .filter(|(heads, i)| i.memberships_head == heads.memberships)
             .map(|(_, i)| i.mentions.clone());
-        let positions = async {
-            match kept_positions {
-                Some(positions) => Ok(positions),
-                None => self
-                    .storage
-                    .ephemeral
-                    .read_positions(user, &room_ids, &[PUBLIC_READ, PRIVATE_READ])
-                    .await
-                    .map_err(internal),
+        let read = async {
+            if missing.is_empty() {
+                return Ok(Vec::new());
             }
+            self.storage
+                .ephemeral
+                .read_positions(user, &missing, &[PUBLIC_READ, PRIVATE_READ])
+                .await
+                .map_err(internal)
         };
         let mentions = async {
             match kept_mentions {
@@ -254,7 +283,10 @@ impl EphemeralService {
                 None => self.mention_names(user).await,
             }
         };
-        let (mentions, positions) = futures::try_join!(mentions, positions)?;
+        let (mentions, read) = futures::try_join!(mentions, read)?;
+        positions.extend(read);
+        rooms.extend(missing);
+        rooms.sort_unstable();
         if let Some(heads) = heads {
             self.unread
                 .inputs
@@ -265,7 +297,7 @@ impl EphemeralService {
                     Inputs {
                         receipts_head: heads.receipts,
                         memberships_head: heads.memberships,
-                        rooms: room_ids,
+                        rooms,
                         positions: positions.clone(),
                         mentions: mentions.clone(),
                     },
@@ -303,6 +335,27 @@ impl EphemeralService {
     /// that is unthreaded or for `main`; in each thread, after their latest unthreaded receipt
     /// or receipt for that thread. Without a receipt, after their join. Continues the counts
     /// kept from an earlier sync when they start from the same place; otherwise starts anew.
+    /// Moves on to `up_to` the kept counts of the rooms where `recent` shows no event after
+    /// them: a count stays exact over a range without events. So a room without news keeps
+    /// pace with the user's syncs, and when news comes its count goes on from what `recent`
+    /// read, not from a read of its own.
+    fn carry_quiet_counts(&self, user: &str, recent: &RecentEvents, up_to: i64) {
+        let mut kept = self.unread.kept.lock().unwrap_or_else(|e| e.into_inner());
+        for room_id in recent.rooms() {
+            let key = (user.to_owned(), room_id.to_owned());
+            let Some(counted) = kept.peek_mut(&key) else {
+                continue;
+            };
+            if counted.counted_to < up_to
+                && recent
+                    .covering(room_id, counted.counted_to, up_to)
+                    .is_some_and(|mut events| events.next().is_none())
+            {
+                counted.counted_to = up_to;
+            }
+        }
+    }
+
     fn kept_or_new(
         &self,
         user: &str,

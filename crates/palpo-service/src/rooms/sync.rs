@@ -24,7 +24,7 @@ use super::{
     RoomService, internal,
     lazy::LazyMembers,
     pdu::federation_event,
-    prefetch::Prefetched,
+    prefetch::{Prefetched, RecentEvents},
     read::{TimelineFilter, Visibility, token},
 };
 use crate::filter::{DEFAULT_TIMELINE_LIMIT, EventFormat, SyncFilter};
@@ -211,7 +211,7 @@ impl RoomService {
         request: &SyncRequest,
         also: &HashSet<String>,
     ) -> Result<SyncRooms> {
-        self.sync_rooms_of(user, None, since, upto, request, also)
+        self.sync_rooms_of(user, None, None, since, upto, request, also)
             .await
     }
 
@@ -256,11 +256,15 @@ impl RoomService {
     }
 
     /// As [`RoomService::sync_rooms_at`], from the user's memberships when the caller read
-    /// them already ([`RoomService::memberships_of_user`]; `None`: read here).
+    /// them already ([`RoomService::memberships_of_user`]; `None`: read here) and the
+    /// timeline events of their joined rooms since `since` when read
+    /// ([`RoomService::recent_events`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn sync_rooms_of(
         &self,
         user: &str,
         memberships: Option<Vec<MembershipRecord>>,
+        recent: Option<&RecentEvents>,
         since: Option<i64>,
         upto: i64,
         request: &SyncRequest,
@@ -274,15 +278,17 @@ impl RoomService {
         // initial sync), read at once.
         let changed = async {
             Ok::<_, Error>(match since {
-                Some(since) if since < upto => Some(
-                    self.storage
+                Some(since) if since < upto => Some(match recent {
+                    Some(recent) => recent.moved(),
+                    None => self
+                        .storage
                         .rooms
                         .rooms_changed_between(since, upto)
                         .await
                         .map_err(internal)?
                         .into_iter()
                         .collect::<HashSet<String>>(),
-                ),
+                }),
                 Some(_) => Some(HashSet::new()),
                 None => None,
             })
@@ -295,8 +301,8 @@ impl RoomService {
         };
         let (memberships, changed) = futures::try_join!(memberships, changed)?;
         // Without a token every joined room is sent whole: read what they need at once.
-        let prefetched = match since {
-            None => {
+        let prefetched = match (since, recent) {
+            (None, _) => {
                 let joined: Vec<String> = memberships
                     .iter()
                     .filter(|m| {
@@ -309,7 +315,9 @@ impl RoomService {
                     .collect();
                 self.prefetch(user, &joined, upto, request).await?
             }
-            Some(_) => Prefetched::default(),
+            // One more than the limit, as a window's first read asks for.
+            (Some(_), Some(recent)) => Prefetched::from_recent(recent, request.timeline_limit + 1),
+            (Some(_), None) => Prefetched::default(),
         };
         // Rooms are independent: read several at once, so that an initial sync over many rooms
         // costs the database's latency a few times, not once per query per room.
@@ -586,9 +594,9 @@ impl RoomService {
         // One more than `limit` tells whether older ones were left out.
         while !exhausted && scanned < MAX_SCAN && picked.len() <= limit {
             let want = batch.min(MAX_SCAN - scanned);
-            let first_read = scanned == 0 && since.is_none();
+            let first_read = scanned == 0;
             let events = match prefetched
-                .window(room_id, upto, want)
+                .window(room_id, since, upto, want)
                 .filter(|_| first_read)
             {
                 Some(events) => events.to_vec(),

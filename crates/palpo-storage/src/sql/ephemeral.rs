@@ -11,7 +11,7 @@ use futures::future::try_join_all;
 
 use super::{
     ROOMS_PER_UNION, SqlStore, per_room_union, placeholders,
-    rooms::{EVENT_COLUMNS, EventRow, next_counter},
+    rooms::{EVENT_COLUMNS, ThreadEventRow, next_counter},
 };
 use crate::{
     db::Text,
@@ -83,14 +83,6 @@ impl From<TypingRow> for TypingRecord {
 /// The presence states presence expiry moves between.
 const ONLINE: &str = "online";
 const UNAVAILABLE: &str = "unavailable";
-
-/// An event with the thread it belongs to.
-#[derive(sqlx::FromRow)]
-struct ThreadEventRow {
-    #[sqlx(flatten)]
-    event: EventRow,
-    thread_id: Option<Text>,
-}
 
 const PRESENCE_COLUMNS: &str = "user_id, state, status_msg, last_active_ts, stream_position";
 
@@ -549,7 +541,7 @@ impl EphemeralRepo for SqlStore {
         let mut out: Vec<(EventRecord, Option<String>)> = parts
             .into_iter()
             .flatten()
-            .map(|row| (EventRecord::from(row.event), row.thread_id.map(|t| t.0)))
+            .map(ThreadEventRow::into_pair)
             .collect();
         // A union promises no order.
         out.sort_by_key(|(event, _)| event.stream_ordering);

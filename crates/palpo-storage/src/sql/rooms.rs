@@ -18,6 +18,10 @@ use crate::{
     sqlite_tx::SqliteTx,
 };
 
+/// Rooms one statement of [`RoomRepo::timeline_between`] names (well under every backend's
+/// limit of bound values).
+const ROOMS_PER_RANGE_READ: usize = 500;
+
 /// After this many deltas a state group stores the whole state again, so that reading the
 /// state of any group merges at most this many rows of parents.
 const MAX_STATE_CHAIN: i64 = 50;
@@ -42,6 +46,20 @@ pub(crate) struct EventRow {
     rejected_reason: Option<Text>,
     redacted_by: Option<Text>,
     pdu_json: Text,
+}
+
+/// An event with the thread it belongs to.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ThreadEventRow {
+    #[sqlx(flatten)]
+    event: EventRow,
+    thread_id: Option<Text>,
+}
+
+impl ThreadEventRow {
+    pub(crate) fn into_pair(self) -> (EventRecord, Option<String>) {
+        (self.event.into(), self.thread_id.map(String::from))
+    }
 }
 
 impl From<EventRow> for EventRecord {
@@ -1464,6 +1482,33 @@ impl RoomRepo for SqlStore {
             }
         );
         Ok(rooms.into_iter().map(String::from).collect())
+    }
+
+    async fn timeline_between(
+        &self,
+        room_ids: &[String],
+        after: i64,
+        up_to: i64,
+    ) -> Result<Vec<(EventRecord, Option<String>)>> {
+        let mut events = Vec::new();
+        for chunk in room_ids.chunks(ROOMS_PER_RANGE_READ) {
+            let sql = format!(
+                "SELECT {EVENT_COLUMNS}, thread_id FROM events \
+                 WHERE stream_ordering > ? AND stream_ordering <= ? AND room_id IN ({}) \
+                 AND outlier = ? AND soft_failed = ? AND rejected_reason IS NULL",
+                placeholders(chunk.len())
+            );
+            let rows: Vec<ThreadEventRow> = on_pool!(self.db.fresh(), &sql, |p, sql| {
+                let mut q = sqlx::query_as(sql).bind(after).bind(up_to);
+                for room_id in chunk {
+                    q = q.bind(room_id);
+                }
+                q.bind(false).bind(false).fetch_all(p).await?
+            });
+            events.extend(rows.into_iter().map(ThreadEventRow::into_pair));
+        }
+        events.sort_by_key(|(event, _)| event.stream_ordering);
+        Ok(events)
     }
 
     async fn latest_positions(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>> {
