@@ -163,6 +163,16 @@ async fn an_incremental_sync_pass_issues_few_statements() {
                     "the writes commit the batch:\n{list}"
                 );
             }
+            if backend == Backend::Postgres {
+                // Lock, reads, writes before the stream counter, counter, writes after it,
+                // COMMIT (12 before the reads after the lock became one statement and the
+                // writes on either side of the counter one statement each).
+                assert_eq!(sent.len(), 6, "PostgreSQL send:\n{list}");
+                assert!(
+                    sent[2].starts_with("WITH ") && sent[4].starts_with("WITH "),
+                    "the writes go as data-modifying WITH parts:\n{list}"
+                );
+            }
 
             let statements = woken_by_a_message(app, &recorder).await;
             let list = numbered(&statements);

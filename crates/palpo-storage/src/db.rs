@@ -199,8 +199,9 @@ struct DeferredWrite<'a> {
 /// SQLite they go as one multi-statement query (sqlx-sqlite numbers `?` across the
 /// statements of one query): every query is a hand-off to the connection's thread and back,
 /// and under load each of those waits for a core (a batch of one message took ~2.5 ms at 13
-/// queries). PostgreSQL's and MySQL's drivers send one statement per round trip, so there
-/// they go one by one, in order.
+/// queries). PostgreSQL's driver sends one statement per round trip, so there they go as few
+/// statements as [`disjoint_groups`] allows, the writes of each as data-modifying `WITH`
+/// parts of one. MySQL has neither, so there they go one by one, in order.
 #[derive(Debug, Default)]
 pub(crate) struct DeferredWrites<'a> {
     writes: Vec<DeferredWrite<'a>>,
@@ -265,12 +266,18 @@ impl<'a> DeferredWrites<'a> {
                 bind_all!(sqlx::query(&sql), binds)
                     .execute(tx.conn())
                     .await
-                    .map_err(|e| {
-                        // One query: which statement broke the constraint is not known.
-                        let mut names: Vec<&str> = writes.iter().map(|w| w.conflict).collect();
-                        names.dedup();
-                        StorageError::conflict_or(e, names.join(" or "))
-                    })?;
+                    .map_err(|e| StorageError::conflict_or(e, conflict_names(&writes)))?;
+            }
+            Tx::Postgres(tx) => {
+                for group in disjoint_groups(&writes) {
+                    let combined = with_statements(group);
+                    let sql = postgres_placeholders(&combined);
+                    let binds = group.iter().flat_map(|w| w.binds.iter());
+                    bind_all!(sqlx::query(&sql), binds)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(|e| StorageError::conflict_or(e, conflict_names(group)))?;
+                }
             }
             tx => {
                 for write in &writes {
@@ -285,6 +292,77 @@ impl<'a> DeferredWrites<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// What to call a uniqueness violation in one of `writes`, sent together (which statement
+/// broke the constraint is not known).
+fn conflict_names(writes: &[DeferredWrite<'_>]) -> String {
+    let mut names: Vec<&str> = writes.iter().map(|w| w.conflict).collect();
+    names.dedup();
+    names.join(" or ")
+}
+
+/// The table an `INSERT INTO`, `UPDATE` or `DELETE FROM` statement writes; `None` for other
+/// statements.
+fn written_table(sql: &str) -> Option<&str> {
+    let mut words = sql.split_whitespace();
+    let table = match words.next()? {
+        "INSERT" | "DELETE" => {
+            words.next()?;
+            words.next()?
+        }
+        "UPDATE" => words.next()?,
+        _ => return None,
+    };
+    Some(table.split('(').next().unwrap_or(table))
+}
+
+/// `writes` cut into runs (in order) that PostgreSQL may run as one statement: no two
+/// writes of a run touch the same table. The sub-statements of one statement all see the
+/// snapshot it started with and run in no set order, so a write that depends on another
+/// (a current-state row deleted and inserted again) must not share its statement.
+fn disjoint_groups<'w, 'a>(writes: &'w [DeferredWrite<'a>]) -> Vec<&'w [DeferredWrite<'a>]> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    let mut tables: Vec<&str> = Vec::new();
+    for (index, write) in writes.iter().enumerate() {
+        let table = written_table(&write.sql);
+        let fits = table.is_some_and(|t| !tables.contains(&t));
+        if !fits && index > start {
+            groups.push(&writes[start..index]);
+            start = index;
+            tables.clear();
+        }
+        match table {
+            Some(t) => tables.push(t),
+            // Not a plain write: alone.
+            None => {
+                groups.push(&writes[start..=index]);
+                start = index + 1;
+            }
+        }
+    }
+    if start < writes.len() {
+        groups.push(&writes[start..]);
+    }
+    groups
+}
+
+/// `writes` as one PostgreSQL statement: all but the last as data-modifying `WITH` parts
+/// (binds in the same order as the text).
+fn with_statements(writes: &[DeferredWrite<'_>]) -> String {
+    match writes {
+        [] => String::new(),
+        [only] => only.sql.clone(),
+        [parts @ .., last] => {
+            let parts: Vec<String> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, w)| format!("w{i} AS ({})", w.sql))
+                .collect();
+            format!("WITH {} {}", parts.join(", "), last.sql)
+        }
     }
 }
 
@@ -781,6 +859,41 @@ mod tests {
             postgres_placeholders("SELECT 1"),
             Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn postgres_writes_share_a_statement_only_across_tables() {
+        let write = |sql: &str| DeferredWrite {
+            sql: sql.into(),
+            binds: vec![Bind::from(1)],
+            conflict: "x",
+        };
+        let writes = [
+            write("INSERT INTO a (x) VALUES (?)"),
+            write("DELETE FROM b WHERE x = ?"),
+            write("INSERT INTO b(x) VALUES (?)"),
+            write("UPDATE c SET x = ?"),
+            write("COMMIT"),
+            write("UPDATE a SET x = ?"),
+        ];
+        let groups: Vec<Vec<&str>> = disjoint_groups(&writes)
+            .iter()
+            .map(|g| g.iter().map(|w| w.sql.as_str()).collect())
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                vec!["INSERT INTO a (x) VALUES (?)", "DELETE FROM b WHERE x = ?"],
+                vec!["INSERT INTO b(x) VALUES (?)", "UPDATE c SET x = ?"],
+                vec!["COMMIT"],
+                vec!["UPDATE a SET x = ?"],
+            ]
+        );
+        assert_eq!(
+            with_statements(&writes[..2]),
+            "WITH w0 AS (INSERT INTO a (x) VALUES (?)) DELETE FROM b WHERE x = ?"
+        );
+        assert_eq!(with_statements(&writes[3..4]), "UPDATE c SET x = ?");
     }
 
     #[test]

@@ -198,32 +198,6 @@ async fn lock_room_rows(tx: &mut Tx, room_ids: &[&str]) -> Result<LockedRooms> {
     Ok(locked)
 }
 
-/// The forward extremities of `room_ids`, per room.
-async fn forward_extremities_of(
-    tx: &mut Tx,
-    room_ids: &[&str],
-) -> Result<HashMap<String, HashSet<String>>> {
-    let mut extremities: HashMap<String, HashSet<String>> = HashMap::new();
-    if room_ids.is_empty() {
-        return Ok(extremities);
-    }
-    let sql = format!(
-        "SELECT room_id, event_id FROM room_forward_extremities WHERE room_id IN ({})",
-        placeholders(room_ids.len())
-    );
-    let rows: Vec<(Text, Text)> = on_tx!(tx, &sql, |c, sql| {
-        let mut query = sqlx::query_as(sql);
-        for room_id in room_ids {
-            query = query.bind(*room_id);
-        }
-        query.fetch_all(&mut *c).await?
-    });
-    for (room_id, event_id) in rows {
-        extremities.entry(room_id.0).or_default().insert(event_id.0);
-    }
-    Ok(extremities)
-}
-
 /// What a batch of event writes reads before it writes anything.
 struct BatchReads {
     locked: LockedRooms,
@@ -263,13 +237,146 @@ async fn batch_reads(
         Some(locked) => locked,
         None => lock_room_rows(tx, room_ids).await?,
     };
-    Ok(BatchReads {
+    let mut reads = BatchReads {
         locked,
-        extremities: forward_extremities_of(tx, &head_rooms(events)).await?,
-        used_txns: used_txn_ids(tx, &keys).await?,
-        live_tokens: live_tokens(tx, &tokens).await?,
+        extremities: HashMap::new(),
+        used_txns: HashSet::new(),
+        live_tokens: HashSet::new(),
         stream_counter: None,
-    })
+    };
+    let head_rooms = head_rooms(events);
+    let parts = text_read_parts(["'e'", "'t'", "'k'"], "", &head_rooms, &keys, &tokens);
+    if parts.is_empty() {
+        return Ok(reads);
+    }
+    // After the lock, so that what it reads is what the rooms' holders last committed.
+    let sql = parts.join(" UNION ALL ");
+    type Row = (Text, Option<Text>, Option<Text>, Option<Text>);
+    let rows: Vec<Row> = on_tx!(tx, &sql, |c, sql| {
+        bind_text_reads!(sqlx::query_as(sql), &head_rooms, &keys, &tokens)
+            .fetch_all(&mut *c)
+            .await?
+    });
+    for (kind, a, b, c) in rows {
+        let part = match kind.0.as_str() {
+            "e" => TextRead::Extremity,
+            "t" => TextRead::Txn,
+            "k" => TextRead::Token,
+            _ => return Err(unexpected_read()),
+        };
+        reads.add_text_row(
+            part,
+            a.map(String::from),
+            b.map(String::from),
+            c.map(String::from),
+        )?;
+    }
+    Ok(reads)
+}
+
+/// The parts of a batch's reads that are all text: the forward extremities of
+/// `head_rooms`, the used ones of the transaction ids `keys`, the live ones of `tokens`.
+#[derive(Clone, Copy)]
+enum TextRead {
+    Extremity,
+    Txn,
+    Token,
+}
+
+/// The `SELECT`s (to join with `UNION ALL`) reading the [`TextRead`] parts a batch needs,
+/// each `kind, a, b, c` then `tail`: `kinds` tells them apart. Bind with
+/// [`bind_text_reads`], in the same order.
+fn text_read_parts(
+    kinds: [&str; 3],
+    tail: &str,
+    head_rooms: &[&str],
+    keys: &[&TxnKey],
+    tokens: &[&str],
+) -> Vec<String> {
+    let [extremity, txn, token] = kinds;
+    let mut parts = Vec::new();
+    if !head_rooms.is_empty() {
+        parts.push(format!(
+            "SELECT {extremity}, room_id, event_id, NULL{tail} \
+             FROM room_forward_extremities WHERE room_id IN ({})",
+            placeholders(head_rooms.len())
+        ));
+    }
+    if !keys.is_empty() {
+        parts.push(format!(
+            "SELECT {txn}, user_id, device_id, txn_id{tail} FROM event_transactions WHERE {}",
+            txn_keys_condition(keys.len())
+        ));
+    }
+    if !tokens.is_empty() {
+        parts.push(format!(
+            "SELECT {token}, token_hash, user_id, device_id{tail} FROM access_tokens \
+             WHERE token_hash IN ({})",
+            placeholders(tokens.len())
+        ));
+    }
+    parts
+}
+
+/// Binds the values of [`text_read_parts`] to `$query`.
+macro_rules! bind_text_reads {
+    ($query:expr, $head_rooms:expr, $keys:expr, $tokens:expr) => {{
+        let mut query = $query;
+        for room_id in $head_rooms {
+            query = query.bind(*room_id);
+        }
+        for key in $keys {
+            query = query
+                .bind(&key.user_id)
+                .bind(&key.device_id)
+                .bind(&key.txn_id);
+        }
+        for token in $tokens {
+            query = query.bind(*token);
+        }
+        query
+    }};
+}
+use bind_text_reads;
+
+fn unexpected_read() -> StorageError {
+    StorageError::Corrupt("unexpected row in a batch's reads".into())
+}
+
+impl BatchReads {
+    /// Adds a row of a [`TextRead`] part.
+    fn add_text_row(
+        &mut self,
+        part: TextRead,
+        a: Option<String>,
+        b: Option<String>,
+        c: Option<String>,
+    ) -> Result<()> {
+        match (part, a, b, c) {
+            (TextRead::Extremity, Some(room_id), Some(event_id), _) => {
+                self.extremities
+                    .entry(room_id)
+                    .or_default()
+                    .insert(event_id);
+            }
+            (TextRead::Txn, Some(user_id), Some(device_id), Some(txn_id)) => {
+                self.used_txns.insert(TxnKey {
+                    user_id,
+                    device_id,
+                    txn_id,
+                });
+            }
+            (TextRead::Token, Some(token_hash), Some(user_id), Some(device_id)) => {
+                self.live_tokens.insert(TokenCheck {
+                    token_hash,
+                    user_id,
+                    device_id,
+                });
+            }
+            _ => return Err(unexpected_read()),
+        }
+        Ok(())
+    }
 }
 
 /// [`batch_reads`] on SQLite: the rooms' rows, the extremities, the used transaction ids and
@@ -291,26 +398,14 @@ async fn sqlite_batch_reads(
          WHERE room_id IN ({})",
         placeholders(room_ids.len())
     )];
-    if !head_rooms.is_empty() {
-        parts.push(format!(
-            "SELECT {EXTREMITY}, room_id, event_id, NULL, NULL, NULL \
-             FROM room_forward_extremities WHERE room_id IN ({})",
-            placeholders(head_rooms.len())
-        ));
-    }
-    if !keys.is_empty() {
-        parts.push(format!(
-            "SELECT {TXN}, user_id, device_id, txn_id, NULL, NULL FROM event_transactions WHERE {}",
-            txn_keys_condition(keys.len())
-        ));
-    }
-    if !tokens.is_empty() {
-        parts.push(format!(
-            "SELECT {TOKEN}, token_hash, user_id, device_id, NULL, NULL FROM access_tokens \
-             WHERE token_hash IN ({})",
-            placeholders(tokens.len())
-        ));
-    }
+    let kinds = [EXTREMITY, TXN, TOKEN].map(|k| k.to_string());
+    parts.extend(text_read_parts(
+        kinds.each_ref().map(String::as_str),
+        ", NULL, NULL",
+        head_rooms,
+        keys,
+        tokens,
+    ));
     parts.push(format!(
         "SELECT {COUNTER}, NULL, NULL, NULL, counter_value, NULL FROM id_counters \
          WHERE name = 'events_stream'"
@@ -330,19 +425,12 @@ async fn sqlite_batch_reads(
         Option<i64>,
     );
     let mut query = sqlx::query_as::<_, Row>(&sql);
-    for room_id in room_ids.iter().chain(head_rooms) {
+    for room_id in room_ids {
         query = query.bind(*room_id);
     }
-    for key in keys {
-        query = query
-            .bind(&key.user_id)
-            .bind(&key.device_id)
-            .bind(&key.txn_id);
-    }
-    for token in tokens {
-        query = query.bind(*token);
-    }
-    let rows = query.fetch_all(tx.conn()).await?;
+    let rows = bind_text_reads!(query, head_rooms, keys, tokens)
+        .fetch_all(tx.conn())
+        .await?;
     let mut reads = BatchReads {
         locked: room_ids.iter().map(|id| ((*id).to_owned(), None)).collect(),
         extremities: HashMap::new(),
@@ -350,35 +438,16 @@ async fn sqlite_batch_reads(
         live_tokens: HashSet::new(),
         stream_counter: None,
     };
-    let corrupt = || StorageError::Corrupt("unexpected row in a batch's reads".into());
     for (kind, a, b, c, n, m) in rows {
-        match (kind, a, b, c, n) {
-            (ROOM, Some(room_id), _, _, Some(version)) => {
+        match (kind, a, n) {
+            (ROOM, Some(room_id), Some(version)) => {
                 reads.locked.insert(room_id, Some((version, m)));
             }
-            (EXTREMITY, Some(room_id), Some(event_id), _, _) => {
-                reads
-                    .extremities
-                    .entry(room_id)
-                    .or_default()
-                    .insert(event_id);
-            }
-            (TXN, Some(user_id), Some(device_id), Some(txn_id), _) => {
-                reads.used_txns.insert(TxnKey {
-                    user_id,
-                    device_id,
-                    txn_id,
-                });
-            }
-            (TOKEN, Some(token_hash), Some(user_id), Some(device_id), _) => {
-                reads.live_tokens.insert(TokenCheck {
-                    token_hash,
-                    user_id,
-                    device_id,
-                });
-            }
-            (COUNTER, _, _, _, Some(value)) => reads.stream_counter = Some(value),
-            _ => return Err(corrupt()),
+            (COUNTER, _, Some(value)) => reads.stream_counter = Some(value),
+            (EXTREMITY, a, _) => reads.add_text_row(TextRead::Extremity, a, b, c)?,
+            (TXN, a, _) => reads.add_text_row(TextRead::Txn, a, b, c)?,
+            (TOKEN, a, _) => reads.add_text_row(TextRead::Token, a, b, c)?,
+            _ => return Err(unexpected_read()),
         }
     }
     if reads.stream_counter.is_none() {
@@ -420,62 +489,7 @@ fn txn_keys_condition(n: usize) -> String {
     vec!["(user_id = ? AND device_id = ? AND txn_id = ?)"; n].join(" OR ")
 }
 
-/// The transaction ids among `keys` that earlier sends used, in one statement.
-async fn used_txn_ids(tx: &mut Tx, keys: &[&TxnKey]) -> Result<HashSet<TxnKey>> {
-    if keys.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let sql = format!(
-        "SELECT user_id, device_id, txn_id FROM event_transactions WHERE {}",
-        txn_keys_condition(keys.len())
-    );
-    let rows: Vec<(Text, Text, Text)> = on_tx!(tx, &sql, |c, sql| {
-        let mut query = sqlx::query_as(sql);
-        for key in keys {
-            query = query
-                .bind(&key.user_id)
-                .bind(&key.device_id)
-                .bind(&key.txn_id);
-        }
-        query.fetch_all(&mut *c).await?
-    });
-    Ok(rows
-        .into_iter()
-        .map(|(user_id, device_id, txn_id)| TxnKey {
-            user_id: user_id.0,
-            device_id: device_id.0,
-            txn_id: txn_id.0,
-        })
-        .collect())
-}
-
-/// Of the access tokens with hashes `token_hashes`, those that still exist (with their owners).
-async fn live_tokens(tx: &mut Tx, token_hashes: &[&str]) -> Result<HashSet<TokenCheck>> {
-    if token_hashes.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let sql = format!(
-        "SELECT token_hash, user_id, device_id FROM access_tokens WHERE token_hash IN ({})",
-        placeholders(token_hashes.len())
-    );
-    let rows: Vec<(Text, Text, Text)> = on_tx!(tx, &sql, |c, sql| {
-        let mut query = sqlx::query_as(sql);
-        for token_hash in token_hashes {
-            query = query.bind(*token_hash);
-        }
-        query.fetch_all(&mut *c).await?
-    });
-    Ok(rows
-        .into_iter()
-        .map(|(token_hash, user_id, device_id)| TokenCheck {
-            token_hash: token_hash.0,
-            user_id: user_id.0,
-            device_id: device_id.0,
-        })
-        .collect())
-}
-
-/// Records the transaction ids of the written events. [`used_txn_ids`] checked them in this
+/// Records the transaction ids of the written events. [`batch_reads`] checked them in this
 /// transaction; should another process have recorded one since, the uniqueness violation
 /// fails the batch with a conflict, to be written event by event, each seeing the ids used
 /// by then (a send must not answer with two events for one id).
@@ -500,9 +514,28 @@ fn push_txn_ids<'a>(writes: &mut DeferredWrites<'a>, txns: &[(&'a TxnKey, &'a st
     writes.push(sql, binds, "transaction id");
 }
 
-/// The event graph the written `events` (in order) add: every edge in one statement; the
-/// forward extremities they cite removed and the accepted events no later one cites added,
-/// one statement each (an event cited within the batch never becomes an extremity).
+/// The accepted events of `events` and the (room, event) pairs they cite as prev events.
+fn accepted_and_cited<'a>(
+    events: &[&'a NewEvent],
+) -> (Vec<&'a NewEvent>, HashSet<(&'a str, &'a str)>) {
+    let accepted: Vec<&NewEvent> = events
+        .iter()
+        .copied()
+        .filter(|e| !e.outlier && e.rejected_reason.is_none())
+        .collect();
+    let cited = accepted
+        .iter()
+        .flat_map(|e| {
+            e.prev_events
+                .iter()
+                .map(|p| (e.room_id.as_str(), p.as_str()))
+        })
+        .collect();
+    (accepted, cited)
+}
+
+/// The event graph the written `events` (in order) add: every edge in one statement, and the
+/// forward extremities they cite removed in another ([`push_new_extremities`] adds theirs).
 fn push_graph<'a>(writes: &mut DeferredWrites<'a>, events: &[&'a NewEvent]) {
     let edges: Vec<(&str, &str)> = events
         .iter()
@@ -523,19 +556,7 @@ fn push_graph<'a>(writes: &mut DeferredWrites<'a>, events: &[&'a NewEvent]) {
             .collect();
         writes.push(sql, binds, "event edge");
     }
-    let accepted: Vec<&NewEvent> = events
-        .iter()
-        .copied()
-        .filter(|e| !e.outlier && e.rejected_reason.is_none())
-        .collect();
-    let cited: HashSet<(&str, &str)> = accepted
-        .iter()
-        .flat_map(|e| {
-            e.prev_events
-                .iter()
-                .map(|p| (e.room_id.as_str(), p.as_str()))
-        })
-        .collect();
+    let (_, cited) = accepted_and_cited(events);
     if !cited.is_empty() {
         let mut rooms: Vec<&str> = cited.iter().map(|(room, _)| *room).collect();
         rooms.sort_unstable();
@@ -551,6 +572,13 @@ fn push_graph<'a>(writes: &mut DeferredWrites<'a>, events: &[&'a NewEvent]) {
         let binds = rooms.iter().chain(&prevs).map(|v| Bind::from(*v)).collect();
         writes.push(sql, binds, "forward extremity");
     }
+}
+
+/// The accepted events of `events` no later one cites, added as forward extremities, one
+/// statement for all (an event cited within the batch never becomes one). Pushed after the
+/// batch's `events` rows: on PostgreSQL it goes in their statement.
+fn push_new_extremities<'a>(writes: &mut DeferredWrites<'a>, events: &[&'a NewEvent]) {
+    let (accepted, cited) = accepted_and_cited(events);
     let new_extremities: Vec<&NewEvent> = accepted
         .into_iter()
         .filter(|e| !cited.contains(&(e.room_id.as_str(), e.event_id.as_str())))
@@ -983,6 +1011,7 @@ impl SqlStore {
             rows.push((event, stream, room.state_group));
         }
         push_event_rows(&mut writes, &rows);
+        push_new_extremities(&mut writes, &written_events);
         for &(event, stream, _) in &rows {
             push_membership(&mut writes, event, stream);
         }
