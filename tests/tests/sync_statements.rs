@@ -103,6 +103,18 @@ async fn woken_by_a_message(app: &TestApp, recorder: &Recorder) -> Vec<String> {
         );
         since = next_batch(&response);
     }
+    // Nothing new: a long-poll that waits (50 ms) and answers empty.
+    recorder.start();
+    let response = sync(app, &alice.access_token, Some(&since), 50).await;
+    let idle = recorder.stop();
+    assert_eq!(next_batch(&response), since, "nothing new: {response}");
+    let list = numbered(&idle);
+    assert!(
+        !idle
+            .iter()
+            .any(|s| s.contains("MIN(expires_at)") && !s.starts_with("SELECT counter_value")),
+        "when typing runs out next is read with the position, not on its own:\n{list}"
+    );
     statements
 }
 

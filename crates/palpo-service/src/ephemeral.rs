@@ -114,6 +114,17 @@ impl EphemeralSync {
     }
 }
 
+/// A sync's read of the stream position ([`EphemeralService::sync_position`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PositionRead {
+    pub position: i64,
+    /// The newest change of each kind, when read with the position.
+    pub heads: Option<StreamHeads>,
+    /// When the first typing notification still running runs out (ms since the epoch; `None`
+    /// inside: none running), when read with the position.
+    pub next_typing_expiry: Option<Option<i64>>,
+}
+
 pub struct EphemeralService {
     storage: Storage,
     rooms: Arc<RoomService>,
@@ -239,14 +250,15 @@ impl EphemeralService {
     /// The stream's position for a sync of `user` (on `device`), after typing notifications
     /// that ran out became a change, and the newest change of each kind the sync's sections
     /// read (`None` when typing ran out: the position moved after they were read, so every
-    /// section is read). With `token`, the same statement checks it still belongs to the
-    /// device (401 `M_UNKNOWN_TOKEN` if not).
+    /// section is read), and when the next running typing notification runs out (what a
+    /// long-poll needs before it waits). With `token`, the same statement checks it still
+    /// belongs to the device (401 `M_UNKNOWN_TOKEN` if not).
     pub async fn sync_position(
         &self,
         user: &str,
         device: Option<&str>,
         token: Option<&TokenCheck>,
-    ) -> Result<(i64, Option<StreamHeads>)> {
+    ) -> Result<PositionRead> {
         let now = now_millis();
         let read = self
             .storage
@@ -255,7 +267,11 @@ impl EphemeralService {
             .await
             .map_err(internal)?;
         if !read.typing_due {
-            return Ok((read.position, Some(read.heads)));
+            return Ok(PositionRead {
+                position: read.position,
+                heads: Some(read.heads),
+                next_typing_expiry: Some(read.next_typing_expiry),
+            });
         }
         if let Some(expired) = self
             .storage
@@ -267,17 +283,28 @@ impl EphemeralService {
             self.notifier.stream_advanced(expired);
         }
         // Read again: the position of the expiry, this process's or another's.
-        Ok((self.rooms.stream_position().await?, None))
+        Ok(PositionRead {
+            position: self.rooms.stream_position().await?,
+            heads: None,
+            next_typing_expiry: None,
+        })
     }
 
-    /// How long until the next typing notification runs out, if one is running.
-    pub async fn until_next_typing_expiry(&self) -> Result<Option<std::time::Duration>> {
-        let next = self
-            .storage
-            .ephemeral
-            .next_typing_expiry()
-            .await
-            .map_err(internal)?;
+    /// How long until the next typing notification runs out, if one is running: from
+    /// `known` (ms since the epoch, as read with a sync's position) when given, else read.
+    pub async fn until_next_typing_expiry(
+        &self,
+        known: Option<Option<i64>>,
+    ) -> Result<Option<std::time::Duration>> {
+        let next = match known {
+            Some(next) => next,
+            None => self
+                .storage
+                .ephemeral
+                .next_typing_expiry()
+                .await
+                .map_err(internal)?,
+        };
         Ok(next.map(|at| std::time::Duration::from_millis((at - now_millis()).max(0) as u64)))
     }
 

@@ -21,7 +21,7 @@ mod sliding;
 use crate::{
     account_data::{AccountDataService, AccountDataSync},
     e2ee::{DeviceLists, E2eeService, E2eeSync, ToDeviceSync},
-    ephemeral::{EphemeralService, EphemeralSync},
+    ephemeral::{EphemeralService, EphemeralSync, PositionRead},
     filter::{SyncFilter, project_fields},
     notifier::Notifier,
     rooms::{LazyMembers, RoomService, SyncRequest, SyncRooms, sliding::SlidingResponse},
@@ -388,31 +388,42 @@ impl SyncService {
         user: &str,
         device: Option<&str>,
         token: Option<&TokenCheck>,
-    ) -> Result<(i64, Option<StreamHeads>)> {
+    ) -> Result<PositionRead> {
         match &self.ephemeral {
             Some(ephemeral) => ephemeral.sync_position(user, device, token).await,
             None => {
                 if let Some(token) = token {
                     self.rooms.check_token(token).await?;
                 }
-                Ok((self.rooms.stream_position().await?, None))
+                Ok(PositionRead {
+                    position: self.rooms.stream_position().await?,
+                    heads: None,
+                    next_typing_expiry: None,
+                })
             }
         }
     }
 
     /// How long a long-poll may wait: until `deadline`, or until the next typing notification
-    /// runs out (which the next pass announces), whichever comes first.
-    async fn wait_time(&self, left: Duration) -> Result<Duration> {
+    /// runs out (which the next pass announces), whichever comes first. `typing_expiry`: that
+    /// moment as read with the position (`None`: not read, read here).
+    async fn wait_time(
+        &self,
+        left: Duration,
+        typing_expiry: Option<Option<i64>>,
+    ) -> Result<Duration> {
         let Some(ephemeral) = &self.ephemeral else {
             return Ok(left);
         };
-        Ok(match ephemeral.until_next_typing_expiry().await? {
-            // A little after, so that it has run out; never a busy loop.
-            Some(until) => {
-                left.min((until + Duration::from_millis(20)).max(Duration::from_millis(100)))
-            }
-            None => left,
-        })
+        Ok(
+            match ephemeral.until_next_typing_expiry(typing_expiry).await? {
+                // A little after, so that it has run out; never a busy loop.
+                Some(until) => {
+                    left.min((until + Duration::from_millis(20)).max(Duration::from_millis(100)))
+                }
+                None => left,
+            },
+        )
     }
 
     /// The rooms request of a sync, with the memory of the lazy-loaded members this device
@@ -470,7 +481,8 @@ impl SyncService {
             let ephemeral = self.notifier.ephemeral_serial();
             // A long-poll that starts where the stream is has nothing to answer yet: wait
             // without reading every section first.
-            let (upto, heads) = self.current_position(user, device, token).await?;
+            let read = self.current_position(user, device, token).await?;
+            let (upto, heads) = (read.position, read.heads);
             if let Some(since) = since
                 && upto == since.stream
                 && since.ephemeral == ephemeral
@@ -479,7 +491,10 @@ impl SyncService {
                 && tokio::time::Instant::now() < deadline
             {
                 let wait = self
-                    .wait_time(deadline - tokio::time::Instant::now())
+                    .wait_time(
+                        deadline - tokio::time::Instant::now(),
+                        read.next_typing_expiry,
+                    )
                     .await?;
                 self.notifier.wait(since.stream, ephemeral, wait).await;
                 continue;
@@ -519,7 +534,9 @@ impl SyncService {
                 return Ok(response);
             }
             let position = response.rooms.position;
-            let wait = self.wait_time(deadline - now).await?;
+            let wait = self
+                .wait_time(deadline - now, read.next_typing_expiry)
+                .await?;
             if !self.notifier.wait(position, ephemeral, wait).await {
                 // Timed out; the loop answers (empty) at once, having checked one last time.
                 continue;

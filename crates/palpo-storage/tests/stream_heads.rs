@@ -69,6 +69,7 @@ async fn each_writer_moves_its_head(s: Storage) {
     let empty = position(&s).await;
     assert_eq!(empty.heads, StreamHeads::default(), "nothing written yet");
     assert!(!empty.typing_due);
+    assert_eq!(empty.next_typing_expiry, None, "no typing notification");
 
     testing::room_with_events(&s, ROOM, "12", &[("m.room.member", ALICE, Some("join"))]).await;
     let joined = position(&s).await;
@@ -108,14 +109,18 @@ async fn each_writer_moves_its_head(s: Storage) {
     s.ephemeral.set_typing(ROOM, BOB, 10).await.expect("typing");
     let typing = position(&s).await;
     moved_to("typing", &receipt, &typing, |h| h.typing);
-    assert!(
-        s.ephemeral
-            .sync_position(11, ALICE, Some("A1"), None)
-            .await
-            .expect("later")
-            .typing_due,
-        "the typing notification runs out at 10"
+    assert_eq!(
+        typing.next_typing_expiry,
+        Some(10),
+        "read with the position"
     );
+    let later = s
+        .ephemeral
+        .sync_position(11, ALICE, Some("A1"), None)
+        .await
+        .expect("later");
+    assert!(later.typing_due, "the typing notification runs out at 10");
+    assert_eq!(later.next_typing_expiry, None, "none running after 10");
 
     s.ephemeral
         .set_presence(&palpo_storage::model::PresenceRecord {

@@ -315,7 +315,7 @@ impl SyncService {
             if since.is_none() || !answer.is_empty() || now >= deadline {
                 break (answer, pass.sent);
             }
-            let wait = self.wait_time(deadline - now).await?;
+            let wait = self.wait_time(deadline - now, None).await?;
             tokio::select! {
                 _ = self.notifier.wait(answer.response.stream_position, ephemeral, wait) => {}
                 _ = superseded.as_mut() => break (answer, pass.sent),

@@ -63,6 +63,10 @@ pub struct SyncPosition {
     /// A typing notification ran out by the time asked about (`expire_typing` announces it
     /// with a new position).
     pub typing_due: bool,
+    /// When the first typing notification still running runs out (ms since the epoch), read
+    /// with the position: a long-poll waits no longer. One that starts later takes a position
+    /// and wakes the wait anyway.
+    pub next_typing_expiry: Option<i64>,
     pub heads: StreamHeads,
 }
 

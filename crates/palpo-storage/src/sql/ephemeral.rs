@@ -353,6 +353,7 @@ impl EphemeralRepo for SqlStore {
             Option<i64>,
             Option<i64>,
             i64,
+            Option<i64>,
         );
         let row: Row = on_pool!(
             self.db.fresh(),
@@ -367,7 +368,8 @@ impl EphemeralRepo for SqlStore {
              (SELECT MAX(stream_position) FROM device_list_changes), \
              (SELECT MAX(stream_ordering) FROM room_memberships), \
              (SELECT COUNT(*) FROM access_tokens \
-              WHERE token_hash = ? AND user_id = ? AND device_id = ?) \
+              WHERE token_hash = ? AND user_id = ? AND device_id = ?), \
+             (SELECT MIN(expires_at) FROM typing WHERE expires_at > ?) \
              FROM id_counters WHERE name = ?",
             |p, sql| {
                 sqlx::query_as(sql)
@@ -378,6 +380,7 @@ impl EphemeralRepo for SqlStore {
                     .bind(token.map_or("", |t| t.token_hash.as_str()))
                     .bind(token.map_or("", |t| t.user_id.as_str()))
                     .bind(token.map_or("", |t| t.device_id.as_str()))
+                    .bind(now)
                     .bind(STREAM)
                     .fetch_one(p)
                     .await?
@@ -394,6 +397,7 @@ impl EphemeralRepo for SqlStore {
             lists,
             members,
             token_found,
+            next_typing_expiry,
         ) = row;
         if token.is_some() && token_found == 0 {
             return Err(StorageError::UnknownToken);
@@ -401,6 +405,7 @@ impl EphemeralRepo for SqlStore {
         Ok(SyncPosition {
             position,
             typing_due: due > 0,
+            next_typing_expiry,
             heads: StreamHeads {
                 typing,
                 receipts,
