@@ -78,10 +78,10 @@ new_pg_db() {
     echo "$db"
 }
 
-if [[ ! -x "$BENCH" || ! -x "$PALPO" ]]; then
-    say "building palpo and palpo-bench (release)"
-    (cd "$ROOT" && cargo build --release -p palpo -p palpo-bench)
-fi
+# Always: cargo does nothing when the binaries are current, and a stale binary left in the
+# target directory by another checkout or build would be measured in place of this one.
+say "building palpo and palpo-bench (release)"
+(cd "$ROOT" && cargo build --release -p palpo -p palpo-bench)
 
 SYNAPSE_OK=1
 SYNAPSE_WHY=""
