@@ -314,9 +314,8 @@ impl SyncService {
         };
         // The user's rooms, read once: the ephemeral part needs the joined ones, the rooms
         // part all of them. Independent reads at once: a pass's latency is its longest chain
-        // of queries.
-        // A token close behind the stream: the joined rooms' events since, in one read, give
-        // the rooms that moved, their timelines and the messages the unread counts count.
+        // of queries. With a token close behind the stream, the joined rooms' events since, in
+        // one read, give the rooms that moved, their timelines and the unread counts' messages.
         let rooms_and_extra = async {
             let memberships = match heads {
                 Some(heads) => {

@@ -330,11 +330,6 @@ impl EphemeralService {
         Ok(names)
     }
 
-    /// Messages of others the user may see and has not read, and of those the ones that
-    /// mention them: in the main timeline, after their latest read receipt (public or private)
-    /// that is unthreaded or for `main`; in each thread, after their latest unthreaded receipt
-    /// or receipt for that thread. Without a receipt, after their join. Continues the counts
-    /// kept from an earlier sync when they start from the same place; otherwise starts anew.
     /// Moves on to `up_to` the kept counts of the rooms where `recent` shows no event after
     /// them: a count stays exact over a range without events. So a room without news keeps
     /// pace with the user's syncs, and when news comes its count goes on from what `recent`
@@ -356,6 +351,11 @@ impl EphemeralService {
         }
     }
 
+    /// Messages of others the user may see and has not read, and of those the ones that
+    /// mention them: in the main timeline, after their latest read receipt (public or private)
+    /// that is unthreaded or for `main`; in each thread, after their latest unthreaded receipt
+    /// or receipt for that thread. Without a receipt, after their join. Continues the counts
+    /// kept from an earlier sync when they start from the same place; otherwise starts anew.
     fn kept_or_new(
         &self,
         user: &str,

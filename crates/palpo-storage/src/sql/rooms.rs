@@ -237,13 +237,7 @@ async fn batch_reads(
         Some(locked) => locked,
         None => lock_room_rows(tx, room_ids).await?,
     };
-    let mut reads = BatchReads {
-        locked,
-        extremities: HashMap::new(),
-        used_txns: HashSet::new(),
-        live_tokens: HashSet::new(),
-        stream_counter: None,
-    };
+    let mut reads = BatchReads::new(locked);
     let head_rooms = head_rooms(events);
     let parts = text_read_parts(["'e'", "'t'", "'k'"], "", &head_rooms, &keys, &tokens);
     if parts.is_empty() {
@@ -344,6 +338,17 @@ fn unexpected_read() -> StorageError {
 }
 
 impl BatchReads {
+    /// Reads with the rooms' rows as `locked` and nothing else found yet.
+    fn new(locked: LockedRooms) -> Self {
+        BatchReads {
+            locked,
+            extremities: HashMap::new(),
+            used_txns: HashSet::new(),
+            live_tokens: HashSet::new(),
+            stream_counter: None,
+        }
+    }
+
     /// Adds a row of a [`TextRead`] part.
     fn add_text_row(
         &mut self,
@@ -431,13 +436,7 @@ async fn sqlite_batch_reads(
     let rows = bind_text_reads!(query, head_rooms, keys, tokens)
         .fetch_all(tx.conn())
         .await?;
-    let mut reads = BatchReads {
-        locked: room_ids.iter().map(|id| ((*id).to_owned(), None)).collect(),
-        extremities: HashMap::new(),
-        used_txns: HashSet::new(),
-        live_tokens: HashSet::new(),
-        stream_counter: None,
-    };
+    let mut reads = BatchReads::new(room_ids.iter().map(|id| ((*id).to_owned(), None)).collect());
     for (kind, a, b, c, n, m) in rows {
         match (kind, a, n) {
             (ROOM, Some(room_id), Some(version)) => {
