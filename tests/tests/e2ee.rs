@@ -317,6 +317,26 @@ async fn keys_upload_query_claim_scenario(app: &TestApp) {
     )
     .await;
     assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 2);
+
+    // Keys of another algorithm are counted too (read apart from the sync's position).
+    upload(
+        app,
+        &alice,
+        json!({
+            "one_time_keys": {"curve25519:C1": "unsigned-key"},
+            "fallback_keys": {"curve25519:CF": "unsigned-fallback"},
+        }),
+    )
+    .await;
+    let response = sync(app, &alice.access_token, None, 0).await;
+    assert_eq!(
+        response["device_one_time_keys_count"],
+        json!({"curve25519": 1, "signed_curve25519": 2})
+    );
+    assert_eq!(
+        response["device_unused_fallback_key_types"],
+        json!(["curve25519", "signed_curve25519"])
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

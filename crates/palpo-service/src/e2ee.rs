@@ -20,7 +20,8 @@ use palpo_core::{Config, Error, Result, now_millis};
 use palpo_storage::{
     Storage, StorageError,
     model::{
-        DeviceTarget, KeyUpload, OneTimeKeyRecord, StreamHeads, ToDeviceBatch, ToDeviceMessage,
+        DeviceKeyCounts, DeviceTarget, KeyUpload, OneTimeKeyRecord, SIGNED_CURVE25519, StreamHeads,
+        ToDeviceBatch, ToDeviceMessage,
     },
 };
 use serde_json::{Map, Value, json};
@@ -33,9 +34,6 @@ pub use cross_signing::CrossSigningUpload;
 
 /// To-device messages one sync hands a device at most; the rest wait for the next.
 pub const TO_DEVICE_LIMIT: usize = 100;
-/// Listed in one-time key counts even when zero: some clients only upload keys when they see
-/// it (the spec lets a missing algorithm mean zero, but older clients rely on this).
-const SIGNED_CURVE25519: &str = "signed_curve25519";
 /// Column sizes.
 const MAX_ALGORITHM_BYTES: usize = 64;
 const MAX_KEY_ID_BYTES: usize = 128;
@@ -542,14 +540,16 @@ impl E2eeService {
         })
     }
 
-    /// The key counts and fallback key types of the device, and the device-list changes in
-    /// `(since, upto]` (none without `since`).
+    /// The key counts and fallback key types of the device (`known` when read with the
+    /// sync's position, else read here), and the device-list changes in `(since, upto]`
+    /// (none without `since`).
     pub async fn keys_sync(
         &self,
         user: &str,
         device: &str,
         since: Option<i64>,
         upto: i64,
+        known: Option<DeviceKeyCounts>,
     ) -> Result<(DeviceLists, BTreeMap<String, i64>, Vec<String>)> {
         // Independent reads, on every sync: at once rather than one round trip after another.
         let device_lists = async {
@@ -560,14 +560,20 @@ impl E2eeService {
         };
         // Both key counts in one statement.
         let counts = async {
-            self.storage
-                .e2ee
-                .key_counts(user, device)
-                .await
-                .map_err(internal)
+            match known {
+                Some(counts) => Ok(counts),
+                None => self
+                    .storage
+                    .e2ee
+                    .key_counts(user, device)
+                    .await
+                    .map_err(internal),
+            }
         };
         let (device_lists, counts) = tokio::try_join!(device_lists, counts)?;
         let mut one_time: BTreeMap<String, i64> = counts.one_time_keys.into_iter().collect();
+        // Listed even when zero: some clients only upload keys when they see it (the spec
+        // lets a missing algorithm mean zero, but older clients rely on this).
         one_time.entry(SIGNED_CURVE25519.to_owned()).or_insert(0);
         Ok((device_lists, one_time, counts.unused_fallback_key_types))
     }
@@ -577,7 +583,9 @@ impl E2eeService {
     /// changes after `since` (none on an initial sync), key counts.
     ///
     /// With the `heads` read with `upto`, an empty inbox is not read, nor are device lists
-    /// when neither devices nor memberships changed after `since`.
+    /// when neither devices nor memberships changed after `since`; nor are the key counts
+    /// when read with them (`key_counts`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn sync(
         &self,
         user: &str,
@@ -586,6 +594,7 @@ impl E2eeService {
         to_device_since: Option<i64>,
         upto: i64,
         heads: Option<&StreamHeads>,
+        key_counts: Option<DeviceKeyCounts>,
     ) -> Result<E2eeSync> {
         // Delivered messages are deleted by the read after the one that acknowledges them,
         // so any message in the inbox, new or delivered, calls for a read: only an empty
@@ -606,7 +615,7 @@ impl E2eeService {
         let since_for_lists = if lists_moved { since } else { None };
         let (to_device, (device_lists, one_time_keys_count, unused_fallback_key_types)) = tokio::try_join!(
             to_device,
-            self.keys_sync(user, device, since_for_lists, upto)
+            self.keys_sync(user, device, since_for_lists, upto, key_counts)
         )?;
         Ok(E2eeSync {
             to_device,

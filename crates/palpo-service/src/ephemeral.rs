@@ -15,7 +15,10 @@ use std::{
 use palpo_core::{Error, Result, now_millis};
 use palpo_storage::{
     Storage,
-    model::{EventRecord, PresenceRecord, ReceiptRecord, StreamHeads, TokenCheck, TypingRecord},
+    model::{
+        DeviceKeyCounts, EventRecord, PresenceRecord, ReceiptRecord, StreamHeads, TokenCheck,
+        TypingRecord,
+    },
 };
 use serde_json::{Map, Value, json};
 
@@ -115,7 +118,7 @@ impl EphemeralSync {
 }
 
 /// A sync's read of the stream position ([`EphemeralService::sync_position`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PositionRead {
     pub position: i64,
     /// The newest change of each kind, when read with the position.
@@ -123,6 +126,9 @@ pub struct PositionRead {
     /// When the first typing notification still running runs out (ms since the epoch; `None`
     /// inside: none running), when read with the position.
     pub next_typing_expiry: Option<Option<i64>>,
+    /// The device's key counts, when read with the position (as
+    /// [`palpo_storage::model::SyncPosition::key_counts`]).
+    pub key_counts: Option<DeviceKeyCounts>,
 }
 
 pub struct EphemeralService {
@@ -271,6 +277,7 @@ impl EphemeralService {
                 position: read.position,
                 heads: Some(read.heads),
                 next_typing_expiry: Some(read.next_typing_expiry),
+                key_counts: read.key_counts,
             });
         }
         if let Some(expired) = self
@@ -287,6 +294,7 @@ impl EphemeralService {
             position: self.rooms.stream_position().await?,
             heads: None,
             next_typing_expiry: None,
+            key_counts: read.key_counts,
         })
     }
 

@@ -228,9 +228,9 @@ impl SyncService {
         user: &str,
         device: Option<&str>,
         since: Option<SyncToken>,
-        upto: i64,
-        heads: Option<&StreamHeads>,
+        read: &PositionRead,
     ) -> Result<E2eeSync> {
+        let upto = read.position;
         match (&self.e2ee, device) {
             (Some(e2ee), Some(device)) => {
                 e2ee.sync(
@@ -239,7 +239,8 @@ impl SyncService {
                     since.map(|s| s.stream),
                     since.map(|s| s.to_device_position()),
                     upto,
-                    heads,
+                    read.heads.as_ref(),
+                    read.key_counts.clone(),
                 )
                 .await
             }
@@ -398,6 +399,7 @@ impl SyncService {
                     position: self.rooms.stream_position().await?,
                     heads: None,
                     next_typing_expiry: None,
+                    key_counts: None,
                 })
             }
         }
@@ -507,7 +509,7 @@ impl SyncService {
                     upto,
                     heads.as_ref(),
                 ),
-                self.e2ee_pass(user, device, since, upto, heads.as_ref())
+                self.e2ee_pass(user, device, since, &read)
             )?;
             if let Some(fields) = &options.filter.event_fields {
                 project_room_events(&mut rooms, fields);

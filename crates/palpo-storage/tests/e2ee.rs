@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use palpo_storage::{
     Storage, StorageError,
     model::{
-        CrossSigningKeyRecord, DeviceLogin, DeviceTarget, KeySignatureRecord, KeyUpload, NewEvent,
-        NewRoom, OneTimeKeyRecord, ToDeviceBatch, ToDeviceMessage,
+        CrossSigningKeyRecord, DeviceKeyCounts, DeviceLogin, DeviceTarget, KeySignatureRecord,
+        KeyUpload, NewEvent, NewRoom, OneTimeKeyRecord, ToDeviceBatch, ToDeviceMessage,
     },
     testing::event_on,
 };
@@ -302,6 +302,15 @@ async fn concurrent_claims_never_share_a_key(s: Storage) {
     );
 }
 
+/// The key counts a sync's position read gives for the device (see `SyncPosition::key_counts`).
+async fn counts_with_position(s: &Storage, user: &str, device: &str) -> Option<DeviceKeyCounts> {
+    s.ephemeral
+        .sync_position(0, user, Some(device), None)
+        .await
+        .expect("sync position")
+        .key_counts
+}
+
 async fn fallback_keys(s: Storage) {
     device(&s, ALICE, "A1").await;
     let mut with_fallback = upload(ALICE, "A1");
@@ -314,6 +323,14 @@ async fn fallback_keys(s: Storage) {
             .await
             .expect("types"),
         ["signed_curve25519"]
+    );
+    // Keys of the one algorithm clients use: counted with the position, as on their own.
+    let counts = s.e2ee.key_counts(ALICE, "A1").await.expect("counts");
+    assert_eq!(counts.one_time_keys, [("signed_curve25519".to_owned(), 1)]);
+    assert_eq!(
+        counts_with_position(&s, ALICE, "A1").await,
+        Some(counts),
+        "counted with the position"
     );
     // Both counts in one read, agreeing with the separate ones.
     let mut more = upload(ALICE, "A1");
@@ -337,9 +354,27 @@ async fn fallback_keys(s: Storage) {
         s.e2ee.one_time_key_counts(ALICE, "A1").await.expect("otks")
     );
     assert_eq!(
+        counts_with_position(&s, ALICE, "A1").await,
+        None,
+        "another algorithm: read on their own"
+    );
+    assert_eq!(
         s.e2ee.key_counts(BOB, "B1").await.expect("none"),
         Default::default(),
         "a device without keys"
+    );
+    assert_eq!(
+        counts_with_position(&s, BOB, "B1").await,
+        Some(Default::default())
+    );
+    assert_eq!(
+        s.ephemeral
+            .sync_position(0, ALICE, None, None)
+            .await
+            .expect("position")
+            .key_counts,
+        None,
+        "no device asked about"
     );
     s.e2ee
         .claim_key(ALICE, "A1", "curve25519")
@@ -359,6 +394,7 @@ async fn fallback_keys(s: Storage) {
     let counts = s.e2ee.key_counts(ALICE, "A1").await.expect("counts");
     assert_eq!(counts.one_time_keys, [("signed_curve25519".to_owned(), 1)]);
     assert_eq!(counts.unused_fallback_key_types, ["signed_curve25519"]);
+    assert_eq!(counts_with_position(&s, ALICE, "A1").await, Some(counts));
 
     // A one-time key first, then the fallback key, marked used, as often as asked.
     let first = s
@@ -387,6 +423,11 @@ async fn fallback_keys(s: Storage) {
             .await
             .expect("types")
             .is_empty()
+    );
+    assert_eq!(
+        counts_with_position(&s, ALICE, "A1").await,
+        Some(Default::default()),
+        "a used fallback key is not counted"
     );
 
     // Uploading the same fallback key keeps it used; a new one replaces it, unused.

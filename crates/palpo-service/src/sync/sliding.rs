@@ -397,7 +397,7 @@ impl SyncService {
         }
         if wanted.e2ee {
             let (device_lists, one_time_keys_count, unused_fallback_key_types) =
-                e2ee.keys_sync(user, device, since, upto).await?;
+                e2ee.keys_sync(user, device, since, upto, None).await?;
             answer.e2ee = Some(SlidingE2ee {
                 device_lists,
                 one_time_keys_count,

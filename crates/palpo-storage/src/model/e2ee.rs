@@ -87,6 +87,9 @@ pub struct ToDeviceRecord {
     pub content: String,
 }
 
+/// The one-time key algorithm clients use (Olm's signed Curve25519 keys).
+pub const SIGNED_CURVE25519: &str = "signed_curve25519";
+
 /// The key counts a sync tells a device: its unclaimed one-time keys per algorithm, and the
 /// algorithms of its fallback keys no claim has used yet. Both sorted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -56,7 +56,7 @@ pub struct PresenceRecord {
 /// change a sync section reads, in one statement (one snapshot): a section whose newest
 /// change is not after the sync's `since` has nothing to say and is not read. `None`: no
 /// change of that kind yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SyncPosition {
     /// The stream's position: the sync's `upto`.
     pub position: i64,
@@ -68,6 +68,12 @@ pub struct SyncPosition {
     /// and wakes the wait anyway.
     pub next_typing_expiry: Option<i64>,
     pub heads: StreamHeads,
+    /// The device's key counts as [`E2eeRepo::key_counts`] reads them, when the device was
+    /// asked about and its keys are all of the one algorithm clients use
+    /// (`signed_curve25519`); `None` otherwise (then read them on their own).
+    ///
+    /// [`E2eeRepo::key_counts`]: crate::E2eeRepo::key_counts
+    pub key_counts: Option<super::DeviceKeyCounts>,
 }
 
 /// The newest stream position of each kind of change: globally for room-scoped kinds, of the

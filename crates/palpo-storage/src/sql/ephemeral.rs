@@ -17,8 +17,8 @@ use crate::{
     db::Text,
     error::{Result, StorageError},
     model::{
-        EventRecord, PresenceRecord, ReadPosition, ReceiptRecord, StreamHeads, SyncPosition,
-        TokenCheck, TypingRecord,
+        DeviceKeyCounts, EventRecord, PresenceRecord, ReadPosition, ReceiptRecord,
+        SIGNED_CURVE25519, StreamHeads, SyncPosition, TokenCheck, TypingRecord,
     },
     on_pool, on_tx,
     repo::EphemeralRepo,
@@ -354,7 +354,13 @@ impl EphemeralRepo for SqlStore {
             Option<i64>,
             i64,
             Option<i64>,
+            i64,
+            i64,
+            i64,
+            i64,
         );
+        // The device's keys as counted per algorithm by `key_counts`, when they are all of the
+        // algorithm clients use: the total and that algorithm's share of each kind.
         let row: Row = on_pool!(
             self.db.fresh(),
             "SELECT counter_value, \
@@ -369,7 +375,14 @@ impl EphemeralRepo for SqlStore {
              (SELECT MAX(stream_ordering) FROM room_memberships), \
              (SELECT COUNT(*) FROM access_tokens \
               WHERE token_hash = ? AND user_id = ? AND device_id = ?), \
-             (SELECT MIN(expires_at) FROM typing WHERE expires_at > ?) \
+             (SELECT MIN(expires_at) FROM typing WHERE expires_at > ?), \
+             (SELECT COUNT(*) FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ?), \
+             (SELECT COUNT(*) FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ? \
+              AND algorithm = ?), \
+             (SELECT COUNT(*) FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ? \
+              AND used = ?), \
+             (SELECT COUNT(*) FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ? \
+              AND used = ? AND algorithm = ?) \
              FROM id_counters WHERE name = ?",
             |p, sql| {
                 sqlx::query_as(sql)
@@ -381,6 +394,18 @@ impl EphemeralRepo for SqlStore {
                     .bind(token.map_or("", |t| t.user_id.as_str()))
                     .bind(token.map_or("", |t| t.device_id.as_str()))
                     .bind(now)
+                    .bind(user_id)
+                    .bind(device_id.unwrap_or_default())
+                    .bind(user_id)
+                    .bind(device_id.unwrap_or_default())
+                    .bind(SIGNED_CURVE25519)
+                    .bind(user_id)
+                    .bind(device_id.unwrap_or_default())
+                    .bind(false)
+                    .bind(user_id)
+                    .bind(device_id.unwrap_or_default())
+                    .bind(false)
+                    .bind(SIGNED_CURVE25519)
                     .bind(STREAM)
                     .fetch_one(p)
                     .await?
@@ -398,10 +423,27 @@ impl EphemeralRepo for SqlStore {
             members,
             token_found,
             next_typing_expiry,
+            one_time_keys,
+            signed_one_time_keys,
+            fallback_keys,
+            signed_fallback_keys,
         ) = row;
         if token.is_some() && token_found == 0 {
             return Err(StorageError::UnknownToken);
         }
+        let key_counts = (device_id.is_some()
+            && one_time_keys == signed_one_time_keys
+            && fallback_keys == signed_fallback_keys)
+            .then(|| DeviceKeyCounts {
+                one_time_keys: (one_time_keys > 0)
+                    .then(|| (SIGNED_CURVE25519.to_owned(), one_time_keys))
+                    .into_iter()
+                    .collect(),
+                unused_fallback_key_types: (fallback_keys > 0)
+                    .then(|| SIGNED_CURVE25519.to_owned())
+                    .into_iter()
+                    .collect(),
+            });
         Ok(SyncPosition {
             position,
             typing_due: due > 0,
@@ -415,6 +457,7 @@ impl EphemeralRepo for SqlStore {
                 device_lists: lists,
                 memberships: members,
             },
+            key_counts,
         })
     }
 
