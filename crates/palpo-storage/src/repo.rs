@@ -284,7 +284,9 @@ pub trait EphemeralRepo: Send + Sync {
     /// [`EphemeralRepo::expire_typing`] would announce), and the newest change of each kind a
     /// sync of `user_id` (and `device_id`) reads, in one statement: what every sync asks first.
     /// With `token`, the same statement checks the access token still belongs to the device
-    /// ([`StorageError::UnknownToken`](crate::StorageError::UnknownToken) if not).
+    /// ([`StorageError::UnknownToken`](crate::StorageError::UnknownToken) if not); with
+    /// `device_id`, it also counts the device's keys
+    /// ([`SyncPosition::key_counts`](crate::model::SyncPosition::key_counts)).
     async fn sync_position(
         &self,
         now: i64,
