@@ -5,7 +5,7 @@
 
 use palpo_tests::{Backend, Config, TestApp, backend_matrix, run, run_with};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const LOGIN: &str = "/_matrix/client/v3/login";
 const REGISTER: &str = "/_matrix/client/v3/register";
@@ -458,3 +458,101 @@ async fn access_token_errors(app: &TestApp) {
         .expect_error(401, "M_UNKNOWN_TOKEN");
 }
 backend_matrix!(access_token_errors, access_token_errors);
+
+/// NUL (U+0000) anywhere in a request is refused with a Matrix error on every backend
+/// (PostgreSQL cannot store it: it was a 500 there), and nothing of the request is stored; an
+/// escaped backslash before `u0000` is ordinary text and goes through.
+async fn nul_characters_are_refused(app: &TestApp) {
+    let me = app.register("nadia", "pw").await;
+    let token = Some(me.access_token.as_str());
+    let room_id = app
+        .create_room(&me.access_token, json!({"preset": "private_chat"}))
+        .await;
+    let room = palpo_tests::enc(&room_id);
+    let since = palpo_tests::next_batch(&palpo_tests::sync(app, &me.access_token, None, 0).await);
+
+    let send = |txn: &str| format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
+    app.put(
+        &send("t1"),
+        token,
+        json!({"msgtype": "m.text", "body": "a\u{0}b"}),
+    )
+    .await
+    .expect_error(400, "M_BAD_JSON");
+    app.put(
+        &send("t%00"),
+        token,
+        json!({"msgtype": "m.text", "body": "x"}),
+    )
+    .await
+    .expect_error(400, "M_INVALID_PARAM");
+    app.put(
+        &format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic/%00"),
+        token,
+        json!({"topic": "t"}),
+    )
+    .await
+    .expect_error(400, "M_INVALID_PARAM");
+    app.post(
+        "/_matrix/client/v3/createRoom",
+        token,
+        json!({"room_alias_name": "a\u{0}"}),
+    )
+    .await
+    .expect_error(400, "M_BAD_JSON");
+    app.put(
+        &format!(
+            "/_matrix/client/v3/profile/{}/displayname",
+            palpo_tests::enc(&me.user_id)
+        ),
+        token,
+        json!({"displayname": "\u{0}"}),
+    )
+    .await
+    .expect_error(400, "M_BAD_JSON");
+    let filter = palpo_tests::enc(r#"{"room":{"rooms":["!a\u0000:b"]}}"#);
+    app.get(&format!("/_matrix/client/v3/sync?filter={filter}"), token)
+        .await
+        .expect_error(400, "M_INVALID_PARAM");
+
+    // A backslash, then `u0000`: text, stored and read back as sent.
+    app.put(
+        &send("t2"),
+        token,
+        json!({"msgtype": "m.text", "body": "\\u0000"}),
+    )
+    .await
+    .expect_ok();
+    let response = palpo_tests::sync(app, &me.access_token, Some(&since), 0).await;
+    let bodies: Vec<&Value> = response["rooms"]["join"][&room_id]["timeline"]["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter(|e| e["type"] == "m.room.message")
+                .map(|e| &e["content"]["body"])
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        bodies,
+        [&json!("\\u0000")],
+        "only the text message: {response}"
+    );
+    let profile = app
+        .get(
+            &format!(
+                "/_matrix/client/v3/profile/{}",
+                palpo_tests::enc(&me.user_id)
+            ),
+            token,
+        )
+        .await;
+    assert_ne!(
+        profile.expect_ok()["displayname"],
+        "\u{0}",
+        "{}",
+        profile.text
+    );
+}
+backend_matrix!(nul_characters_are_refused, nul_characters_are_refused);

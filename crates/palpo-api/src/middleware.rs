@@ -28,8 +28,15 @@ fn matrix_error_response(err: Error) -> Response {
 
 /// Enforces the body size limit (413 `M_TOO_LARGE`) and, for Matrix JSON endpoints, that a
 /// non-empty body is JSON (400 `M_NOT_JSON`). A missing `Content-Type` on such a request is
-/// taken as JSON, as many clients and tools omit it.
+/// taken as JSON, as many clients and tools omit it. Refuses the NUL character anywhere in a
+/// Matrix request (see [`nul_in_uri`], [`has_escaped_nul`]).
 pub async fn guard_body<E: Endpoint>(next: E, mut req: Request, max_bytes: usize) -> Response {
+    if req.uri().path().starts_with("/_matrix/") && nul_in_uri(req.uri()) {
+        return matrix_error_response(Error::new(
+            ErrorCode::InvalidParam,
+            "The path and query may not contain the NUL character (U+0000)",
+        ));
+    }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -59,6 +66,12 @@ pub async fn guard_body<E: Endpoint>(next: E, mut req: Request, max_bytes: usize
                 "The request body is not valid JSON",
             ));
         }
+        if has_escaped_nul(&bytes) {
+            return matrix_error_response(Error::new(
+                ErrorCode::BadJson,
+                "Strings may not contain the NUL character (U+0000)",
+            ));
+        }
         // Matrix bodies are JSON whatever the client labels them (`curl -d` says form data).
         // Also for an empty body: operations whose body is optional (`DELETE /devices/{id}`,
         // `/account/deactivate`...) are often called with none, and poem-openapi refuses any
@@ -73,6 +86,39 @@ pub async fn guard_body<E: Endpoint>(next: E, mut req: Request, max_bytes: usize
         Ok(resp) => resp.into_response(),
         Err(err) => render_error(err),
     }
+}
+
+// NUL (U+0000) is refused in whatever a client sends, the same on every backend: PostgreSQL
+// cannot store it in any text column (a 500 there, stored on SQLite and MySQL, which would
+// also make such a database impossible to move to PostgreSQL). No client sends it on purpose.
+
+/// Whether JSON text holds the escape `\u0000`, which parses to NUL (a raw NUL byte is not
+/// valid JSON). `\\u0000` is an escaped backslash followed by text, not a NUL.
+fn has_escaped_nul(json: &[u8]) -> bool {
+    const ESCAPE: &[u8] = b"\\u0000";
+    json.windows(ESCAPE.len())
+        .enumerate()
+        .filter(|(_, window)| *window == ESCAPE)
+        .any(|(at, _)| {
+            let backslashes_before = json[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+            backslashes_before % 2 == 0
+        })
+}
+
+/// Whether the path or the query holds a NUL once decoded: `%00` in the path; in the query,
+/// `%00` or a JSON `\u0000` (a `filter` parameter is JSON).
+fn nul_in_uri(uri: &poem::http::Uri) -> bool {
+    if uri.path().contains("%00") {
+        return true;
+    }
+    let Some(query) = uri.query() else {
+        return false;
+    };
+    url::form_urlencoded::parse(query.as_bytes()).any(|(name, value)| {
+        [name, value]
+            .iter()
+            .any(|text| text.contains('\0') || has_escaped_nul(text.as_bytes()))
+    })
 }
 
 fn too_large(max_bytes: usize) -> Response {
@@ -167,5 +213,38 @@ impl RateLimits {
                 Err(Error::limit_exceeded(wait.as_millis().max(1) as u64))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_nul_is_found_and_escaped_backslashes_are_not_taken_for_it() {
+        assert!(has_escaped_nul(br#"{"body": "a\u0000b"}"#));
+        assert!(has_escaped_nul(br#"{"a\u0000": 1}"#));
+        // `\\\u0000`: an escaped backslash, then the escape.
+        assert!(has_escaped_nul(br#"{"body": "\\\u0000"}"#));
+        // `\\u0000`: an escaped backslash, then the text `u0000`.
+        assert!(!has_escaped_nul(br#"{"body": "\\u0000"}"#));
+        assert!(!has_escaped_nul(br#"{"body": "\u0001 u0000 \\"}"#));
+        assert!(!has_escaped_nul(b""));
+    }
+
+    #[test]
+    fn nul_in_the_path_or_query_is_found_once_decoded() {
+        let uri = |text: &str| text.parse::<poem::http::Uri>().expect("uri");
+        assert!(nul_in_uri(&uri("/_matrix/client/v3/rooms/%00/state/x")));
+        assert!(nul_in_uri(&uri("/_matrix/client/v3/sync?since=s1%00")));
+        assert!(nul_in_uri(&uri(
+            "/_matrix/client/v3/sync?filter=%7B%22a%22%3A%22%5Cu0000%22%7D"
+        )));
+        assert!(!nul_in_uri(&uri(
+            "/_matrix/client/v3/sync?filter=%7B%22a%22%3A%22%5C%5Cu0000%22%7D&since=s100"
+        )));
+        assert!(!nul_in_uri(&uri(
+            "/_matrix/client/v3/rooms/%21a%3Ab/state/x%20y"
+        )));
     }
 }
