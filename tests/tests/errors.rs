@@ -156,6 +156,26 @@ async fn unknown_endpoints_and_methods_are_m_unrecognized() {
             assert_eq!(resp.status, 405, "{method} {path}: {}", resp.text);
             resp.expect_error(405, "M_UNRECOGNIZED");
         }
+        // A 405 names the methods the route answers (RFC 9110), parameters matched.
+        for (method, path, allow) in [
+            (Method::PUT, "/_matrix/client/versions", "GET"),
+            (Method::PATCH, "/_matrix/client/v3/login", "GET, POST"),
+            (
+                Method::DELETE,
+                "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1",
+                "PUT",
+            ),
+            (
+                Method::POST,
+                "/_matrix/client/v3/devices/ABC",
+                "GET, PUT, DELETE",
+            ),
+            (Method::POST, "/_palpo/openapi.json", "GET"),
+        ] {
+            let resp = app.request(method.clone(), path, None, None).await;
+            assert_eq!(resp.status, 405, "{method} {path}: {}", resp.text);
+            assert_eq!(resp.header("allow"), Some(allow), "{method} {path}");
+        }
     })
     .await;
 }

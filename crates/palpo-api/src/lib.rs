@@ -156,15 +156,18 @@ pub fn build_app(services: Services) -> BoxEndpoint<'static> {
         .allow_credentials(false);
     Route::new()
         .nest("/", api)
-        .at(DOCS_PATH, make_sync(|_| Html(docs_html())))
-        .at(format!("{DOCS_PATH}/"), make_sync(|_| Html(docs_html())))
+        .at(DOCS_PATH, poem::get(make_sync(|_| Html(docs_html()))))
+        .at(
+            format!("{DOCS_PATH}/"),
+            poem::get(make_sync(|_| Html(docs_html()))),
+        )
         .at(
             SPEC_PATH,
-            make_sync(|_| {
+            poem::get(make_sync(|_| {
                 Response::builder()
                     .content_type("application/json")
                     .body(spec_json())
-            }),
+            })),
         )
         .around(|ep, mut req| async move {
             client::rooms::trim_empty_state_key(&mut req);
@@ -174,6 +177,7 @@ pub fn build_app(services: Services) -> BoxEndpoint<'static> {
         .data(state)
         .around(move |ep, req| async move { Ok(middleware::guard_body(ep, req, max_bytes).await) })
         .catch_all_error(|err| async move { render_error(err) })
+        .around(|ep, req| middleware::allow_on_405(ep, req, allowed_methods()))
         .with(cors)
         .around(middleware::trace_request)
         .boxed()
@@ -186,6 +190,20 @@ static SPEC_JSON: OnceLock<String> = OnceLock::new();
 
 fn docs_html() -> &'static str {
     DOCS_HTML.get_or_init(|| client_service().swagger_ui_html())
+}
+
+static ALLOWED_METHODS: OnceLock<middleware::AllowedMethods> = OnceLock::new();
+
+fn allowed_methods() -> &'static middleware::AllowedMethods {
+    ALLOWED_METHODS.get_or_init(|| {
+        let docs = format!("{DOCS_PATH}/");
+        let served = [
+            (DOCS_PATH, "GET"),
+            (docs.as_str(), "GET"),
+            (SPEC_PATH, "GET"),
+        ];
+        middleware::AllowedMethods::from_spec(spec_json(), &served)
+    })
 }
 
 fn spec_json() -> &'static str {

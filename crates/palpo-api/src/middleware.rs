@@ -15,7 +15,7 @@ use palpo_core::{
 };
 use poem::{
     Endpoint, IntoResponse, Request, Response,
-    http::{Method, header},
+    http::{HeaderValue, Method, StatusCode, header},
 };
 use poem_openapi::OperationId;
 use tracing::Instrument;
@@ -126,6 +126,74 @@ fn too_large(max_bytes: usize) -> Response {
         ErrorCode::TooLarge,
         format!("The request body is larger than {max_bytes} bytes"),
     ))
+}
+
+/// The methods each route answers, for the `Allow` header a 405 must carry (RFC 9110).
+pub struct AllowedMethods {
+    /// Path templates split at `/` (`None`: a `{parameter}` segment), with their `Allow` value.
+    routes: Vec<(Vec<Option<String>>, HeaderValue)>,
+}
+
+impl AllowedMethods {
+    /// From an OpenAPI document's `paths`, plus `extra` routes served outside it.
+    pub fn from_spec(spec: &str, extra: &[(&str, &str)]) -> Self {
+        let spec: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+        let mut routes = Vec::new();
+        let documented = spec["paths"].as_object().into_iter().flatten();
+        let documented = documented.map(|(path, operations)| {
+            let methods: Vec<String> = ["get", "put", "post", "delete", "patch"]
+                .iter()
+                .filter(|m| operations.get(**m).is_some())
+                .map(|m| m.to_uppercase())
+                .collect();
+            (path.clone(), methods.join(", "))
+        });
+        let extra = extra
+            .iter()
+            .map(|(p, m)| ((*p).to_owned(), (*m).to_owned()));
+        for (path, methods) in documented.chain(extra) {
+            let Ok(allow) = HeaderValue::from_str(&methods) else {
+                continue;
+            };
+            let segments = path
+                .split('/')
+                .map(|segment| (!segment.starts_with('{')).then(|| segment.to_owned()))
+                .collect();
+            routes.push((segments, allow));
+        }
+        AllowedMethods { routes }
+    }
+
+    /// The `Allow` value of the route `path` belongs to.
+    fn of(&self, path: &str) -> Option<&HeaderValue> {
+        let segments: Vec<&str> = path.split('/').collect();
+        self.routes
+            .iter()
+            .find(|(template, _)| {
+                template.len() == segments.len()
+                    && template
+                        .iter()
+                        .zip(&segments)
+                        .all(|(t, s)| t.as_deref().is_none_or(|t| t == *s))
+            })
+            .map(|(_, allow)| allow)
+    }
+}
+
+/// Adds `Allow` to a 405 answer, naming the methods of the route the path belongs to.
+pub async fn allow_on_405<E: Endpoint>(
+    next: E,
+    req: Request,
+    allowed: &AllowedMethods,
+) -> poem::Result<Response> {
+    let uri = req.uri().clone();
+    let mut resp = next.call(req).await?.into_response();
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED
+        && let Some(allow) = allowed.of(uri.path())
+    {
+        resp.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    Ok(resp)
 }
 
 /// One span per request: method, operation (the path template), status and latency.
