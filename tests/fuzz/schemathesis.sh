@@ -78,6 +78,8 @@ token=$(curl -sf -X POST "$url/_matrix/client/v3/register" \
     python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
 
 status=0
+# From the output directory: schemathesis keeps its cache (.schemathesis/) where it runs.
+cd "$out"
 "$venv/bin/schemathesis" run "$root/openapi/client-server.json" --url "$url" \
     -H "Authorization: Bearer $token" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \

@@ -177,7 +177,7 @@ pub fn build_app(services: Services) -> BoxEndpoint<'static> {
         .data(state)
         .around(move |ep, req| async move { Ok(middleware::guard_body(ep, req, max_bytes).await) })
         .catch_all_error(|err| async move { render_error(err) })
-        .around(|ep, req| middleware::allow_on_405(ep, req, allowed_methods()))
+        .around(|ep, req| middleware::allow_on_405(ep, req, allowed_methods))
         .with(cors)
         .around(middleware::trace_request)
         .boxed()
@@ -192,6 +192,7 @@ fn docs_html() -> &'static str {
     DOCS_HTML.get_or_init(|| client_service().swagger_ui_html())
 }
 
+// Built on the first 405, from a document made for it and dropped (the docs keep their own).
 static ALLOWED_METHODS: OnceLock<middleware::AllowedMethods> = OnceLock::new();
 
 fn allowed_methods() -> &'static middleware::AllowedMethods {
@@ -202,7 +203,7 @@ fn allowed_methods() -> &'static middleware::AllowedMethods {
             (docs.as_str(), "GET"),
             (SPEC_PATH, "GET"),
         ];
-        middleware::AllowedMethods::from_spec(spec_json(), &served)
+        middleware::AllowedMethods::from_spec(&client_service().spec(), &served)
     })
 }
 

@@ -181,15 +181,16 @@ impl AllowedMethods {
 }
 
 /// Adds `Allow` to a 405 answer, naming the methods of the route the path belongs to.
+/// `allowed` is only called then (the table is built from the OpenAPI document on first use).
 pub async fn allow_on_405<E: Endpoint>(
     next: E,
     req: Request,
-    allowed: &AllowedMethods,
+    allowed: fn() -> &'static AllowedMethods,
 ) -> poem::Result<Response> {
     let uri = req.uri().clone();
     let mut resp = next.call(req).await?.into_response();
     if resp.status() == StatusCode::METHOD_NOT_ALLOWED
-        && let Some(allow) = allowed.of(uri.path())
+        && let Some(allow) = allowed().of(uri.path())
     {
         resp.headers_mut().insert(header::ALLOW, allow.clone());
     }
