@@ -492,48 +492,54 @@ async fn nul_characters_are_refused(app: &TestApp) {
     let since = palpo_tests::next_batch(&palpo_tests::sync(app, &me.access_token, None, 0).await);
 
     let send = |txn: &str| format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
-    app.put(
-        &send("t1"),
-        token,
-        json!({"msgtype": "m.text", "body": "a\u{0}b"}),
-    )
-    .await
-    .expect_error(400, "M_BAD_JSON");
-    app.put(
-        &send("t%00"),
-        token,
-        json!({"msgtype": "m.text", "body": "x"}),
-    )
-    .await
-    .expect_error(400, "M_INVALID_PARAM");
-    app.put(
-        &format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic/%00"),
-        token,
-        json!({"topic": "t"}),
-    )
-    .await
-    .expect_error(400, "M_INVALID_PARAM");
-    app.post(
-        "/_matrix/client/v3/createRoom",
-        token,
-        json!({"room_alias_name": "a\u{0}"}),
-    )
-    .await
-    .expect_error(400, "M_BAD_JSON");
-    app.put(
-        &format!(
-            "/_matrix/client/v3/profile/{}/displayname",
-            palpo_tests::enc(&me.user_id)
-        ),
-        token,
-        json!({"displayname": "\u{0}"}),
-    )
-    .await
-    .expect_error(400, "M_BAD_JSON");
+    let profile = format!(
+        "/_matrix/client/v3/profile/{}/displayname",
+        palpo_tests::enc(&me.user_id)
+    );
     let filter = palpo_tests::enc(r#"{"room":{"rooms":["!a\u0000:b"]}}"#);
-    app.get(&format!("/_matrix/client/v3/sync?filter={filter}"), token)
-        .await
-        .expect_error(400, "M_INVALID_PARAM");
+    let refused = [
+        (
+            Method::PUT,
+            send("t1"),
+            Some(json!({"msgtype": "m.text", "body": "a\u{0}b"})),
+            "M_BAD_JSON",
+        ),
+        (
+            Method::PUT,
+            send("t%00"),
+            Some(json!({"msgtype": "m.text", "body": "x"})),
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic/%00"),
+            Some(json!({"topic": "t"})),
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::POST,
+            "/_matrix/client/v3/createRoom".to_owned(),
+            Some(json!({"room_alias_name": "a\u{0}"})),
+            "M_BAD_JSON",
+        ),
+        (
+            Method::PUT,
+            profile,
+            Some(json!({"displayname": "\u{0}"})),
+            "M_BAD_JSON",
+        ),
+        (
+            Method::GET,
+            format!("/_matrix/client/v3/sync?filter={filter}"),
+            None,
+            "M_INVALID_PARAM",
+        ),
+    ];
+    for (method, path, body, errcode) in refused {
+        app.request(method, &path, token, body.as_ref())
+            .await
+            .expect_error(400, errcode);
+    }
 
     // A backslash, then `u0000`: text, stored and read back as sent.
     app.put(
