@@ -135,18 +135,25 @@ pub struct AllowedMethods {
 }
 
 impl AllowedMethods {
-    /// From an OpenAPI document's `paths`, plus `extra` routes served outside it.
+    /// From an OpenAPI document's `paths`, plus `extra` routes served outside it. Only the
+    /// paths and their method names are read out of the document.
     pub fn from_spec(spec: &str, extra: &[(&str, &str)]) -> Self {
-        let spec: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+        #[derive(serde::Deserialize, Default)]
+        struct Document {
+            paths: std::collections::BTreeMap<
+                String,
+                std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+            >,
+        }
+        let spec: Document = serde_json::from_str(spec).unwrap_or_default();
         let mut routes = Vec::new();
-        let documented = spec["paths"].as_object().into_iter().flatten();
-        let documented = documented.map(|(path, operations)| {
+        let documented = spec.paths.into_iter().map(|(path, operations)| {
             let methods: Vec<String> = ["get", "put", "post", "delete", "patch"]
                 .iter()
-                .filter(|m| operations.get(**m).is_some())
+                .filter(|m| operations.contains_key(**m))
                 .map(|m| m.to_uppercase())
                 .collect();
-            (path.clone(), methods.join(", "))
+            (path, methods.join(", "))
         });
         let extra = extra
             .iter()
