@@ -193,6 +193,24 @@ struct DeferredWrite<'a> {
     sql: String,
     binds: Vec<Bind<'a>>,
     conflict: &'static str,
+    /// Rows the write must change, or the flush fails with a conflict (see
+    /// [`DeferredWrites::push_expecting`]).
+    expected_rows: Option<u64>,
+    /// Whether the write touches no row that the other writes of its table in this flush
+    /// touch, so that it may share their statement (see [`disjoint_groups`]).
+    rows_apart: bool,
+}
+
+impl<'a> DeferredWrite<'a> {
+    fn new(sql: String, binds: Vec<Bind<'a>>, conflict: &'static str) -> Self {
+        DeferredWrite {
+            sql,
+            binds,
+            conflict,
+            expected_rows: None,
+            rows_apart: false,
+        }
+    }
 }
 
 /// Writes of a transaction whose results nothing in it reads, kept to be sent together. On
@@ -211,11 +229,37 @@ impl<'a> DeferredWrites<'a> {
     /// Queues a write; a uniqueness violation in it fails the flush with
     /// [`StorageError::Conflict`]`(conflict)`.
     pub(crate) fn push(&mut self, sql: String, binds: Vec<Bind<'a>>, conflict: &'static str) {
-        self.writes.push(DeferredWrite {
-            sql,
-            binds,
-            conflict,
-        });
+        self.writes.push(DeferredWrite::new(sql, binds, conflict));
+    }
+
+    /// Queues a write (an `UPDATE` or `DELETE`) that must change exactly `rows` rows: if it
+    /// changes another number, the flush fails with [`StorageError::Conflict`]`(conflict)`
+    /// and the caller rolls the transaction back. A check that costs no statement of its own
+    /// (where the rows' count is not known before, only what they must be).
+    pub(crate) fn push_expecting(
+        &mut self,
+        sql: String,
+        binds: Vec<Bind<'a>>,
+        conflict: &'static str,
+        rows: u64,
+    ) {
+        let mut write = DeferredWrite::new(sql, binds, conflict);
+        write.expected_rows = Some(rows);
+        self.writes.push(write);
+    }
+
+    /// Queues a write whose rows none of the other queued writes of its table touch (new
+    /// rows of keys nothing else writes), so that on PostgreSQL it may share their
+    /// statement.
+    pub(crate) fn push_rows_apart(
+        &mut self,
+        sql: String,
+        binds: Vec<Bind<'a>>,
+        conflict: &'static str,
+    ) {
+        let mut write = DeferredWrite::new(sql, binds, conflict);
+        write.rows_apart = true;
+        self.writes.push(write);
     }
 
     /// Sends the queued writes now where they would go one by one anyway (not SQLite), so
@@ -235,14 +279,8 @@ impl<'a> DeferredWrites<'a> {
             return self.flush(tx).await;
         };
         if let Some(begin) = sqlite.take_begin() {
-            self.writes.insert(
-                0,
-                DeferredWrite {
-                    sql: begin.into(),
-                    binds: Vec::new(),
-                    conflict: "begin",
-                },
-            );
+            self.writes
+                .insert(0, DeferredWrite::new(begin.into(), Vec::new(), "begin"));
         }
         self.push("COMMIT".into(), Vec::new(), "commit");
         self.flush(tx).await?;
@@ -273,26 +311,58 @@ impl<'a> DeferredWrites<'a> {
                     let combined = with_statements(group);
                     let sql = postgres_placeholders(&combined);
                     let binds = group.iter().flat_map(|w| w.binds.iter());
-                    bind_all!(sqlx::query(&sql), binds)
-                        .execute(&mut **tx)
+                    let query = bind_all!(sqlx::query_as::<_, (i64, i64)>(&sql), binds);
+                    let counts = query
+                        .fetch_all(&mut **tx)
                         .await
                         .map_err(|e| StorageError::conflict_or(e, conflict_names(group)))?;
+                    for (index, rows) in counts {
+                        check_rows(group, index, rows)?;
+                    }
+                }
+            }
+            Tx::Sqlite(tx) if writes.iter().any(|w| w.expected_rows.is_some()) => {
+                // One statement at a time, to count each one's rows.
+                for write in &writes {
+                    let done = bind_all!(sqlx::query(&write.sql), &write.binds)
+                        .execute(tx.conn())
+                        .await
+                        .map_err(|e| StorageError::conflict_or(e, write.conflict))?;
+                    expect_rows(write, done.rows_affected())?;
                 }
             }
             tx => {
                 for write in &writes {
-                    crate::on_tx!(tx, &write.sql, |c, sql| {
+                    let rows = crate::on_tx!(tx, &write.sql, |c, sql| {
                         bind_all!(sqlx::query(sql), &write.binds)
                             .execute(&mut *c)
                             .await
                             .map_err(|e| StorageError::conflict_or(e, write.conflict))?
                             .rows_affected()
                     });
+                    expect_rows(write, rows)?;
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Fails with the write's conflict unless it changed the rows it must.
+fn expect_rows(write: &DeferredWrite<'_>, rows: u64) -> Result<()> {
+    match write.expected_rows {
+        Some(expected) if expected != rows => Err(StorageError::Conflict(write.conflict.into())),
+        _ => Ok(()),
+    }
+}
+
+/// [`expect_rows`] for the `index`th write of `group` (as [`with_statements`] counts them).
+fn check_rows(group: &[DeferredWrite<'_>], index: i64, rows: i64) -> Result<()> {
+    let write = usize::try_from(index)
+        .ok()
+        .and_then(|index| group.get(index))
+        .ok_or_else(|| StorageError::Corrupt("a count for no write".into()))?;
+    expect_rows(write, u64::try_from(rows).unwrap_or(u64::MAX))
 }
 
 /// What to call a uniqueness violation in one of `writes`, sent together (which statement
@@ -328,7 +398,7 @@ fn disjoint_groups<'w, 'a>(writes: &'w [DeferredWrite<'a>]) -> Vec<&'w [Deferred
     let mut tables: Vec<&str> = Vec::new();
     for (index, write) in writes.iter().enumerate() {
         let table = written_table(&write.sql);
-        let fits = table.is_some_and(|t| !tables.contains(&t));
+        let fits = table.is_some_and(|t| write.rows_apart || !tables.contains(&t));
         if !fits && index > start {
             groups.push(&writes[start..index]);
             start = index;
@@ -349,21 +419,38 @@ fn disjoint_groups<'w, 'a>(writes: &'w [DeferredWrite<'a>]) -> Vec<&'w [Deferred
     groups
 }
 
-/// `writes` as one PostgreSQL statement: all but the last as data-modifying `WITH` parts
-/// (binds in the same order as the text).
+/// `writes` as one PostgreSQL statement (binds in the same order as the text): all but the
+/// last as data-modifying `WITH` parts, or every one of them when one must change a given
+/// number of rows; then the statement answers `(index, rows changed)` for each of those.
 fn with_statements(writes: &[DeferredWrite<'_>]) -> String {
-    match writes {
-        [] => String::new(),
-        [only] => only.sql.clone(),
-        [parts @ .., last] => {
-            let parts: Vec<String> = parts
+    let counted: Vec<usize> = (0..writes.len())
+        .filter(|&i| writes[i].expected_rows.is_some())
+        .collect();
+    let (parts, main) = match writes {
+        [] => return String::new(),
+        _ if !counted.is_empty() => {
+            let counts: Vec<String> = counted
                 .iter()
-                .enumerate()
-                .map(|(i, w)| format!("w{i} AS ({})", w.sql))
+                .map(|i| format!("SELECT {i}::BIGINT, count(*) FROM w{i}"))
                 .collect();
-            format!("WITH {} {}", parts.join(", "), last.sql)
+            (writes, counts.join(" UNION ALL "))
         }
-    }
+        [only] => return only.sql.clone(),
+        [parts @ .., last] => (parts, last.sql.clone()),
+    };
+    let parts: Vec<String> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let returning = if w.expected_rows.is_some() {
+                " RETURNING 1"
+            } else {
+                ""
+            };
+            format!("w{i} AS ({}{returning})", w.sql)
+        })
+        .collect();
+    format!("WITH {} {main}", parts.join(", "))
 }
 
 /// A text column as read back. Decode string columns into this, not `String`: MySQL flags
@@ -789,6 +876,45 @@ async fn connect_sqlite(
     Ok((writer, readers))
 }
 
+/// A batch of event writes' turn to lock its rooms' rows: only once the batch before it
+/// (of the same writer) holds its own. Without it, two batches written at once could lock in
+/// either order; a batch whose events are built on the other's would then find its rooms a
+/// write version short and fail them all, to be built again one at a time under the room's
+/// write lock. With it, the later batch waits for the earlier one's commit instead.
+#[derive(Default)]
+pub struct LockTurn {
+    after: Option<tokio::sync::oneshot::Receiver<()>>,
+    taken: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl LockTurn {
+    /// The turn of the next batch after one holding `self`'s turn: it comes once that one
+    /// has taken its locks (or failed before).
+    pub fn then(&mut self) -> LockTurn {
+        let (taken, after) = tokio::sync::oneshot::channel();
+        self.taken = Some(taken);
+        LockTurn {
+            after: Some(after),
+            taken: None,
+        }
+    }
+
+    /// Waits for the turn.
+    pub(crate) async fn wait(&mut self) {
+        if let Some(after) = self.after.take() {
+            // An error: the batch before ended without taking its locks.
+            let _ = after.await;
+        }
+    }
+
+    /// Says that this batch holds its locks: the next one may take its own.
+    pub(crate) fn locks_taken(&mut self) {
+        if let Some(taken) = self.taken.take() {
+            let _ = taken.send(());
+        }
+    }
+}
+
 /// A room's write lock, shared by every process on the database: held from reading the room
 /// to persisting the event built on it, so that processes take turns instead of racing (racing
 /// lets one process starve another). It is an open transaction holding the room's row
@@ -863,11 +989,7 @@ mod tests {
 
     #[test]
     fn postgres_writes_share_a_statement_only_across_tables() {
-        let write = |sql: &str| DeferredWrite {
-            sql: sql.into(),
-            binds: vec![Bind::from(1)],
-            conflict: "x",
-        };
+        let write = |sql: &str| DeferredWrite::new(sql.into(), vec![Bind::from(1)], "x");
         let writes = [
             write("INSERT INTO a (x) VALUES (?)"),
             write("DELETE FROM b WHERE x = ?"),

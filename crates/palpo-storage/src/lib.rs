@@ -27,7 +27,7 @@ use std::sync::Arc;
 use palpo_core::config::{CacheConfig, DatabaseConfig};
 
 pub use cache::{Cached, RedisCache};
-pub use db::{Backend, Db, RoomWriteLock};
+pub use db::{Backend, Db, LockTurn, RoomWriteLock};
 pub use error::{Result, StorageError};
 pub use repo::EphemeralRepo;
 pub use repo::{

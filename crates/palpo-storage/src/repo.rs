@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 
 use crate::{
-    db::RoomWriteLock,
+    db::{LockTurn, RoomWriteLock},
     error::Result,
     model::{
         AliasRecord, DeviceLogin, DeviceRecord, Direction, EventRecord, MembershipRecord, NewEvent,
@@ -99,7 +99,16 @@ pub trait RoomRepo: Send + Sync {
     /// they were built (each on the write version the one before leaves). An event that
     /// conflicts writes nothing and does not stop the others; its outcome says so. `Err` when
     /// the transaction as a whole failed (nothing is written then).
-    async fn persist_events(&self, events: &[NewEvent]) -> Result<Vec<Result<PersistedEvent>>>;
+    async fn persist_events(&self, events: &[NewEvent]) -> Result<Vec<Result<PersistedEvent>>> {
+        self.persist_events_in_turn(events, LockTurn::default())
+            .await
+    }
+    /// As [`RoomRepo::persist_events`], locking the rooms' rows in `turn`.
+    async fn persist_events_in_turn(
+        &self,
+        events: &[NewEvent],
+        turn: LockTurn,
+    ) -> Result<Vec<Result<PersistedEvent>>>;
 
     /// Called by the event writer once it has answered a batch's sends, with the number of
     /// events the batch wrote: see [`crate::db::Db::checkpoint_if_due`].

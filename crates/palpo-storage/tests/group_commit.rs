@@ -3,7 +3,7 @@
 //! the others be; a failing transaction writes nothing at all.
 
 use palpo_storage::{
-    Backend, Storage, StorageError,
+    Backend, LockTurn, Storage, StorageError,
     db::{CHECKPOINT_EVERY_EVENTS, Pool},
     model::{NewEvent, RoomRecord, TokenCheck, TxnKey},
     testing::{self, event_on},
@@ -16,6 +16,7 @@ palpo_storage::conformance!(
     redaction_of_an_event_in_the_same_batch,
     the_writer_checkpoints_the_log_after_enough_events,
     events_sent_with_a_revoked_token_write_nothing,
+    a_batch_locks_its_rooms_after_the_batch_before,
 );
 
 const ROOM_A: &str = "!a:test";
@@ -433,4 +434,51 @@ async fn events_sent_with_a_revoked_token_write_nothing(s: Storage) {
             Err(StorageError::UnknownToken)
         ));
     }
+}
+
+/// Two batches written at once, the second's event built on the first's: started first, the
+/// second still waits for the first to lock its room (its turn), and so finds the room as
+/// the first left it instead of a write version short.
+async fn a_batch_locks_its_rooms_after_the_batch_before(s: Storage) {
+    let (a, _) = two_rooms(&s).await;
+    let first_event = event_on(&a, "$first", MESSAGE, "@a:test", 5);
+    let built_on_it = NewEvent {
+        prev_events: vec!["$first".into()],
+        expected_write_version: a.write_version + 1,
+        ..event_on(&a, "$built-on-first", MESSAGE, "@a:test", 6)
+    };
+    let mut first_turn = LockTurn::default();
+    let second_turn = first_turn.then();
+    let rooms = s.rooms.clone();
+    let second = tokio::spawn(async move {
+        rooms
+            .persist_events_in_turn(&[built_on_it], second_turn)
+            .await
+    });
+    // Long enough for the second batch to have locked the room, had it not waited.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!second.is_finished(), "the second batch did not wait");
+    let first = s
+        .rooms
+        .persist_events_in_turn(&[first_event], first_turn)
+        .await
+        .expect("first batch");
+    let second = second.await.expect("join").expect("second batch");
+    let [first, second] = [&first[0], &second[0]].map(|o| o.as_ref().expect("written"));
+    assert_eq!(second.stream_ordering, first.stream_ordering + 1);
+    let room = room(&s, ROOM_A).await;
+    assert_eq!(room.forward_extremities, vec!["$built-on-first".to_owned()]);
+    assert_eq!(room.write_version, a.write_version + 2);
+
+    // A turn whose batch before ended without locking anything comes all the same.
+    let mut dropped = LockTurn::default();
+    let after_dropped = dropped.then();
+    drop(dropped);
+    let next = event_on(&room, "$after-dropped", MESSAGE, "@a:test", 7);
+    let outcomes = s
+        .rooms
+        .persist_events_in_turn(&[next], after_dropped)
+        .await
+        .expect("batch after a dropped turn");
+    assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
 }

@@ -10,7 +10,7 @@
 use std::sync::{Arc, OnceLock};
 
 use palpo_storage::{
-    Backend, RoomRepo, Storage, StorageError,
+    Backend, LockTurn, RoomRepo, Storage, StorageError,
     model::{NewEvent, PersistedEvent},
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -85,6 +85,9 @@ async fn write_batches(
     writers: usize,
 ) {
     let free_writers = Arc::new(Semaphore::new(writers));
+    // Batches lock their rooms in the order they were taken: a batch's events may be built
+    // on the one's before it.
+    let mut turn = LockTurn::default();
     loop {
         let Ok(writer) = free_writers.clone().acquire_owned().await else {
             return;
@@ -93,19 +96,21 @@ async fn write_batches(
         if queue.recv_many(&mut jobs, MAX_BATCH).await == 0 {
             return;
         }
+        let next = turn.then();
+        let this_turn = std::mem::replace(&mut turn, next);
         let rooms = rooms.clone();
         tokio::spawn(async move {
-            write_batch(&*rooms, jobs).await;
+            write_batch(&*rooms, jobs, this_turn).await;
             drop(writer);
         });
     }
 }
 
 #[tracing::instrument(skip_all, fields(events = jobs.len()))]
-async fn write_batch(rooms: &dyn RoomRepo, jobs: Vec<Job>) {
+async fn write_batch(rooms: &dyn RoomRepo, jobs: Vec<Job>, turn: LockTurn) {
     let (events, replies): (Vec<NewEvent>, Vec<_>) =
         jobs.into_iter().map(|job| (job.event, job.reply)).unzip();
-    match rooms.persist_events(&events).await {
+    match rooms.persist_events_in_turn(&events, turn).await {
         Ok(outcomes) => {
             let written = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
             for (reply, outcome) in replies.into_iter().zip(outcomes) {

@@ -7,7 +7,7 @@ use futures::future::try_join_all;
 
 use super::{ROOMS_PER_UNION, SqlStore, per_room_union, placeholders};
 use crate::{
-    db::{Bind, DeferredWrites, RoomWriteLock, Text, Tx},
+    db::{Bind, DeferredWrites, LockTurn, RoomWriteLock, Text, Tx},
     error::{Result, StorageError},
     model::{
         AliasRecord, Direction, EventRecord, MembershipRecord, NewEvent, NewRoom, PersistedEvent,
@@ -207,11 +207,16 @@ struct BatchReads {
     used_txns: HashSet<TxnKey>,
     /// Of the access tokens the batch's events are sent with, those that still exist.
     live_tokens: HashSet<TokenCheck>,
-    /// SQLite only: the `events_stream` counter as read with the rest. The batch writes its
-    /// new value with its other deferred writes instead of taking it in a query of its own
+    /// The `events_stream` counter as read with the rest, held by this transaction: on SQLite
     /// (the process's one writer connection runs one write transaction at a time; another
-    /// process writing meanwhile makes this transaction's first write fail, not race).
+    /// process writing meanwhile makes this transaction's first write fail, not race) and on
+    /// PostgreSQL (locked with the rooms' rows). The batch writes its new value with its
+    /// other deferred writes instead of taking it in a statement of its own. `None`: taken
+    /// when the positions are needed.
     stream_counter: Option<i64>,
+    /// Whether `extremities` holds the head rooms' forward extremities. When it does not (see
+    /// [`postgres_batch_reads`]), the write checks them as it removes them instead.
+    extremities_read: bool,
 }
 
 /// Reads what a batch needs before writing: on SQLite in one query (each query is a hand-off
@@ -222,6 +227,7 @@ async fn batch_reads(
     room_ids: &[&str],
     locked: Option<LockedRooms>,
     events: &[&NewEvent],
+    extremities: ExtremityCheck,
 ) -> Result<BatchReads> {
     let keys: Vec<&TxnKey> = events.iter().filter_map(|e| e.txn.as_ref()).collect();
     let mut tokens: Vec<&str> = events
@@ -230,8 +236,17 @@ async fn batch_reads(
         .collect();
     tokens.sort_unstable();
     tokens.dedup();
-    if let (Tx::Sqlite(sqlite), None) = (&mut *tx, &locked) {
-        return sqlite_batch_reads(sqlite, room_ids, &head_rooms(events), &keys, &tokens).await;
+    match (&mut *tx, &locked) {
+        (Tx::Sqlite(sqlite), None) => {
+            return sqlite_batch_reads(sqlite, room_ids, &head_rooms(events), &keys, &tokens).await;
+        }
+        (Tx::Postgres(_), None)
+            if extremities == ExtremityCheck::OnWrite
+                && every_accepted_event_extends_head(events) =>
+        {
+            return postgres_batch_reads(tx, room_ids, &keys, &tokens).await;
+        }
+        _ => {}
     }
     let locked = match locked {
         Some(locked) => locked,
@@ -264,6 +279,112 @@ async fn batch_reads(
             b.map(String::from),
             c.map(String::from),
         )?;
+    }
+    Ok(reads)
+}
+
+/// How a batch checks that its events extend their rooms' forward extremities.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ExtremityCheck {
+    /// Read them once the rooms are locked.
+    Read,
+    /// Where that saves a statement (see [`postgres_batch_reads`]), count those the write
+    /// removes: any other number fails the batch with [`UNREAD_EXTREMITIES_MOVED`], to be
+    /// written again reading them, so that only the events that do not extend them fail.
+    OnWrite,
+}
+
+/// The conflict of a batch whose events cite forward extremities it did not read and that
+/// are not there (events built on one that was never written).
+const UNREAD_EXTREMITIES_MOVED: &str = "forward extremities moved";
+
+/// Whether every accepted event of `events` extends its room's head: then a write can check
+/// the extremities they cite by counting those it removes (see [`postgres_batch_reads`]).
+fn every_accepted_event_extends_head(events: &[&NewEvent]) -> bool {
+    events
+        .iter()
+        .all(|e| e.extends_head || e.outlier || e.rejected_reason.is_some())
+}
+
+/// [`batch_reads`] on PostgreSQL for a batch whose accepted events all extend their rooms'
+/// heads: one statement locks the rooms' rows (sorted, as [`lock_room_rows`]) and then the
+/// stream counter's, and reads the used transaction ids and live tokens.
+///
+/// The batch's transaction then holds the counter from its first statement, so the counter
+/// needs no statement of its own and the writes go as one (`write_events`): the fewer
+/// round trips between a batch's lock and its `COMMIT`, the sooner the next batch, which
+/// waits for these rows, can start. It does not read the forward extremities: a statement
+/// sees what was committed when it began, which is before the lock it waited for was
+/// released, and the batch that held it changed them. The write removes the extremities
+/// its events cite and fails with a conflict unless it removed them all. The transaction
+/// ids and tokens read here may be as stale: a transaction id recorded meanwhile breaks
+/// its uniqueness constraint (a conflict, see [`push_txn_ids`]), and a logout is as racy
+/// with a send as it ever was.
+async fn postgres_batch_reads(
+    tx: &mut Tx,
+    room_ids: &[&str],
+    keys: &[&TxnKey],
+    tokens: &[&str],
+) -> Result<BatchReads> {
+    let Tx::Postgres(pg) = tx else {
+        return Err(StorageError::Corrupt(
+            "PostgreSQL reads on another backend".into(),
+        ));
+    };
+    // The counter's condition reads `locked`, so its row is locked after the rooms' rows.
+    let mut parts = vec![
+        "SELECT 'r', room_id, NULL, NULL, write_version, state_group FROM locked".to_owned(),
+        "SELECT 'c', NULL, NULL, NULL, counter_value, NULL FROM counter".to_owned(),
+    ];
+    parts.extend(text_read_parts(
+        ["'e'", "'t'", "'k'"],
+        ", NULL, NULL",
+        &[],
+        keys,
+        tokens,
+    ));
+    let sql = format!(
+        "WITH locked AS (SELECT room_id, write_version, state_group FROM rooms \
+           WHERE room_id IN ({}) ORDER BY room_id FOR UPDATE), \
+         counter AS (SELECT counter_value FROM id_counters \
+           WHERE name = 'events_stream' AND (SELECT count(*) FROM locked) >= 0 FOR UPDATE) \
+         {}",
+        placeholders(room_ids.len()),
+        parts.join(" UNION ALL ")
+    );
+    type Row = (
+        Text,
+        Option<Text>,
+        Option<Text>,
+        Option<Text>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let sql = crate::db::postgres_placeholders(&sql);
+    let mut query = sqlx::query_as::<_, Row>(&sql);
+    for room_id in room_ids {
+        query = query.bind(*room_id);
+    }
+    let rows = bind_text_reads!(query, &[] as &[&str], keys, tokens)
+        .fetch_all(&mut **pg)
+        .await?;
+    let mut reads = BatchReads::new(room_ids.iter().map(|id| ((*id).to_owned(), None)).collect());
+    reads.extremities_read = false;
+    for (kind, a, b, c, n, m) in rows {
+        let text = |v: Option<Text>| v.map(String::from);
+        match (kind.0.as_str(), n) {
+            ("r", Some(version)) => {
+                let room_id = text(a).ok_or_else(unexpected_read)?;
+                reads.locked.insert(room_id, Some((version, m)));
+            }
+            ("c", Some(value)) => reads.stream_counter = Some(value),
+            ("t", _) => reads.add_text_row(TextRead::Txn, text(a), text(b), text(c))?,
+            ("k", _) => reads.add_text_row(TextRead::Token, text(a), text(b), text(c))?,
+            _ => return Err(unexpected_read()),
+        }
+    }
+    if reads.stream_counter.is_none() {
+        return Err(StorageError::Corrupt("no counter events_stream".into()));
     }
     Ok(reads)
 }
@@ -346,6 +467,7 @@ impl BatchReads {
             used_txns: HashSet::new(),
             live_tokens: HashSet::new(),
             stream_counter: None,
+            extremities_read: true,
         }
     }
 
@@ -535,7 +657,13 @@ fn accepted_and_cited<'a>(
 
 /// The event graph the written `events` (in order) add: every edge in one statement, and the
 /// forward extremities they cite removed in another ([`push_new_extremities`] adds theirs).
-fn push_graph<'a>(writes: &mut DeferredWrites<'a>, events: &[&'a NewEvent]) {
+/// `must_remove`: how many stored extremities that must remove, for a write that did not
+/// read them (any other number is a conflict: the room moved on).
+fn push_graph<'a>(
+    writes: &mut DeferredWrites<'a>,
+    events: &[&'a NewEvent],
+    must_remove: Option<usize>,
+) {
     let edges: Vec<(&str, &str)> = events
         .iter()
         .flat_map(|e| {
@@ -569,7 +697,10 @@ fn push_graph<'a>(writes: &mut DeferredWrites<'a>, events: &[&'a NewEvent]) {
             placeholders(prevs.len())
         );
         let binds = rooms.iter().chain(&prevs).map(|v| Bind::from(*v)).collect();
-        writes.push(sql, binds, "forward extremity");
+        match must_remove {
+            Some(rows) => writes.push_expecting(sql, binds, UNREAD_EXTREMITIES_MOVED, rows as u64),
+            None => writes.push(sql, binds, "forward extremity"),
+        }
     }
 }
 
@@ -591,7 +722,8 @@ fn push_new_extremities<'a>(writes: &mut DeferredWrites<'a>, events: &[&'a NewEv
             .iter()
             .flat_map(|e| [Bind::from(&e.room_id), Bind::from(&e.event_id)])
             .collect();
-        writes.push(sql, binds, "forward extremity");
+        // New events: not the extremities `push_graph` removes.
+        writes.push_rows_apart(sql, binds, "forward extremity");
     }
 }
 
@@ -891,13 +1023,22 @@ impl SqlStore {
             mut used_txns,
             live_tokens,
             stream_counter,
+            extremities_read,
         } = reads;
+        // Without the stored extremities (see `BatchReads::extremities_read`): those the
+        // written events cite, each of which the write must remove, and the events of the
+        // batch before the one checked (which can only be extremities once written).
+        let mut cited_stored: HashSet<&str> = HashSet::new();
+        let mut earlier_ids: HashSet<&str> = HashSet::new();
         let mut writes = DeferredWrites::default();
         let mut new_txns: Vec<(&TxnKey, &str, i64)> = Vec::new();
         let mut rooms: HashMap<&str, RoomCursor> = HashMap::new();
         let mut outcomes: Vec<Result<PersistedEvent>> = Vec::with_capacity(events.len());
         let mut written: Vec<usize> = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
+            if let Some(earlier) = index.checked_sub(1).filter(|_| !extremities_read) {
+                earlier_ids.insert(events[earlier].event_id.as_str());
+            }
             if let Some(token) = &event.sent_with
                 && !live_tokens.contains(token)
             {
@@ -921,12 +1062,16 @@ impl SqlStore {
                 written: false,
             });
             let room_extremities = extremities.entry(event.room_id.clone()).or_default();
+            // Unread, a stored extremity is taken to be there until an event of the batch
+            // cites it; the write checks that it was.
+            let is_extremity = |prev: &String| {
+                room_extremities.contains(prev)
+                    || (!extremities_read
+                        && !earlier_ids.contains(prev.as_str())
+                        && !cited_stored.contains(prev.as_str()))
+            };
             let moved_on = room.write_version != event.expected_write_version
-                || (event.extends_head
-                    && !event
-                        .prev_events
-                        .iter()
-                        .all(|prev| room_extremities.contains(prev)));
+                || (event.extends_head && !event.prev_events.iter().all(is_extremity));
             if moved_on {
                 outcomes.push(Err(StorageError::Conflict("room changed meanwhile".into())));
                 continue;
@@ -942,7 +1087,9 @@ impl SqlStore {
             push_redaction_and_state(&mut writes, event);
             if !event.outlier && event.rejected_reason.is_none() {
                 for prev in &event.prev_events {
-                    room_extremities.remove(prev);
+                    if !room_extremities.remove(prev) && !extremities_read {
+                        cited_stored.insert(prev);
+                    }
                 }
                 room_extremities.insert(event.event_id.clone());
             }
@@ -962,19 +1109,23 @@ impl SqlStore {
         }
         push_txn_ids(&mut writes, &new_txns);
         let written_events: Vec<&NewEvent> = written.iter().map(|&i| events[i]).collect();
-        push_graph(&mut writes, &written_events);
-        // Rooms whose state changed are updated once their new state group is numbered.
+        let must_remove = (!extremities_read).then_some(cited_stored.len());
+        push_graph(&mut writes, &written_events, must_remove);
+        // Rooms whose state changed are updated once their new state group is numbered; all
+        // of them then when the counter is held already (nothing is sent before it).
         let mut state_rooms: Vec<&str> = Vec::new();
         let mut other_rooms: Vec<(&str, &RoomCursor)> = Vec::new();
         for (room_id, room) in &rooms {
-            match (room.written, room.changes_state) {
+            match (room.written, room.changes_state || stream_counter.is_some()) {
                 (true, true) => state_rooms.push(*room_id),
                 (true, false) => other_rooms.push((*room_id, room)),
                 (false, _) => {}
             }
         }
-        push_room_updates(&mut writes, &other_rooms);
-        writes.flush_unless_combined(tx).await?;
+        if stream_counter.is_none() {
+            push_room_updates(&mut writes, &other_rooms);
+            writes.flush_unless_combined(tx).await?;
+        }
 
         // From here on the stream counter is held.
         let last = match stream_counter {
@@ -1103,7 +1254,14 @@ impl RoomRepo for SqlStore {
             ),
             None => (self.db.begin().await?, None),
         };
-        let reads = batch_reads(&mut tx, &[&event.room_id], locked, &[event]).await?;
+        let reads = batch_reads(
+            &mut tx,
+            &[&event.room_id],
+            locked,
+            &[event],
+            ExtremityCheck::Read,
+        )
+        .await?;
         let outcome = self
             .write_events(&mut tx, reads, &[event])
             .await?
@@ -1122,23 +1280,44 @@ impl RoomRepo for SqlStore {
     }
 
     #[tracing::instrument(skip_all, fields(events = events.len()))]
-    async fn persist_events(&self, events: &[NewEvent]) -> Result<Vec<Result<PersistedEvent>>> {
+    async fn persist_events_in_turn(
+        &self,
+        events: &[NewEvent],
+        mut turn: LockTurn,
+    ) -> Result<Vec<Result<PersistedEvent>>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.db.begin_batch().await?;
         let mut room_ids: Vec<&str> = events.iter().map(|e| e.room_id.as_str()).collect();
         room_ids.sort_unstable();
         room_ids.dedup();
         let events: Vec<&NewEvent> = events.iter().collect();
-        let reads = batch_reads(&mut tx, &room_ids, None, &events).await?;
-        let outcomes = self.write_events(&mut tx, reads, &events).await?;
-        if outcomes.iter().any(Result::is_ok) {
-            tx.commit().await?;
-        } else {
-            tx.rollback().await?;
+        let mut check = ExtremityCheck::OnWrite;
+        // Before taking a connection: on SQLite the batch before needs the one writer.
+        turn.wait().await;
+        loop {
+            let mut tx = self.db.begin_batch().await?;
+            let reads = batch_reads(&mut tx, &room_ids, None, &events, check).await?;
+            turn.locks_taken();
+            let outcomes = match self.write_events(&mut tx, reads, &events).await {
+                Err(StorageError::Conflict(what))
+                    if what == UNREAD_EXTREMITIES_MOVED && check == ExtremityCheck::OnWrite =>
+                {
+                    // Rare: an event built on one that was never written. Again, reading
+                    // them, so that only the events that do not extend them fail.
+                    tx.rollback().await?;
+                    check = ExtremityCheck::Read;
+                    continue;
+                }
+                outcomes => outcomes?,
+            };
+            if outcomes.iter().any(Result::is_ok) {
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
+            return Ok(outcomes);
         }
-        Ok(outcomes)
     }
 
     async fn after_batch(&self, events: usize) -> Result<()> {
