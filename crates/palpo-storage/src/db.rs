@@ -294,6 +294,16 @@ impl<'a> DeferredWrites<'a> {
     pub(crate) async fn flush(&mut self, tx: &mut Tx) -> Result<()> {
         let writes = std::mem::take(&mut self.writes);
         match tx {
+            Tx::Sqlite(tx) if writes.iter().any(|w| w.expected_rows.is_some()) => {
+                // One statement at a time, to count each one's rows.
+                for write in &writes {
+                    let done = bind_all!(sqlx::query(&write.sql), &write.binds)
+                        .execute(tx.conn())
+                        .await
+                        .map_err(|e| StorageError::conflict_or(e, write.conflict))?;
+                    expect_rows(write, done.rows_affected())?;
+                }
+            }
             Tx::Sqlite(tx) if writes.len() > 1 => {
                 let sql = writes
                     .iter()
@@ -319,16 +329,6 @@ impl<'a> DeferredWrites<'a> {
                     for (index, rows) in counts {
                         check_rows(group, index, rows)?;
                     }
-                }
-            }
-            Tx::Sqlite(tx) if writes.iter().any(|w| w.expected_rows.is_some()) => {
-                // One statement at a time, to count each one's rows.
-                for write in &writes {
-                    let done = bind_all!(sqlx::query(&write.sql), &write.binds)
-                        .execute(tx.conn())
-                        .await
-                        .map_err(|e| StorageError::conflict_or(e, write.conflict))?;
-                    expect_rows(write, done.rows_affected())?;
                 }
             }
             tx => {
@@ -970,6 +970,73 @@ impl RoomWriteLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that must change a given number of rows fails the flush with a conflict on
+    /// any other count, on every backend, in a batch with other writes (SQLite's batch sends
+    /// its writes one at a time then, to count them); nothing it wrote stays.
+    #[tokio::test]
+    async fn a_write_expecting_rows_fails_on_any_other_count() {
+        for backend in crate::testing::backends_under_test() {
+            crate::testing::with_storage(backend, |s| async move {
+                for (expected, holds) in [(1, true), (2, false)] {
+                    let mut tx = s.db().begin_batch().await.expect("begin");
+                    let mut writes = DeferredWrites::default();
+                    writes.push(
+                        "INSERT INTO id_counters (name, counter_value) VALUES (?, 0)".into(),
+                        vec![Bind::from("probe")],
+                        "probe",
+                    );
+                    writes.push(
+                        "INSERT INTO profiles (user_id, fields) VALUES (?, '{}')".into(),
+                        vec![Bind::from("@probe:test")],
+                        "profile",
+                    );
+                    writes.push_expecting(
+                        "DELETE FROM profiles WHERE user_id LIKE ?".into(),
+                        vec![Bind::from("@%")],
+                        "counted",
+                        expected,
+                    );
+                    let flushed = writes.flush_last(&mut tx).await;
+                    if holds {
+                        flushed.expect("the count holds");
+                        tx.commit().await.expect("commit");
+                    } else {
+                        let error = flushed.expect_err("the count does not hold");
+                        assert!(
+                            matches!(&error, StorageError::Conflict(w) if w == "counted"),
+                            "{backend:?}: {error:?}"
+                        );
+                        tx.rollback().await.expect("rollback");
+                    }
+                    let probes: i64 = crate::on_pool!(
+                        s.db().primary(),
+                        "SELECT COUNT(*) FROM id_counters WHERE name = 'probe'",
+                        |p, sql| { sqlx::query_scalar(sql).fetch_one(p).await.expect("count") }
+                    );
+                    assert_eq!(
+                        probes,
+                        i64::from(holds),
+                        "{backend:?}, expecting {expected}"
+                    );
+                    if holds {
+                        crate::on_pool!(
+                            s.db().primary(),
+                            "DELETE FROM id_counters WHERE name = 'probe'",
+                            |p, sql| {
+                                sqlx::query(sql)
+                                    .execute(p)
+                                    .await
+                                    .expect("clean up")
+                                    .rows_affected()
+                            }
+                        );
+                    }
+                }
+            })
+            .await;
+        }
+    }
 
     #[test]
     fn placeholders_are_numbered_for_postgres() {
