@@ -240,11 +240,11 @@ async fn batch_reads(
         (Tx::Sqlite(sqlite), None) => {
             return sqlite_batch_reads(sqlite, room_ids, &head_rooms(events), &keys, &tokens).await;
         }
-        (Tx::Postgres(_), None)
+        (Tx::Postgres(pg), None)
             if extremities == ExtremityCheck::OnWrite
                 && every_accepted_event_extends_head(events) =>
         {
-            return postgres_batch_reads(tx, room_ids, &keys, &tokens).await;
+            return postgres_batch_reads(pg, room_ids, &keys, &tokens).await;
         }
         _ => {}
     }
@@ -321,16 +321,11 @@ fn every_accepted_event_extends_head(events: &[&NewEvent]) -> bool {
 /// its uniqueness constraint (a conflict, see [`push_txn_ids`]), and a logout is as racy
 /// with a send as it ever was.
 async fn postgres_batch_reads(
-    tx: &mut Tx,
+    pg: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     room_ids: &[&str],
     keys: &[&TxnKey],
     tokens: &[&str],
 ) -> Result<BatchReads> {
-    let Tx::Postgres(pg) = tx else {
-        return Err(StorageError::Corrupt(
-            "PostgreSQL reads on another backend".into(),
-        ));
-    };
     // The counter's condition reads `locked`, so its row is locked after the rooms' rows.
     let mut parts = vec![
         "SELECT 'r', room_id, NULL, NULL, write_version, state_group FROM locked".to_owned(),
