@@ -122,11 +122,72 @@ impl Tx {
 }
 
 /// A value bound to a [`DeferredWrites`] statement.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Bind<'a> {
     Int(Option<i64>),
     Text(Option<&'a str>),
     Bool(bool),
+    /// A PostgreSQL array: only [`DeferredWrites`] made for a PostgreSQL transaction
+    /// ([`DeferredWrites::for_tx`]) bind them.
+    Array(ArrayBind<'a>),
+}
+
+/// The values of one column, bound as one PostgreSQL array.
+#[derive(Debug, Clone)]
+pub(crate) enum ArrayBind<'a> {
+    Ints(Vec<Option<i64>>),
+    Texts(Vec<Option<&'a str>>),
+    Bools(Vec<bool>),
+}
+
+impl<'a> ArrayBind<'a> {
+    /// An empty array of `bind`'s type.
+    fn like(bind: &Bind<'_>) -> Option<Self> {
+        match bind {
+            Bind::Int(_) => Some(ArrayBind::Ints(Vec::new())),
+            Bind::Text(_) => Some(ArrayBind::Texts(Vec::new())),
+            Bind::Bool(_) => Some(ArrayBind::Bools(Vec::new())),
+            Bind::Array(_) => None,
+        }
+    }
+
+    /// Appends `bind`; `false` (and nothing appended) when it is not of the array's type.
+    fn push(&mut self, bind: &Bind<'a>) -> bool {
+        match (self, bind) {
+            (ArrayBind::Ints(values), Bind::Int(v)) => values.push(*v),
+            (ArrayBind::Texts(values), Bind::Text(v)) => values.push(*v),
+            (ArrayBind::Bools(values), Bind::Bool(v)) => values.push(*v),
+            _ => return false,
+        }
+        true
+    }
+
+    fn sql_type(&self) -> &'static str {
+        match self {
+            ArrayBind::Ints(_) => "BIGINT[]",
+            ArrayBind::Texts(_) => "TEXT[]",
+            ArrayBind::Bools(_) => "BOOLEAN[]",
+        }
+    }
+}
+
+/// `binds`, rows of `columns` values each, as one array per column; `None` when a column's
+/// values are not all of one type (or there are no rows).
+fn column_arrays<'a>(columns: usize, binds: &[Bind<'a>]) -> Option<Vec<ArrayBind<'a>>> {
+    if columns == 0 || binds.is_empty() || !binds.len().is_multiple_of(columns) {
+        return None;
+    }
+    (0..columns)
+        .map(|column| {
+            let mut array = ArrayBind::like(&binds[column])?;
+            binds
+                .iter()
+                .skip(column)
+                .step_by(columns)
+                .all(|v| array.push(v))
+                .then_some(array)
+        })
+        .collect()
 }
 
 impl From<i64> for Bind<'_> {
@@ -171,15 +232,35 @@ impl<'a> From<&'a Option<String>> for Bind<'a> {
     }
 }
 
-/// Binds `binds`, in order, to `$query` (any backend's `sqlx::query`).
+/// Binds `binds`, in order, to `$query` (any backend's `sqlx::query`). Arrays only with
+/// `postgres:`; elsewhere one fails the enclosing function (see [`Bind::Array`]).
 macro_rules! bind_all {
+    (postgres: $query:expr, $binds:expr) => {{
+        let mut query = $query;
+        for bind in $binds {
+            query = match bind {
+                Bind::Int(v) => query.bind(*v),
+                Bind::Text(v) => query.bind(*v),
+                Bind::Bool(v) => query.bind(*v),
+                Bind::Array(ArrayBind::Ints(v)) => query.bind(v),
+                Bind::Array(ArrayBind::Texts(v)) => query.bind(v),
+                Bind::Array(ArrayBind::Bools(v)) => query.bind(v),
+            };
+        }
+        query
+    }};
     ($query:expr, $binds:expr) => {{
         let mut query = $query;
         for bind in $binds {
-            query = match *bind {
-                Bind::Int(v) => query.bind(v),
-                Bind::Text(v) => query.bind(v),
-                Bind::Bool(v) => query.bind(v),
+            query = match bind {
+                Bind::Int(v) => query.bind(*v),
+                Bind::Text(v) => query.bind(*v),
+                Bind::Bool(v) => query.bind(*v),
+                Bind::Array(_) => {
+                    return Err(StorageError::Corrupt(
+                        "an array bound outside PostgreSQL".into(),
+                    ));
+                }
             };
         }
         query
@@ -223,9 +304,71 @@ impl<'a> DeferredWrite<'a> {
 #[derive(Debug, Default)]
 pub(crate) struct DeferredWrites<'a> {
     writes: Vec<DeferredWrite<'a>>,
+    /// Whether rows and lists go as arrays ([`DeferredWrites::insert_sql`]).
+    arrays: bool,
 }
 
 impl<'a> DeferredWrites<'a> {
+    /// Writes for `tx`: on PostgreSQL, [`DeferredWrites::insert_sql`] and
+    /// [`DeferredWrites::in_list`] bind arrays.
+    pub(crate) fn for_tx(tx: &Tx) -> Self {
+        DeferredWrites {
+            writes: Vec::new(),
+            arrays: matches!(tx, Tx::Postgres(_)),
+        }
+    }
+
+    /// An `INSERT INTO {into}` of the rows of `binds` (`columns` values each, in order).
+    ///
+    /// On PostgreSQL the rows go as one array per column (`SELECT * FROM unnest(...)`), so
+    /// that the statement's text does not change with the number of rows: a connection then
+    /// parses and plans it once, not once per row count (and, in a statement of several
+    /// writes, per combination of counts). Elsewhere, and for a column whose values are not
+    /// all of one type, as `VALUES` rows.
+    pub(crate) fn insert_sql(
+        &self,
+        into: &str,
+        columns: usize,
+        binds: Vec<Bind<'a>>,
+    ) -> (String, Vec<Bind<'a>>) {
+        if self.arrays
+            && let Some(arrays) = column_arrays(columns, &binds)
+        {
+            let casts: Vec<String> = arrays
+                .iter()
+                .map(|a| format!("?::{}", a.sql_type()))
+                .collect();
+            let sql = format!(
+                "INSERT INTO {into} SELECT * FROM unnest({})",
+                casts.join(", ")
+            );
+            return (sql, arrays.into_iter().map(Bind::Array).collect());
+        }
+        let row = format!("({})", crate::sql::placeholders(columns));
+        let rows = binds.len() / columns.max(1);
+        let sql = format!("INSERT INTO {into} VALUES {}", vec![row; rows].join(", "));
+        (sql, binds)
+    }
+
+    /// `{column} IN (values)`, for a write: on PostgreSQL `= ANY` of one array (as
+    /// [`DeferredWrites::insert_sql`], for a text that does not change with the values).
+    pub(crate) fn in_list(&self, column: &str, values: &[&'a str]) -> (String, Vec<Bind<'a>>) {
+        if self.arrays {
+            let array = values.iter().map(|v| Some(*v)).collect();
+            return (
+                format!("{column} = ANY(?)"),
+                vec![Bind::Array(ArrayBind::Texts(array))],
+            );
+        }
+        let sql = format!("{column} IN ({})", crate::sql::placeholders(values.len()));
+        (sql, values.iter().map(|v| Bind::from(*v)).collect())
+    }
+
+    /// Whether this is PostgreSQL's, whose writes may bind arrays.
+    pub(crate) fn binds_arrays(&self) -> bool {
+        self.arrays
+    }
+
     /// Queues a write; a uniqueness violation in it fails the flush with
     /// [`StorageError::Conflict`]`(conflict)`.
     pub(crate) fn push(&mut self, sql: String, binds: Vec<Bind<'a>>, conflict: &'static str) {
@@ -321,7 +464,7 @@ impl<'a> DeferredWrites<'a> {
                     let combined = with_statements(group);
                     let sql = postgres_placeholders(&combined);
                     let binds = group.iter().flat_map(|w| w.binds.iter());
-                    let query = bind_all!(sqlx::query_as::<_, (i64, i64)>(&sql), binds);
+                    let query = bind_all!(postgres: sqlx::query_as::<_, (i64, i64)>(&sql), binds);
                     let counts = query
                         .fetch_all(&mut **tx)
                         .await
@@ -1036,6 +1179,52 @@ mod tests {
             })
             .await;
         }
+    }
+
+    /// On PostgreSQL, rows go as one array per column, whatever their number, in a text that
+    /// does not change with it; a column of mixed types falls back to `VALUES` rows, as on
+    /// the other backends.
+    #[test]
+    fn postgres_inserts_bind_one_array_per_column() {
+        let postgres = DeferredWrites {
+            arrays: true,
+            ..DeferredWrites::default()
+        };
+        let rows = vec![
+            Bind::from("a"),
+            Bind::from(1),
+            Bind::from(None::<&str>),
+            Bind::from("b"),
+            Bind::from(None::<i64>),
+            Bind::from(Some("c")),
+        ];
+        let (sql, binds) = postgres.insert_sql("t (x, n, y)", 3, rows.clone());
+        assert_eq!(
+            sql,
+            "INSERT INTO t (x, n, y) SELECT * FROM unnest(?::TEXT[], ?::BIGINT[], ?::TEXT[])"
+        );
+        let arrays: Vec<String> = binds.iter().map(|b| format!("{b:?}")).collect();
+        assert_eq!(
+            arrays,
+            [
+                r#"Array(Texts([Some("a"), Some("b")]))"#,
+                "Array(Ints([Some(1), None]))",
+                r#"Array(Texts([None, Some("c")]))"#,
+            ]
+        );
+        let values = "INSERT INTO t (x, n, y) VALUES (?, ?, ?), (?, ?, ?)";
+        let (sql, binds) = DeferredWrites::default().insert_sql("t (x, n, y)", 3, rows.clone());
+        assert_eq!((sql.as_str(), binds.len()), (values, 6));
+        let mut mixed = rows;
+        mixed[4] = Bind::from("not a number");
+        let (sql, binds) = postgres.insert_sql("t (x, n, y)", 3, mixed);
+        assert_eq!((sql.as_str(), binds.len()), (values, 6));
+        let (sql, binds) = postgres.in_list("x", &["a", "b"]);
+        assert_eq!(sql, "x = ANY(?)");
+        assert_eq!(
+            format!("{binds:?}"),
+            r#"[Array(Texts([Some("a"), Some("b")]))]"#
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod sliding;
 pub(crate) use rooms::lock_room_row;
 
 /// `?, ?, ?` for `n` parameters.
-fn placeholders(n: usize) -> String {
+pub(crate) fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 

@@ -7,7 +7,7 @@ use futures::future::try_join_all;
 
 use super::{ROOMS_PER_UNION, SqlStore, per_room_union, placeholders};
 use crate::{
-    db::{Bind, DeferredWrites, LockTurn, RoomWriteLock, Text, Tx},
+    db::{ArrayBind, Bind, DeferredWrites, LockTurn, RoomWriteLock, Text, Tx},
     error::{Result, StorageError},
     model::{
         AliasRecord, Direction, EventRecord, MembershipRecord, NewEvent, NewRoom, PersistedEvent,
@@ -327,26 +327,25 @@ async fn postgres_batch_reads(
     tokens: &[&str],
 ) -> Result<BatchReads> {
     // The counter's condition reads `locked`, so its row is locked after the rooms' rows.
-    let mut parts = vec![
-        "SELECT 'r', room_id, NULL, NULL, write_version, state_group FROM locked".to_owned(),
-        "SELECT 'c', NULL, NULL, NULL, counter_value, NULL FROM counter".to_owned(),
-    ];
-    parts.extend(text_read_parts(
-        ["'e'", "'t'", "'k'"],
-        ", NULL, NULL",
-        &[],
-        keys,
-        tokens,
-    ));
-    let sql = format!(
-        "WITH locked AS (SELECT room_id, write_version, state_group FROM rooms \
-           WHERE room_id IN ({}) ORDER BY room_id FOR UPDATE), \
+    // Lists go as arrays: the statement's text is the same for every batch, so that each
+    // connection parses and plans it once. That plan is then kept (a generic plan) even as
+    // the tables grow from the size they had then, so the growing ones are looked up key
+    // by key (`LATERAL ... LIMIT 1`: one index probe each), never joined, which a plan made
+    // on a near-empty table does with a scan of the whole table.
+    const SQL: &str = "WITH locked AS (SELECT room_id, write_version, state_group FROM rooms \
+           WHERE room_id = ANY($1) ORDER BY room_id FOR UPDATE), \
          counter AS (SELECT counter_value FROM id_counters \
            WHERE name = 'events_stream' AND (SELECT count(*) FROM locked) >= 0 FOR UPDATE) \
-         {}",
-        placeholders(room_ids.len()),
-        parts.join(" UNION ALL ")
-    );
+         SELECT 'r', room_id, NULL, NULL, write_version, state_group FROM locked \
+         UNION ALL SELECT 'c', NULL, NULL, NULL, counter_value, NULL FROM counter \
+         UNION ALL SELECT 't', k.user_id, k.device_id, k.txn_id, NULL, NULL \
+           FROM unnest($2::TEXT[], $3::TEXT[], $4::TEXT[]) AS k(user_id, device_id, txn_id) \
+           JOIN LATERAL (SELECT 1 FROM event_transactions t WHERE t.user_id = k.user_id \
+             AND t.device_id = k.device_id AND t.txn_id = k.txn_id LIMIT 1) used ON TRUE \
+         UNION ALL SELECT 'k', a.token_hash, a.user_id, a.device_id, NULL, NULL \
+           FROM unnest($5::TEXT[]) AS h(token_hash) \
+           JOIN LATERAL (SELECT token_hash, user_id, device_id FROM access_tokens \
+             WHERE token_hash = h.token_hash LIMIT 1) a ON TRUE";
     type Row = (
         Text,
         Option<Text>,
@@ -355,12 +354,16 @@ async fn postgres_batch_reads(
         Option<i64>,
         Option<i64>,
     );
-    let sql = crate::db::postgres_placeholders(&sql);
-    let mut query = sqlx::query_as::<_, Row>(&sql);
-    for room_id in room_ids {
-        query = query.bind(*room_id);
-    }
-    let rows = bind_text_reads!(query, &[] as &[&str], keys, tokens)
+    let rows: Vec<Row> = sqlx::query_as(SQL)
+        .bind(room_ids)
+        .bind(keys.iter().map(|k| k.user_id.as_str()).collect::<Vec<_>>())
+        .bind(
+            keys.iter()
+                .map(|k| k.device_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(keys.iter().map(|k| k.txn_id.as_str()).collect::<Vec<_>>())
+        .bind(tokens)
         .fetch_all(&mut **pg)
         .await?;
     let mut reads = BatchReads::new(room_ids.iter().map(|id| ((*id).to_owned(), None)).collect());
@@ -613,10 +616,6 @@ fn push_txn_ids<'a>(writes: &mut DeferredWrites<'a>, txns: &[(&'a TxnKey, &'a st
     if txns.is_empty() {
         return;
     }
-    let sql = format!(
-        "INSERT INTO event_transactions (user_id, device_id, txn_id, event_id, created_at) VALUES {}",
-        vec!["(?, ?, ?, ?, ?)"; txns.len()].join(", ")
-    );
     let mut binds = Vec::with_capacity(txns.len() * 5);
     for (txn, event_id, at) in txns {
         binds.extend([
@@ -627,6 +626,11 @@ fn push_txn_ids<'a>(writes: &mut DeferredWrites<'a>, txns: &[(&'a TxnKey, &'a st
             Bind::from(*at),
         ]);
     }
+    let (sql, binds) = writes.insert_sql(
+        "event_transactions (user_id, device_id, txn_id, event_id, created_at)",
+        5,
+        binds,
+    );
     writes.push(sql, binds, "transaction id");
 }
 
@@ -668,14 +672,11 @@ fn push_graph<'a>(
         })
         .collect();
     if !edges.is_empty() {
-        let sql = format!(
-            "INSERT INTO event_edges (event_id, prev_event_id) VALUES {}",
-            vec!["(?, ?)"; edges.len()].join(", ")
-        );
         let binds = edges
             .iter()
             .flat_map(|(event_id, prev)| [Bind::from(*event_id), Bind::from(*prev)])
             .collect();
+        let (sql, binds) = writes.insert_sql("event_edges (event_id, prev_event_id)", 2, binds);
         writes.push(sql, binds, "event edge");
     }
     let (_, cited) = accepted_and_cited(events);
@@ -686,12 +687,10 @@ fn push_graph<'a>(
         let prevs: Vec<&str> = cited.iter().map(|(_, prev)| *prev).collect();
         // Event ids are unique across rooms, so the pairs need no row-value syntax (which
         // SQLite lacks in this form): a room's extremity among `prevs` is one it cites.
-        let sql = format!(
-            "DELETE FROM room_forward_extremities WHERE room_id IN ({}) AND event_id IN ({})",
-            placeholders(rooms.len()),
-            placeholders(prevs.len())
-        );
-        let binds = rooms.iter().chain(&prevs).map(|v| Bind::from(*v)).collect();
+        let (in_rooms, mut binds) = writes.in_list("room_id", &rooms);
+        let (in_prevs, prev_binds) = writes.in_list("event_id", &prevs);
+        binds.extend(prev_binds);
+        let sql = format!("DELETE FROM room_forward_extremities WHERE {in_rooms} AND {in_prevs}");
         match must_remove {
             Some(rows) => writes.push_expecting(sql, binds, UNREAD_EXTREMITIES_MOVED, rows as u64),
             None => writes.push(sql, binds, "forward extremity"),
@@ -709,14 +708,12 @@ fn push_new_extremities<'a>(writes: &mut DeferredWrites<'a>, events: &[&'a NewEv
         .filter(|e| !cited.contains(&(e.room_id.as_str(), e.event_id.as_str())))
         .collect();
     if !new_extremities.is_empty() {
-        let sql = format!(
-            "INSERT INTO room_forward_extremities (room_id, event_id) VALUES {}",
-            vec!["(?, ?)"; new_extremities.len()].join(", ")
-        );
         let binds = new_extremities
             .iter()
             .flat_map(|e| [Bind::from(&e.room_id), Bind::from(&e.event_id)])
             .collect();
+        let (sql, binds) =
+            writes.insert_sql("room_forward_extremities (room_id, event_id)", 2, binds);
         // New events: not the extremities `push_graph` removes.
         writes.push_rows_apart(sql, binds, "forward extremity");
     }
@@ -774,11 +771,6 @@ fn push_event_rows<'a>(writes: &mut DeferredWrites<'a>, rows: &[(&'a NewEvent, i
         .filter(|(e, _, _)| !e.outlier && e.rejected_reason.is_none() && !e.soft_failed)
         .filter_map(|(e, _, _)| Some((e.redacts.as_deref()?, e.event_id.as_str())))
         .collect();
-    let one_row = format!("({})", placeholders(EVENT_INSERT_COLUMNS));
-    let sql = format!(
-        "INSERT INTO events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, pdu_json, thread_id) VALUES {}",
-        vec![one_row; rows.len()].join(", ")
-    );
     let mut binds = Vec::with_capacity(rows.len() * EVENT_INSERT_COLUMNS);
     for (event, stream, state_group) in rows {
         binds.extend([
@@ -799,6 +791,13 @@ fn push_event_rows<'a>(writes: &mut DeferredWrites<'a>, rows: &[(&'a NewEvent, i
             Bind::from(&event.thread_id),
         ]);
     }
+    let (sql, binds) = writes.insert_sql(
+        "events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, \
+         origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, \
+         pdu_json, thread_id)",
+        EVENT_INSERT_COLUMNS,
+        binds,
+    );
     writes.push(sql, binds, "event");
 }
 
@@ -832,9 +831,33 @@ fn push_membership<'a>(writes: &mut DeferredWrites<'a>, event: &'a NewEvent, str
 }
 
 /// Moves the rows of the rooms a write changed on: write version, state group, and the
-/// greatest depth, all rooms in one statement.
+/// greatest depth, all rooms in one statement (on PostgreSQL, of a text that does not change
+/// with the number of rooms: see [`DeferredWrites::insert_sql`]).
 fn push_room_updates<'a>(writes: &mut DeferredWrites<'a>, rooms: &[(&'a str, &RoomCursor)]) {
     if rooms.is_empty() {
+        return;
+    }
+    if writes.binds_arrays() {
+        let sql = "UPDATE rooms SET write_version = v.write_version, state_group = v.state_group, \
+                   max_depth = GREATEST(rooms.max_depth, v.max_depth) \
+                   FROM unnest(?::TEXT[], ?::BIGINT[], ?::BIGINT[], ?::BIGINT[]) \
+                   AS v(room_id, write_version, state_group, max_depth) \
+                   WHERE rooms.room_id = v.room_id";
+        let binds = vec![
+            Bind::Array(ArrayBind::Texts(
+                rooms.iter().map(|(id, _)| Some(*id)).collect(),
+            )),
+            Bind::Array(ArrayBind::Ints(
+                rooms.iter().map(|(_, r)| Some(r.write_version)).collect(),
+            )),
+            Bind::Array(ArrayBind::Ints(
+                rooms.iter().map(|(_, r)| r.state_group).collect(),
+            )),
+            Bind::Array(ArrayBind::Ints(
+                rooms.iter().map(|(_, r)| Some(r.max_depth)).collect(),
+            )),
+        ];
+        writes.push(sql.into(), binds, "room");
         return;
     }
     let case = |then: &str| {
@@ -1025,7 +1048,7 @@ impl SqlStore {
         // batch before the one checked (which can only be extremities once written).
         let mut cited_stored: HashSet<&str> = HashSet::new();
         let mut earlier_ids: HashSet<&str> = HashSet::new();
-        let mut writes = DeferredWrites::default();
+        let mut writes = DeferredWrites::for_tx(tx);
         let mut new_txns: Vec<(&TxnKey, &str, i64)> = Vec::new();
         let mut rooms: HashMap<&str, RoomCursor> = HashMap::new();
         let mut outcomes: Vec<Result<PersistedEvent>> = Vec::with_capacity(events.len());
