@@ -280,6 +280,11 @@ struct DeferredWrite<'a> {
     /// Whether the write touches no row that the other writes of its table in this flush
     /// touch, so that it may share their statement (see [`disjoint_groups`]).
     rows_apart: bool,
+    /// PostgreSQL: the name of its `WITH` part when later parts read it, and whether its
+    /// one row's `value` column is what the flush hands back
+    /// ([`DeferredWrites::push_returning`]).
+    name: Option<&'static str>,
+    returns_value: bool,
 }
 
 impl<'a> DeferredWrite<'a> {
@@ -290,6 +295,8 @@ impl<'a> DeferredWrite<'a> {
             conflict,
             expected_rows: None,
             rows_apart: false,
+            name: None,
+            returns_value: false,
         }
     }
 }
@@ -306,6 +313,8 @@ pub(crate) struct DeferredWrites<'a> {
     writes: Vec<DeferredWrite<'a>>,
     /// Whether rows and lists go as arrays ([`DeferredWrites::insert_sql`]).
     arrays: bool,
+    /// What the last flush's [`DeferredWrites::push_returning`] write answered.
+    returned: Option<i64>,
 }
 
 impl<'a> DeferredWrites<'a> {
@@ -315,6 +324,7 @@ impl<'a> DeferredWrites<'a> {
         DeferredWrites {
             writes: Vec::new(),
             arrays: matches!(tx, Tx::Postgres(_)),
+            returned: None,
         }
     }
 
@@ -367,6 +377,72 @@ impl<'a> DeferredWrites<'a> {
     /// Whether this is PostgreSQL's, whose writes may bind arrays.
     pub(crate) fn binds_arrays(&self) -> bool {
         self.arrays
+    }
+
+    /// As [`DeferredWrites::insert_sql`] on PostgreSQL, with the column `offset_column` of
+    /// each row added to the `value` of the `WITH` part `base` of the same statement (a
+    /// [`DeferredWrites::push_returning`] write queued before it; a `NULL` offset stays
+    /// `NULL`). `None` where rows do not go as arrays.
+    pub(crate) fn insert_offset_sql(
+        &self,
+        into: &str,
+        columns: &[&str],
+        offset_column: usize,
+        base: &str,
+        binds: Vec<Bind<'a>>,
+    ) -> Option<(String, Vec<Bind<'a>>)> {
+        if !self.arrays {
+            return None;
+        }
+        let arrays = column_arrays(columns.len(), &binds)?;
+        let casts: Vec<String> = arrays
+            .iter()
+            .map(|a| format!("?::{}", a.sql_type()))
+            .collect();
+        let values: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, column)| match i == offset_column {
+                true => format!("{base}.value + r.{column}"),
+                false => format!("r.{column}"),
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO {into} ({}) SELECT {} FROM unnest({}) AS r({}) CROSS JOIN {base}",
+            columns.join(", "),
+            values.join(", "),
+            casts.join(", "),
+            columns.join(", ")
+        );
+        Some((sql, arrays.into_iter().map(Bind::Array).collect()))
+    }
+
+    /// Queues, on PostgreSQL, a write that answers one row with a `value` column
+    /// (`... RETURNING ... AS value`), as the `WITH` part `name`, which the writes queued after
+    /// it in the same statement may read. The flush hands the value back
+    /// ([`DeferredWrites::returned`]).
+    pub(crate) fn push_returning(
+        &mut self,
+        name: &'static str,
+        sql: String,
+        binds: Vec<Bind<'a>>,
+        conflict: &'static str,
+    ) {
+        let mut write = DeferredWrite::new(sql, binds, conflict);
+        write.name = Some(name);
+        write.returns_value = true;
+        self.writes.push(write);
+    }
+
+    /// What the last flush's [`DeferredWrites::push_returning`] write answered.
+    pub(crate) fn returned(&self) -> Option<i64> {
+        self.returned
+    }
+
+    /// Whether the queued writes go as one statement on PostgreSQL (see
+    /// [`disjoint_groups`]), as writes reading a [`DeferredWrites::push_returning`] part must.
+    pub(crate) fn one_statement(&self) -> bool {
+        disjoint_groups(&self.writes).len() == 1
     }
 
     /// Queues a write; a uniqueness violation in it fails the flush with
@@ -436,6 +512,12 @@ impl<'a> DeferredWrites<'a> {
     /// Sends the queued writes, in order.
     pub(crate) async fn flush(&mut self, tx: &mut Tx) -> Result<()> {
         let writes = std::mem::take(&mut self.writes);
+        self.returned = None;
+        if !matches!(tx, Tx::Postgres(_)) && writes.iter().any(|w| w.returns_value) {
+            return Err(StorageError::Corrupt(
+                "a write read by others outside PostgreSQL".into(),
+            ));
+        }
         match tx {
             Tx::Sqlite(tx) if writes.iter().any(|w| w.expected_rows.is_some()) => {
                 // One statement at a time, to count each one's rows.
@@ -469,8 +551,11 @@ impl<'a> DeferredWrites<'a> {
                         .fetch_all(&mut **tx)
                         .await
                         .map_err(|e| StorageError::conflict_or(e, conflict_names(group)))?;
-                    for (index, rows) in counts {
-                        check_rows(group, index, rows)?;
+                    for (index, value) in counts {
+                        match usize::try_from(index).ok().and_then(|i| group.get(i)) {
+                            Some(write) if write.returns_value => self.returned = Some(value),
+                            _ => check_rows(group, index, value)?,
+                        }
                     }
                 }
             }
@@ -564,20 +649,29 @@ fn disjoint_groups<'w, 'a>(writes: &'w [DeferredWrite<'a>]) -> Vec<&'w [Deferred
 
 /// `writes` as one PostgreSQL statement (binds in the same order as the text): all but the
 /// last as data-modifying `WITH` parts, or every one of them when one must change a given
-/// number of rows; then the statement answers `(index, rows changed)` for each of those.
+/// number of rows or answers a value; then the statement answers `(index, rows changed)` for
+/// each of the former and `(index, value)` for the latter.
 fn with_statements(writes: &[DeferredWrite<'_>]) -> String {
-    let counted: Vec<usize> = (0..writes.len())
-        .filter(|&i| writes[i].expected_rows.is_some())
+    let part_name = |i: usize| match writes[i].name {
+        Some(name) => name.to_owned(),
+        None => format!("w{i}"),
+    };
+    let reported: Vec<String> = (0..writes.len())
+        .filter_map(|i| {
+            let write = &writes[i];
+            let name = part_name(i);
+            if write.returns_value {
+                Some(format!("SELECT {i}::BIGINT, value FROM {name}"))
+            } else {
+                write
+                    .expected_rows
+                    .map(|_| format!("SELECT {i}::BIGINT, count(*) FROM {name}"))
+            }
+        })
         .collect();
     let (parts, main) = match writes {
         [] => return String::new(),
-        _ if !counted.is_empty() => {
-            let counts: Vec<String> = counted
-                .iter()
-                .map(|i| format!("SELECT {i}::BIGINT, count(*) FROM w{i}"))
-                .collect();
-            (writes, counts.join(" UNION ALL "))
-        }
+        _ if !reported.is_empty() => (writes, reported.join(" UNION ALL ")),
         [only] => return only.sql.clone(),
         [parts @ .., last] => (parts, last.sql.clone()),
     };
@@ -590,7 +684,7 @@ fn with_statements(writes: &[DeferredWrite<'_>]) -> String {
             } else {
                 ""
             };
-            format!("w{i} AS ({}{returning})", w.sql)
+            format!("{} AS ({}{returning})", part_name(i), w.sql)
         })
         .collect();
     format!("WITH {} {main}", parts.join(", "))

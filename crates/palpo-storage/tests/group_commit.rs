@@ -17,6 +17,7 @@ palpo_storage::conformance!(
     the_writer_checkpoints_the_log_after_enough_events,
     events_sent_with_a_revoked_token_write_nothing,
     a_batch_locks_its_rooms_after_the_batch_before,
+    a_batch_of_messages_takes_consecutive_positions,
 );
 
 const ROOM_A: &str = "!a:test";
@@ -481,4 +482,66 @@ async fn a_batch_locks_its_rooms_after_the_batch_before(s: Storage) {
         .await
         .expect("batch after a dropped turn");
     assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
+}
+
+/// A batch of messages only (on PostgreSQL its write statement takes the stream counter and
+/// the events read their positions from it): consecutive positions in the order given, right
+/// after what was there, stored as answered; the rooms keep their state groups and move on
+/// by as many writes as they got, whatever took the counter.
+async fn a_batch_of_messages_takes_consecutive_positions(s: Storage) {
+    let (a, b) = two_rooms(&s).await;
+    let before = s.rooms.max_stream_ordering().await.expect("max");
+    let a1 = event_on(&a, "$m-a1", MESSAGE, "@a:test", 10);
+    let b1 = event_on(&b, "$m-b1", MESSAGE, "@a:test", 10);
+    let a2 = NewEvent {
+        prev_events: vec!["$m-a1".into()],
+        expected_write_version: a.write_version + 1,
+        ..event_on(&a, "$m-a2", MESSAGE, "@a:test", 11)
+    };
+    let outcomes = s.rooms.persist_events(&[a1, b1, a2]).await.expect("batch");
+    let written: Vec<_> = outcomes
+        .iter()
+        .map(|o| *o.as_ref().expect("written"))
+        .collect();
+    assert_eq!(
+        written
+            .iter()
+            .map(|p| p.stream_ordering)
+            .collect::<Vec<_>>(),
+        [before + 1, before + 2, before + 3]
+    );
+    assert_eq!(
+        written.iter().map(|p| p.state_group).collect::<Vec<_>>(),
+        [a.state_group, b.state_group, a.state_group]
+    );
+    for (event_id, position) in [("$m-a1", 1), ("$m-b1", 2), ("$m-a2", 3)] {
+        let stored = s
+            .rooms
+            .get_event(event_id)
+            .await
+            .expect("get")
+            .expect("stored");
+        assert_eq!(
+            stored.stream_ordering,
+            Some(before + position),
+            "{event_id}"
+        );
+    }
+    assert_eq!(
+        s.rooms.max_stream_ordering().await.expect("max"),
+        before + 3
+    );
+    assert_eq!(room(&s, ROOM_A).await.write_version, a.write_version + 2);
+    assert_eq!(room(&s, ROOM_B).await.write_version, b.write_version + 1);
+    // The next batch goes on from there.
+    let a3 = NewEvent {
+        prev_events: vec!["$m-a2".into()],
+        expected_write_version: a.write_version + 2,
+        ..event_on(&a, "$m-a3", MESSAGE, "@a:test", 12)
+    };
+    let next = s.rooms.persist_events(&[a3]).await.expect("next batch");
+    assert_eq!(
+        next[0].as_ref().expect("written").stream_ordering,
+        before + 4
+    );
 }

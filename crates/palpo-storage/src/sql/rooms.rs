@@ -217,6 +217,10 @@ struct BatchReads {
     /// Whether `extremities` holds the head rooms' forward extremities. When it does not (see
     /// [`postgres_batch_reads`]), the write checks them as it removes them instead.
     extremities_read: bool,
+    /// PostgreSQL, a batch that changes no state and redacts nothing: the write statement
+    /// takes the counter itself, and the events' positions come back from it (see
+    /// [`postgres_batch_reads`]).
+    counter_in_write: bool,
 }
 
 /// Reads what a batch needs before writing: on SQLite in one query (each query is a hand-off
@@ -244,7 +248,13 @@ async fn batch_reads(
             if extremities == ExtremityCheck::OnWrite
                 && every_accepted_event_extends_head(events) =>
         {
-            return postgres_batch_reads(pg, room_ids, &keys, &tokens).await;
+            // Only plain writes can take their positions inside the write statement: a state
+            // event's group is numbered by its position before it is written, and a
+            // redaction's writes to `events` go as a statement of their own.
+            let counter_in_write = events
+                .iter()
+                .all(|e| e.state_key.is_none() && e.redacts.is_none());
+            return postgres_batch_reads(pg, room_ids, &keys, &tokens, counter_in_write).await;
         }
         _ => {}
     }
@@ -307,13 +317,17 @@ fn every_accepted_event_extends_head(events: &[&NewEvent]) -> bool {
 }
 
 /// [`batch_reads`] on PostgreSQL for a batch whose accepted events all extend their rooms'
-/// heads: one statement locks the rooms' rows (sorted, as [`lock_room_rows`]) and then the
-/// stream counter's, and reads the used transaction ids and live tokens.
+/// heads: one statement locks the rooms' rows (sorted, as [`lock_room_rows`]) and, unless
+/// `counter_in_write`, then the stream counter's, and reads the used transaction ids and
+/// live tokens.
 ///
-/// The batch's transaction then holds the counter from its first statement, so the counter
-/// needs no statement of its own and the writes go as one (`write_events`): the fewer
-/// round trips between a batch's lock and its `COMMIT`, the sooner the next batch, which
-/// waits for these rows, can start. It does not read the forward extremities: a statement
+/// The counter is every batch's: whoever holds it, from taking it to its `COMMIT`, holds up
+/// every other batch of every room. So a batch that changes no state and redacts nothing
+/// (`counter_in_write`, the messages) takes it in its write statement, whose events read
+/// their positions from it (`write_events`): it then holds it for that statement and the
+/// commit only. Other batches take it here, so that it needs no statement of its own and
+/// the writes still go as one: the fewer round trips between a batch's lock and its
+/// `COMMIT`, the sooner the next batch can start. It does not read the forward extremities: a statement
 /// sees what was committed when it began, which is before the lock it waited for was
 /// released, and the batch that held it changed them. The write removes the extremities
 /// its events cite and fails with a conflict unless it removed them all. The transaction
@@ -325,6 +339,7 @@ async fn postgres_batch_reads(
     room_ids: &[&str],
     keys: &[&TxnKey],
     tokens: &[&str],
+    counter_in_write: bool,
 ) -> Result<BatchReads> {
     // The counter's condition reads `locked`, so its row is locked after the rooms' rows.
     // Lists go as arrays: the statement's text is the same for every batch, so that each
@@ -332,20 +347,36 @@ async fn postgres_batch_reads(
     // the tables grow from the size they had then, so the growing ones are looked up key
     // by key (`LATERAL ... LIMIT 1`: one index probe each), never joined, which a plan made
     // on a near-empty table does with a scan of the whole table.
-    const SQL: &str = "WITH locked AS (SELECT room_id, write_version, state_group FROM rooms \
-           WHERE room_id = ANY($1) ORDER BY room_id FOR UPDATE), \
-         counter AS (SELECT counter_value FROM id_counters \
-           WHERE name = 'events_stream' AND (SELECT count(*) FROM locked) >= 0 FOR UPDATE) \
-         SELECT 'r', room_id, NULL, NULL, write_version, state_group FROM locked \
-         UNION ALL SELECT 'c', NULL, NULL, NULL, counter_value, NULL FROM counter \
-         UNION ALL SELECT 't', k.user_id, k.device_id, k.txn_id, NULL, NULL \
-           FROM unnest($2::TEXT[], $3::TEXT[], $4::TEXT[]) AS k(user_id, device_id, txn_id) \
-           JOIN LATERAL (SELECT 1 FROM event_transactions t WHERE t.user_id = k.user_id \
-             AND t.device_id = k.device_id AND t.txn_id = k.txn_id LIMIT 1) used ON TRUE \
-         UNION ALL SELECT 'k', a.token_hash, a.user_id, a.device_id, NULL, NULL \
-           FROM unnest($5::TEXT[]) AS h(token_hash) \
-           JOIN LATERAL (SELECT token_hash, user_id, device_id FROM access_tokens \
-             WHERE token_hash = h.token_hash LIMIT 1) a ON TRUE";
+    macro_rules! reads_sql {
+        ($counter:literal, $counter_row:literal) => {
+            concat!(
+                "WITH locked AS (SELECT room_id, write_version, state_group FROM rooms \
+                   WHERE room_id = ANY($1) ORDER BY room_id FOR UPDATE)",
+                $counter,
+                " SELECT 'r', room_id, NULL, NULL, write_version, state_group FROM locked",
+                $counter_row,
+                " UNION ALL SELECT 't', k.user_id, k.device_id, k.txn_id, NULL, NULL \
+                   FROM unnest($2::TEXT[], $3::TEXT[], $4::TEXT[]) AS k(user_id, device_id, txn_id) \
+                   JOIN LATERAL (SELECT 1 FROM event_transactions t WHERE t.user_id = k.user_id \
+                     AND t.device_id = k.device_id AND t.txn_id = k.txn_id LIMIT 1) used ON TRUE \
+                 UNION ALL SELECT 'k', a.token_hash, a.user_id, a.device_id, NULL, NULL \
+                   FROM unnest($5::TEXT[]) AS h(token_hash) \
+                   JOIN LATERAL (SELECT token_hash, user_id, device_id FROM access_tokens \
+                     WHERE token_hash = h.token_hash LIMIT 1) a ON TRUE"
+            )
+        };
+    }
+    const WITH_COUNTER: &str = reads_sql!(
+        ", counter AS (SELECT counter_value FROM id_counters \
+           WHERE name = 'events_stream' AND (SELECT count(*) FROM locked) >= 0 FOR UPDATE)",
+        " UNION ALL SELECT 'c', NULL, NULL, NULL, counter_value, NULL FROM counter"
+    );
+    const ROOMS_ONLY: &str = reads_sql!("", "");
+    let sql = if counter_in_write {
+        ROOMS_ONLY
+    } else {
+        WITH_COUNTER
+    };
     type Row = (
         Text,
         Option<Text>,
@@ -354,7 +385,7 @@ async fn postgres_batch_reads(
         Option<i64>,
         Option<i64>,
     );
-    let rows: Vec<Row> = sqlx::query_as(SQL)
+    let rows: Vec<Row> = sqlx::query_as(sql)
         .bind(room_ids)
         .bind(keys.iter().map(|k| k.user_id.as_str()).collect::<Vec<_>>())
         .bind(
@@ -381,7 +412,8 @@ async fn postgres_batch_reads(
             _ => return Err(unexpected_read()),
         }
     }
-    if reads.stream_counter.is_none() {
+    reads.counter_in_write = counter_in_write;
+    if reads.stream_counter.is_none() && !counter_in_write {
         return Err(StorageError::Corrupt("no counter events_stream".into()));
     }
     Ok(reads)
@@ -466,6 +498,7 @@ impl BatchReads {
             live_tokens: HashSet::new(),
             stream_counter: None,
             extremities_read: true,
+            counter_in_write: false,
         }
     }
 
@@ -759,19 +792,34 @@ fn push_redaction_and_state<'a>(writes: &mut DeferredWrites<'a>, event: &'a NewE
     }
 }
 
-/// Columns of one `events` row as [`push_event_rows`] writes it.
-const EVENT_INSERT_COLUMNS: usize = 15;
+/// The columns of an `events` row as [`event_row_binds`] binds them.
+const EVENT_INSERT_COLUMNS: [&str; 15] = [
+    "event_id",
+    "room_id",
+    "stream_ordering",
+    "depth",
+    "event_type",
+    "state_key",
+    "sender",
+    "origin_server_ts",
+    "state_group",
+    "outlier",
+    "soft_failed",
+    "rejected_reason",
+    "redacted_by",
+    "pdu_json",
+    "thread_id",
+];
 
-/// Inserts the `events` rows of `(event, stream position, state group)`, one statement for
-/// all of them, an event that a later one of them redacts marked so. A duplicate event id is
-/// a conflict.
-fn push_event_rows<'a>(writes: &mut DeferredWrites<'a>, rows: &[(&'a NewEvent, i64, Option<i64>)]) {
+/// The binds of the `events` rows of `(event, stream position, state group)`, row after row
+/// (an outlier's position `NULL`), an event that a later one of them redacts marked so.
+fn event_row_binds<'a>(rows: &[(&'a NewEvent, i64, Option<i64>)]) -> Vec<Bind<'a>> {
     let redacted_by: HashMap<&str, &str> = rows
         .iter()
         .filter(|(e, _, _)| !e.outlier && e.rejected_reason.is_none() && !e.soft_failed)
         .filter_map(|(e, _, _)| Some((e.redacts.as_deref()?, e.event_id.as_str())))
         .collect();
-    let mut binds = Vec::with_capacity(rows.len() * EVENT_INSERT_COLUMNS);
+    let mut binds = Vec::with_capacity(rows.len() * EVENT_INSERT_COLUMNS.len());
     for (event, stream, state_group) in rows {
         binds.extend([
             Bind::from(&event.event_id),
@@ -791,14 +839,35 @@ fn push_event_rows<'a>(writes: &mut DeferredWrites<'a>, rows: &[(&'a NewEvent, i
             Bind::from(&event.thread_id),
         ]);
     }
-    let (sql, binds) = writes.insert_sql(
-        "events (event_id, room_id, stream_ordering, depth, event_type, state_key, sender, \
-         origin_server_ts, state_group, outlier, soft_failed, rejected_reason, redacted_by, \
-         pdu_json, thread_id)",
-        EVENT_INSERT_COLUMNS,
-        binds,
-    );
+    binds
+}
+
+/// Inserts the `events` rows of `(event, stream position, state group)`, one statement for
+/// all of them, an event that a later one of them redacts marked so. A duplicate event id is
+/// a conflict.
+fn push_event_rows<'a>(writes: &mut DeferredWrites<'a>, rows: &[(&'a NewEvent, i64, Option<i64>)]) {
+    let into = format!("events ({})", EVENT_INSERT_COLUMNS.join(", "));
+    let (sql, binds) = writes.insert_sql(&into, EVENT_INSERT_COLUMNS.len(), event_row_binds(rows));
     writes.push(sql, binds, "event");
+}
+
+/// As [`push_event_rows`] on PostgreSQL, each event's position its rank in `rows` (from 1)
+/// after the value of the counter taken in the same statement (the `WITH` part `stream`).
+fn push_event_rows_at_ranks<'a>(
+    writes: &mut DeferredWrites<'a>,
+    rows: &[(&'a NewEvent, i64, Option<i64>)],
+) -> Result<()> {
+    let (sql, binds) = writes
+        .insert_offset_sql(
+            "events",
+            &EVENT_INSERT_COLUMNS,
+            2,
+            "stream",
+            event_row_binds(rows),
+        )
+        .ok_or_else(|| StorageError::Corrupt("events ranked outside PostgreSQL".into()))?;
+    writes.push(sql, binds, "event");
+    Ok(())
 }
 
 /// Records the membership a member event at `stream` sets (when it applies to the state).
@@ -1042,6 +1111,7 @@ impl SqlStore {
             live_tokens,
             stream_counter,
             extremities_read,
+            counter_in_write,
         } = reads;
         // Without the stored extremities (see `BatchReads::extremities_read`): those the
         // written events cite, each of which the write must remove, and the events of the
@@ -1129,6 +1199,54 @@ impl SqlStore {
         let written_events: Vec<&NewEvent> = written.iter().map(|&i| events[i]).collect();
         let must_remove = (!extremities_read).then_some(cited_stored.len());
         push_graph(&mut writes, &written_events, must_remove);
+        if counter_in_write {
+            // The write statement takes the counter (see `postgres_batch_reads`): each
+            // event's position is the counter's value before plus its rank in `written`.
+            let taken = written.len() as i64;
+            writes.push_returning(
+                "stream",
+                "UPDATE id_counters SET counter_value = counter_value + ? \
+                 WHERE name = 'events_stream' RETURNING counter_value - ? AS value"
+                    .into(),
+                vec![Bind::from(taken), Bind::from(taken)],
+                "stream counter",
+            );
+            let ranked: Vec<(&NewEvent, i64, Option<i64>)> = written
+                .iter()
+                .zip(1..)
+                .map(|(&index, rank)| {
+                    let event = events[index];
+                    let group = rooms
+                        .get(event.room_id.as_str())
+                        .and_then(|room| room.state_group);
+                    (event, rank, group)
+                })
+                .collect();
+            push_event_rows_at_ranks(&mut writes, &ranked)?;
+            push_new_extremities(&mut writes, &written_events);
+            let written_rooms: Vec<(&str, &RoomCursor)> = rooms
+                .iter()
+                .filter(|(_, room)| room.written)
+                .map(|(room_id, room)| (*room_id, room))
+                .collect();
+            push_room_updates(&mut writes, &written_rooms);
+            if !writes.one_statement() {
+                return Err(StorageError::Corrupt(
+                    "positions read from a counter taken in another statement".into(),
+                ));
+            }
+            writes.flush_last(tx).await?;
+            let before = writes.returned().ok_or_else(|| {
+                StorageError::Corrupt("the stream counter answered nothing".into())
+            })?;
+            for (&index, (_, rank, state_group)) in written.iter().zip(&ranked) {
+                outcomes[index] = Ok(PersistedEvent {
+                    stream_ordering: before + rank,
+                    state_group: *state_group,
+                });
+            }
+            return Ok(outcomes);
+        }
         // Rooms whose state changed are updated once their new state group is numbered; all
         // of them then when the counter is held already (nothing is sent before it).
         let mut state_rooms: Vec<&str> = Vec::new();
