@@ -327,9 +327,11 @@ fn every_accepted_event_extends_head(events: &[&NewEvent]) -> bool {
 /// their positions from it (`write_events`): it then holds it for that statement and the
 /// commit only. Other batches take it here, so that it needs no statement of its own and
 /// the writes still go as one: the fewer round trips between a batch's lock and its
-/// `COMMIT`, the sooner the next batch can start. It does not read the forward extremities: a statement
-/// sees what was committed when it began, which is before the lock it waited for was
-/// released, and the batch that held it changed them. The write removes the extremities
+/// `COMMIT`, the sooner the next batch can start.
+///
+/// It does not read the forward extremities: a statement sees what was committed when it
+/// began, which is before the lock it waited for was released, and the batch that held it
+/// changed them. The write removes the extremities
 /// its events cite and fails with a conflict unless it removed them all. The transaction
 /// ids and tokens read here may be as stale: a transaction id recorded meanwhile breaks
 /// its uniqueness constraint (a conflict, see [`push_txn_ids`]), and a logout is as racy
