@@ -1379,6 +1379,60 @@ mod tests {
         assert_eq!(with_statements(&writes[3..4]), "UPDATE c SET x = ?");
     }
 
+    /// A write whose value later parts read goes as a named part, and the statement answers
+    /// its value with the counts of the counted writes; rows ranked after it add that value
+    /// to their offset column.
+    #[test]
+    fn postgres_parts_may_read_a_value_a_write_returns() {
+        let mut writes = DeferredWrites {
+            arrays: true,
+            ..DeferredWrites::default()
+        };
+        writes.push_expecting(
+            "DELETE FROM e WHERE x = ?".into(),
+            vec![Bind::from(1)],
+            "e",
+            1,
+        );
+        writes.push_returning(
+            "stream",
+            "UPDATE c SET v = v + ? RETURNING v - ? AS value".into(),
+            vec![Bind::from(2), Bind::from(2)],
+            "counter",
+        );
+        let rows = vec![
+            Bind::from("a"),
+            Bind::from(1),
+            Bind::from("b"),
+            Bind::from(None::<i64>),
+        ];
+        let (sql, binds) = writes
+            .insert_offset_sql("t", &["id", "pos"], 1, "stream", rows)
+            .expect("arrays");
+        assert_eq!(
+            sql,
+            "INSERT INTO t (id, pos) SELECT r.id, stream.value + r.pos \
+             FROM unnest(?::TEXT[], ?::BIGINT[]) AS r(id, pos) CROSS JOIN stream"
+        );
+        assert_eq!(binds.len(), 2);
+        writes.push(sql, binds, "t");
+        assert!(writes.one_statement());
+        assert_eq!(
+            with_statements(&writes.writes),
+            "WITH w0 AS (DELETE FROM e WHERE x = ? RETURNING 1), \
+             stream AS (UPDATE c SET v = v + ? RETURNING v - ? AS value), \
+             w2 AS (INSERT INTO t (id, pos) SELECT r.id, stream.value + r.pos \
+             FROM unnest(?::TEXT[], ?::BIGINT[]) AS r(id, pos) CROSS JOIN stream) \
+             SELECT 0::BIGINT, count(*) FROM w0 UNION ALL SELECT 1::BIGINT, value FROM stream"
+        );
+        assert!(
+            DeferredWrites::default()
+                .insert_offset_sql("t", &["id", "pos"], 1, "stream", Vec::new())
+                .is_none(),
+            "only PostgreSQL ranks rows after a returned value"
+        );
+    }
+
     #[test]
     fn every_backend_has_the_same_migration_versions() {
         let names = |b| {
