@@ -235,35 +235,31 @@ impl<'a> From<&'a Option<String>> for Bind<'a> {
 /// Binds `binds`, in order, to `$query` (any backend's `sqlx::query`). Arrays only with
 /// `postgres:`; elsewhere one fails the enclosing function (see [`Bind::Array`]).
 macro_rules! bind_all {
-    (postgres: $query:expr, $binds:expr) => {{
-        let mut query = $query;
+    (postgres: $query:expr, $binds:expr) => {
+        bind_all!(@each $query, $binds, query, array => match array {
+            ArrayBind::Ints(v) => query.bind(v),
+            ArrayBind::Texts(v) => query.bind(v),
+            ArrayBind::Bools(v) => query.bind(v),
+        })
+    };
+    ($query:expr, $binds:expr) => {
+        bind_all!(@each $query, $binds, query, _array => {
+            return Err(StorageError::Corrupt(
+                "an array bound outside PostgreSQL".into(),
+            ));
+        })
+    };
+    (@each $query:expr, $binds:expr, $q:ident, $array:ident => $on_array:expr) => {{
+        let mut $q = $query;
         for bind in $binds {
-            query = match bind {
-                Bind::Int(v) => query.bind(*v),
-                Bind::Text(v) => query.bind(*v),
-                Bind::Bool(v) => query.bind(*v),
-                Bind::Array(ArrayBind::Ints(v)) => query.bind(v),
-                Bind::Array(ArrayBind::Texts(v)) => query.bind(v),
-                Bind::Array(ArrayBind::Bools(v)) => query.bind(v),
+            $q = match bind {
+                Bind::Int(v) => $q.bind(*v),
+                Bind::Text(v) => $q.bind(*v),
+                Bind::Bool(v) => $q.bind(*v),
+                Bind::Array($array) => $on_array,
             };
         }
-        query
-    }};
-    ($query:expr, $binds:expr) => {{
-        let mut query = $query;
-        for bind in $binds {
-            query = match bind {
-                Bind::Int(v) => query.bind(*v),
-                Bind::Text(v) => query.bind(*v),
-                Bind::Bool(v) => query.bind(*v),
-                Bind::Array(_) => {
-                    return Err(StorageError::Corrupt(
-                        "an array bound outside PostgreSQL".into(),
-                    ));
-                }
-            };
-        }
-        query
+        $q
     }};
 }
 
