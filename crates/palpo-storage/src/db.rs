@@ -171,6 +171,16 @@ impl<'a> ArrayBind<'a> {
     }
 }
 
+/// `?::TYPE[], ...`: a placeholder for each of `arrays`, cast to its type (an empty or
+/// all-`NULL` array has none of its own).
+fn array_placeholders(arrays: &[ArrayBind<'_>]) -> String {
+    let casts: Vec<String> = arrays
+        .iter()
+        .map(|a| format!("?::{}", a.sql_type()))
+        .collect();
+    casts.join(", ")
+}
+
 /// `binds`, rows of `columns` values each, as one array per column; `None` when a column's
 /// values are not all of one type (or there are no rows).
 fn column_arrays<'a>(columns: usize, binds: &[Bind<'a>]) -> Option<Vec<ArrayBind<'a>>> {
@@ -309,8 +319,6 @@ pub(crate) struct DeferredWrites<'a> {
     writes: Vec<DeferredWrite<'a>>,
     /// Whether rows and lists go as arrays ([`DeferredWrites::insert_sql`]).
     arrays: bool,
-    /// What the last flush's [`DeferredWrites::push_returning`] write answered.
-    returned: Option<i64>,
 }
 
 impl<'a> DeferredWrites<'a> {
@@ -320,7 +328,6 @@ impl<'a> DeferredWrites<'a> {
         DeferredWrites {
             writes: Vec::new(),
             arrays: matches!(tx, Tx::Postgres(_)),
-            returned: None,
         }
     }
 
@@ -340,13 +347,9 @@ impl<'a> DeferredWrites<'a> {
         if self.arrays
             && let Some(arrays) = column_arrays(columns, &binds)
         {
-            let casts: Vec<String> = arrays
-                .iter()
-                .map(|a| format!("?::{}", a.sql_type()))
-                .collect();
             let sql = format!(
                 "INSERT INTO {into} SELECT * FROM unnest({})",
-                casts.join(", ")
+                array_placeholders(&arrays)
             );
             return (sql, arrays.into_iter().map(Bind::Array).collect());
         }
@@ -391,10 +394,6 @@ impl<'a> DeferredWrites<'a> {
             return None;
         }
         let arrays = column_arrays(columns.len(), &binds)?;
-        let casts: Vec<String> = arrays
-            .iter()
-            .map(|a| format!("?::{}", a.sql_type()))
-            .collect();
         let values: Vec<String> = columns
             .iter()
             .enumerate()
@@ -407,7 +406,7 @@ impl<'a> DeferredWrites<'a> {
             "INSERT INTO {into} ({}) SELECT {} FROM unnest({}) AS r({}) CROSS JOIN {base}",
             columns.join(", "),
             values.join(", "),
-            casts.join(", "),
+            array_placeholders(&arrays),
             columns.join(", ")
         );
         Some((sql, arrays.into_iter().map(Bind::Array).collect()))
@@ -416,7 +415,7 @@ impl<'a> DeferredWrites<'a> {
     /// Queues, on PostgreSQL, a write that answers one row with a `value` column
     /// (`... RETURNING ... AS value`), as the `WITH` part `name`, which the writes queued after
     /// it in the same statement may read. The flush hands the value back
-    /// ([`DeferredWrites::returned`]).
+    /// (`flush` answers it).
     pub(crate) fn push_returning(
         &mut self,
         name: &'static str,
@@ -428,11 +427,6 @@ impl<'a> DeferredWrites<'a> {
         write.name = Some(name);
         write.returns_value = true;
         self.writes.push(write);
-    }
-
-    /// What the last flush's [`DeferredWrites::push_returning`] write answered.
-    pub(crate) fn returned(&self) -> Option<i64> {
-        self.returned
     }
 
     /// Whether the queued writes go as one statement on PostgreSQL (see
@@ -482,14 +476,14 @@ impl<'a> DeferredWrites<'a> {
     pub(crate) async fn flush_unless_combined(&mut self, tx: &mut Tx) -> Result<()> {
         match tx {
             Tx::Sqlite(_) => Ok(()),
-            tx => self.flush(tx).await,
+            tx => self.flush(tx).await.map(|_| ()),
         }
     }
 
     /// Sends the transaction's last writes. A SQLite batch ([`SqliteBatch`]) commits with
     /// them, in the same query; its `commit` then has nothing left to do. Other transactions
-    /// are committed by their owner as usual.
-    pub(crate) async fn flush_last(&mut self, tx: &mut Tx) -> Result<()> {
+    /// are committed by their owner as usual. Answers what [`DeferredWrites::flush`] does.
+    pub(crate) async fn flush_last(&mut self, tx: &mut Tx) -> Result<Option<i64>> {
         let Tx::Sqlite(sqlite @ SqliteTx::Batch(_)) = tx else {
             return self.flush(tx).await;
         };
@@ -498,17 +492,18 @@ impl<'a> DeferredWrites<'a> {
                 .insert(0, DeferredWrite::new(begin.into(), Vec::new(), "begin"));
         }
         self.push("COMMIT".into(), Vec::new(), "commit");
-        self.flush(tx).await?;
+        let returned = self.flush(tx).await?;
         if let Tx::Sqlite(SqliteTx::Batch(batch)) = tx {
             batch.committed();
         }
-        Ok(())
+        Ok(returned)
     }
 
-    /// Sends the queued writes, in order.
-    pub(crate) async fn flush(&mut self, tx: &mut Tx) -> Result<()> {
+    /// Sends the queued writes, in order. Answers the value of the
+    /// [`DeferredWrites::push_returning`] write among them, if any.
+    pub(crate) async fn flush(&mut self, tx: &mut Tx) -> Result<Option<i64>> {
         let writes = std::mem::take(&mut self.writes);
-        self.returned = None;
+        let mut returned = None;
         if !matches!(tx, Tx::Postgres(_)) && writes.iter().any(|w| w.returns_value) {
             return Err(StorageError::Corrupt(
                 "a write read by others outside PostgreSQL".into(),
@@ -549,7 +544,7 @@ impl<'a> DeferredWrites<'a> {
                         .map_err(|e| StorageError::conflict_or(e, conflict_names(group)))?;
                     for (index, value) in counts {
                         match usize::try_from(index).ok().and_then(|i| group.get(i)) {
-                            Some(write) if write.returns_value => self.returned = Some(value),
+                            Some(write) if write.returns_value => returned = Some(value),
                             _ => check_rows(group, index, value)?,
                         }
                     }
@@ -568,7 +563,7 @@ impl<'a> DeferredWrites<'a> {
                 }
             }
         }
-        Ok(())
+        Ok(returned)
     }
 }
 

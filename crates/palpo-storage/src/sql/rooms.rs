@@ -1237,8 +1237,7 @@ impl SqlStore {
                     "positions read from a counter taken in another statement".into(),
                 ));
             }
-            writes.flush_last(tx).await?;
-            let before = writes.returned().ok_or_else(|| {
+            let before = writes.flush_last(tx).await?.ok_or_else(|| {
                 StorageError::Corrupt("the stream counter answered nothing".into())
             })?;
             for (&index, (_, rank, state_group)) in written.iter().zip(&ranked) {
