@@ -6,7 +6,7 @@
 #
 # Knobs (environment): BENCH_USERS (20) BENCH_ROOMS (5) BENCH_SENDERS (20) BENCH_LISTENERS (4)
 # BENCH_SECONDS (10) BENCH_RATE (0 = flat out, else messages/s over all senders)
-# BENCH_SYNC_ROOMS (100) BENCH_SYNC_EVENTS (100) BENCH_RAW_ROWS (3000)
+# BENCH_SYNC_ROOMS (100) BENCH_SYNC_EVENTS (100) BENCH_RAW_SECONDS (5)
 # BENCH_TARGETS ("palpo-sqlite palpo-postgres palpo-postgres-redis synapse-sqlite synapse-postgres")
 # BENCH_PG_HOST (127.0.0.1) BENCH_PG_USER (postgres) BENCH_REDIS (redis://127.0.0.1:6379)
 # SYNAPSE_VENV (~/.cache/palpo-bench/synapse-venv) BENCH_OUT (a new /tmp/palpo-bench.* dir)
@@ -26,7 +26,7 @@ SECS=${BENCH_SECONDS:-10}
 RATE=${BENCH_RATE:-0}
 SYNC_ROOMS=${BENCH_SYNC_ROOMS:-100}
 SYNC_EVENTS=${BENCH_SYNC_EVENTS:-100}
-RAW_ROWS=${BENCH_RAW_ROWS:-3000}
+RAW_SECONDS=${BENCH_RAW_SECONDS:-5}
 TARGETS=${BENCH_TARGETS:-"palpo-sqlite palpo-postgres palpo-postgres-redis synapse-sqlite synapse-postgres"}
 PG_HOST=${BENCH_PG_HOST:-127.0.0.1}
 PG_USER=${BENCH_PG_USER:-postgres}
@@ -191,7 +191,7 @@ run_target() { # name
     "$BENCH" --url "$URL" --label "$name" --phase startup --start-cmd "$DIR/start.sh" \
         --json "$json" >/dev/null || say "$name: startup phase failed"
     if [[ -n "$RAW_DB" ]]; then
-        "$BENCH" --label "$name" --phase raw-db --db-url "$RAW_DB" --rows "$RAW_ROWS" \
+        "$BENCH" --label "$name" --phase raw-db --db-url "$RAW_DB" --raw-seconds "$RAW_SECONDS" \
             --senders "$SENDERS" --json "$json" >/dev/null || say "$name: raw-db phase failed"
     fi
 }

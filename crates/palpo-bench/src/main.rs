@@ -69,9 +69,9 @@ pub struct Args {
     /// Database for the raw-db phase: sqlite://PATH or postgres://USER@127.0.0.1/DB.
     #[arg(long)]
     pub db_url: Option<String>,
-    /// Rows per pass in the raw-db phase (one pass with 1 writer, one with --senders).
-    #[arg(long, default_value_t = 3000)]
-    pub rows: usize,
+    /// Seconds per pass in the raw-db phase (one pass with 1 writer, one with --senders).
+    #[arg(long, default_value_t = 5.0)]
+    pub raw_seconds: f64,
     /// Name of this target in the output (e.g. palpo-sqlite).
     #[arg(long, default_value = "target")]
     pub label: String,
@@ -117,7 +117,7 @@ async fn main() -> Result<()> {
                 None => Err(anyhow::anyhow!("--phase startup needs --start-cmd")),
             },
             "raw-db" => match args.db_url.as_deref() {
-                Some(url) => rawdb::run(url, args.rows, args.senders, &run_id).await,
+                Some(url) => rawdb::run(url, args.raw_seconds, args.senders, &run_id).await,
                 None => Err(anyhow::anyhow!("--phase raw-db needs --db-url")),
             },
             other => bail!("unknown phase {other:?} (load, sync, startup, raw-db)"),

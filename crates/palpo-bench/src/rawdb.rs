@@ -1,6 +1,13 @@
 //! The raw-limit probe: how fast the database itself commits rows shaped like Palpo's
 //! `events` rows, one row per transaction, with the durability settings Palpo uses
 //! (SQLite: WAL, `synchronous = NORMAL`, one writer connection; PostgreSQL: server defaults).
+//!
+//! Each row is one autocommit `INSERT` (its own transaction: one round trip, one commit) on a
+//! connection the writer holds. No client pool sits in between: sqlx's pool would add a
+//! round trip per row (a ping whenever a connection goes back to it) and an explicit
+//! `BEGIN`/`COMMIT` two more, and the probe would measure the client instead of the database.
+//! PostgreSQL's own `pgbench`, given the same insert, reaches about the same rate (see
+//! docs/benchmarks.md).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -8,17 +15,34 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection, PgConnection, SqliteConnection};
+use tokio::sync::Mutex;
 
 use crate::matrix::check_loopback;
 use crate::stats::Figures;
 
-#[derive(Clone)]
-enum Pool {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
+/// Where the probe connects: every PostgreSQL writer opens its own connection; SQLite's
+/// writers share one, as Palpo's writes do.
+enum Target {
+    Sqlite(Arc<Mutex<SqliteConnection>>),
+    Postgres(PgConnectOptions),
+}
+
+/// One writer's connection.
+enum Conn {
+    Sqlite(Arc<Mutex<SqliteConnection>>),
+    Postgres(PgConnection),
+}
+
+impl Target {
+    async fn connect(&self) -> Result<Conn> {
+        Ok(match self {
+            Target::Sqlite(conn) => Conn::Sqlite(conn.clone()),
+            Target::Postgres(options) => Conn::Postgres(PgConnection::connect_with(options).await?),
+        })
+    }
 }
 
 fn ddl(table: &str) -> Vec<String> {
@@ -62,24 +86,26 @@ fn pdu(n: i64) -> String {
     )
 }
 
-async fn exec(pool: &Pool, sql: &str) -> Result<()> {
-    match pool {
-        Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
-        Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+async fn exec(conn: &mut Conn, sql: &str) -> Result<()> {
+    match conn {
+        Conn::Sqlite(c) => sqlx::query(sql)
+            .execute(&mut *c.lock().await)
+            .await
+            .map(|_| ()),
+        Conn::Postgres(c) => sqlx::query(sql).execute(&mut *c).await.map(|_| ()),
     }?;
     Ok(())
 }
 
-async fn insert_one(pool: &Pool, sql: &str, n: i64, run: &str) -> Result<()> {
+async fn insert_one(conn: &mut Conn, sql: &str, n: i64, run: &str) -> Result<()> {
     let (id, room, sender) = (
         format!("${run}_{n}"),
         format!("!r{}:localhost", n % 8),
         "@bench:localhost",
     );
     let body = pdu(n);
-    macro_rules! one {
-        ($p:expr) => {{
-            let mut tx = $p.begin().await?;
+    macro_rules! insert {
+        ($c:expr) => {
             sqlx::query(sql)
                 .bind(&id)
                 .bind(&room)
@@ -91,95 +117,93 @@ async fn insert_one(pool: &Pool, sql: &str, n: i64, run: &str) -> Result<()> {
                 .bind(false)
                 .bind(false)
                 .bind(&body)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-        }};
+                .execute($c)
+                .await
+                .map(|_| ())?
+        };
     }
-    match pool {
-        Pool::Sqlite(p) => one!(p),
-        Pool::Postgres(p) => one!(p),
-    }
+    match conn {
+        Conn::Sqlite(c) => insert!(&mut *c.lock().await),
+        Conn::Postgres(c) => insert!(&mut *c),
+    };
     Ok(())
 }
 
-/// Inserts `rows` rows with `writers` concurrent tasks; returns rows per second.
+/// Inserts rows with `writers` concurrent writers for `seconds`; returns rows per second
+/// (connecting is not timed).
 async fn timed_inserts(
-    pool: &Pool,
+    target: &Target,
     sql: &str,
-    rows: usize,
+    seconds: f64,
     writers: usize,
     next: &Arc<AtomicI64>,
     run: &str,
 ) -> Result<f64> {
-    let per = rows.div_ceil(writers.max(1));
-    let t = Instant::now();
-    let mut tasks = Vec::new();
+    let mut conns = Vec::new();
     for _ in 0..writers.max(1) {
-        let (pool, sql, next, run) = (pool.clone(), sql.to_owned(), next.clone(), run.to_owned());
+        conns.push(target.connect().await?);
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds.max(0.1));
+    let mut tasks = Vec::new();
+    for mut conn in conns {
+        let (sql, next, run) = (sql.to_owned(), next.clone(), run.to_owned());
         tasks.push(tokio::spawn(async move {
-            for _ in 0..per {
+            let mut rows = 0u64;
+            while Instant::now() < deadline {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                insert_one(&pool, &sql, n, &run).await?;
+                insert_one(&mut conn, &sql, n, &run).await?;
+                rows += 1;
             }
-            anyhow::Ok(())
+            anyhow::Ok(rows)
         }));
     }
+    let mut rows = 0;
     for t in tasks {
-        t.await??;
+        rows += t.await??;
     }
-    Ok((per * writers.max(1)) as f64 / t.elapsed().as_secs_f64())
+    Ok(rows as f64 / start.elapsed().as_secs_f64())
 }
 
-pub async fn run(db_url: &str, rows: usize, writers: usize, run_id: &str) -> Result<Figures> {
-    let pool = if db_url.starts_with("sqlite:") {
+pub async fn run(db_url: &str, seconds: f64, writers: usize, run_id: &str) -> Result<Figures> {
+    let target = if db_url.starts_with("sqlite:") {
         let opts = SqliteConnectOptions::from_str(db_url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10));
-        // Palpo's SQLite writer pool has exactly one connection.
-        Pool::Sqlite(
-            SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(opts)
-                .await?,
-        )
+        // Palpo's SQLite writer is exactly one connection.
+        Target::Sqlite(Arc::new(Mutex::new(
+            SqliteConnection::connect_with(&opts).await?,
+        )))
     } else if db_url.starts_with("postgres:") || db_url.starts_with("postgresql:") {
         check_loopback(db_url)?;
-        Pool::Postgres(
-            PgPoolOptions::new()
-                .max_connections(writers.max(1) as u32)
-                .connect(db_url)
-                .await?,
-        )
+        Target::Postgres(PgConnectOptions::from_str(db_url)?)
     } else {
         bail!("raw-db: --db-url must be sqlite:// or postgres://");
     };
-    let backend = if matches!(pool, Pool::Sqlite(_)) {
-        "sqlite"
-    } else {
-        "postgres"
-    };
+    let postgres = matches!(target, Target::Postgres(_));
+    let backend = if postgres { "postgres" } else { "sqlite" };
     let table = format!("palpo_bench_raw_{run_id}");
+    let mut admin = target.connect().await?;
     for stmt in ddl(&table) {
-        exec(&pool, &stmt).await?;
+        exec(&mut admin, &stmt).await?;
     }
-    let sql = insert_sql(&table, matches!(pool, Pool::Postgres(_)));
+    let sql = insert_sql(&table, postgres);
     let next = Arc::new(AtomicI64::new(1));
     let mut f = Figures::default();
     let result = async {
-        let one = timed_inserts(&pool, &sql, rows, 1, &next, run_id).await?;
-        let many = timed_inserts(&pool, &sql, rows, writers, &next, run_id).await?;
+        let one = timed_inserts(&target, &sql, seconds, 1, &next, run_id).await?;
+        let many = timed_inserts(&target, &sql, seconds, writers, &next, run_id).await?;
         f.set("raw.insert_1_writer_per_s", one);
         f.set("raw.insert_c_writers_per_s", many);
         f.set("raw.writers", writers as f64);
         anyhow::Ok(())
     }
     .await;
-    exec(&pool, &format!("DROP TABLE {table}")).await?;
+    exec(&mut admin, &format!("DROP TABLE {table}")).await?;
     result?;
-    eprintln!("raw-db ({backend}): {rows} rows per pass done");
+    eprintln!("raw-db ({backend}): two passes of {seconds} s done");
     Ok(f)
 }
 
