@@ -27,7 +27,7 @@ use crate::stats::Figures;
 /// writers share one, as Palpo's writes do.
 enum Target {
     Sqlite(Arc<Mutex<SqliteConnection>>),
-    Postgres(PgConnectOptions),
+    Postgres(Box<PgConnectOptions>),
 }
 
 /// One writer's connection.
@@ -178,7 +178,7 @@ pub async fn run(db_url: &str, seconds: f64, writers: usize, run_id: &str) -> Re
         )))
     } else if db_url.starts_with("postgres:") || db_url.starts_with("postgresql:") {
         check_loopback(db_url)?;
-        Target::Postgres(PgConnectOptions::from_str(db_url)?)
+        Target::Postgres(Box::new(PgConnectOptions::from_str(db_url)?))
     } else {
         bail!("raw-db: --db-url must be sqlite:// or postgres://");
     };
