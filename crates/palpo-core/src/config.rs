@@ -55,7 +55,8 @@ pub struct DatabaseConfig {
     /// Read replicas (PostgreSQL streaming replicas of `url`).
     #[serde(default)]
     pub replica_urls: Vec<String>,
-    /// Pool size per database (the SQLite writer always has exactly one connection).
+    /// Connections per set: the primary's pool for writes, its readers, each replica's pool
+    /// (the SQLite writer always has exactly one connection).
     pub max_connections: u32,
     /// Seconds to wait for a pooled connection before failing the request.
     pub acquire_timeout_secs: u64,

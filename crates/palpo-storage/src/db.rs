@@ -14,13 +14,13 @@ use std::{
 
 use palpo_core::config::{DatabaseConfig, redact_url};
 use sqlx::{
-    mysql::{MySqlConnectOptions, MySqlPool},
-    postgres::{PgConnectOptions, PgPool},
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous},
+    MySql, Postgres, Sqlite,
+    mysql::MySqlConnectOptions,
+    postgres::PgConnectOptions,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
 };
 
-pub use crate::sqlite_conns::SqliteConns;
-use crate::sqlite_conns::SqliteReaders;
+pub use crate::conns::{Conns, Readers};
 use crate::sqlite_tx::{SqliteBatch, SqliteTx};
 
 use crate::{
@@ -59,12 +59,13 @@ impl Backend {
     }
 }
 
-/// A connection pool of one of the three backends.
+/// The connections of one of the three backends: sqlx's pool (writes, transactions) or
+/// [`Readers`] (reads; see [`Db::fresh`]).
 #[derive(Debug, Clone)]
 pub enum Pool {
-    Postgres(PgPool),
-    MySql(MySqlPool),
-    Sqlite(SqliteConns),
+    Postgres(Conns<Postgres>),
+    MySql(Conns<MySql>),
+    Sqlite(Conns<Sqlite>),
 }
 
 impl Pool {
@@ -79,8 +80,8 @@ impl Pool {
     /// The most connections the pool opens.
     pub fn max_connections(&self) -> u32 {
         match self {
-            Pool::Postgres(p) => p.options().get_max_connections(),
-            Pool::MySql(p) => p.options().get_max_connections(),
+            Pool::Postgres(p) => p.max_connections(),
+            Pool::MySql(p) => p.max_connections(),
             Pool::Sqlite(p) => p.max_connections(),
         }
     }
@@ -847,8 +848,7 @@ fn migrator(backend: Backend) -> sqlx::migrate::Migrator {
 pub struct Db {
     backend: Backend,
     primary: Pool,
-    /// Where reads that must see every committed write go: the primary, or on SQLite its
-    /// reader connections.
+    /// Where reads that must see every committed write go: the primary's [`Readers`].
     fresh: Pool,
     reads: ReadRouter,
     /// SQLite: events written since the write-ahead log was last checkpointed.
@@ -879,34 +879,48 @@ impl Db {
         let acquire = Duration::from_secs(config.acquire_timeout_secs);
         let connect_err =
             |e: sqlx::Error| StorageError::Connect(format!("{}: {e}", redact_url(&config.url)));
-        let (primary, sqlite_readers) = match backend {
+        // The primary's connections twice over: sqlx's pool for writes and transactions, and
+        // readers (see `Db::fresh`) for the reads that must see every commit.
+        let (primary, fresh) = match backend {
             Backend::Postgres => {
                 let options = PgConnectOptions::from_str(&config.url).map_err(connect_err)?;
-                let pool = pool_options::<sqlx::Postgres>()
+                let pool = pool_options::<Postgres>()
                     .max_connections(config.max_connections)
                     .acquire_timeout(acquire)
-                    .connect_with(options)
+                    .connect_with(options.clone())
                     .await
                     .map_err(connect_err)?;
-                (Pool::Postgres(pool), None)
+                let readers = Readers::connect(options, config.max_connections, acquire)
+                    .await
+                    .map_err(connect_err)?;
+                (
+                    Pool::Postgres(Conns::Pool(pool)),
+                    Pool::Postgres(Conns::Readers(readers)),
+                )
             }
             Backend::MySql => {
                 let options = MySqlConnectOptions::from_str(&config.url)
                     .map_err(connect_err)?
                     .charset("utf8mb4");
-                let pool = pool_options::<sqlx::MySql>()
+                let pool = pool_options::<MySql>()
                     .max_connections(config.max_connections)
                     .acquire_timeout(acquire)
-                    .connect_with(options)
+                    .connect_with(options.clone())
                     .await
                     .map_err(connect_err)?;
-                (Pool::MySql(pool), None)
+                let readers = Readers::connect(options, config.max_connections, acquire)
+                    .await
+                    .map_err(connect_err)?;
+                (
+                    Pool::MySql(Conns::Pool(pool)),
+                    Pool::MySql(Conns::Readers(readers)),
+                )
             }
             Backend::Sqlite => {
                 let (writer, readers) = connect_sqlite(config, acquire).await?;
                 (
-                    Pool::Sqlite(SqliteConns::Pool(writer)),
-                    Some(SqliteConns::Readers(readers)),
+                    Pool::Sqlite(Conns::Pool(writer)),
+                    Pool::Sqlite(Conns::Readers(readers)),
                 )
             }
         };
@@ -915,19 +929,13 @@ impl Db {
             let options = PgConnectOptions::from_str(url)
                 .map_err(|e| StorageError::Connect(format!("{}: {e}", redact_url(url))))?;
             // Lazy: a replica that is down at start must not stop the server.
-            let pool = pool_options::<sqlx::Postgres>()
+            let pool = pool_options::<Postgres>()
                 .max_connections(config.max_connections)
                 .acquire_timeout(Duration::from_secs(2))
                 .connect_lazy_with(options);
             replicas.push(pool);
         }
-        // A SQLite reader in WAL mode sees every transaction committed before its statement
-        // began, so reads need not queue behind writes on the single writer connection.
-        let fresh = match &sqlite_readers {
-            Some(readers) => Pool::Sqlite(readers.clone()),
-            None => primary.clone(),
-        };
-        let reads = ReadRouter::new(primary.clone(), sqlite_readers, replicas);
+        let reads = ReadRouter::new(fresh.clone(), replicas);
         Ok(Db {
             backend,
             primary,
@@ -941,9 +949,9 @@ impl Db {
     pub async fn migrate(&self) -> Result<()> {
         let migrator = migrator(self.backend);
         match &self.primary {
-            Pool::Postgres(p) => migrator.run(p).await?,
-            Pool::MySql(p) => migrator.run(p).await?,
-            Pool::Sqlite(p) => migrator.run(sqlite_pool(p)?).await?,
+            Pool::Postgres(p) => migrator.run(sqlx_pool(p)?).await?,
+            Pool::MySql(p) => migrator.run(sqlx_pool(p)?).await?,
+            Pool::Sqlite(p) => migrator.run(sqlx_pool(p)?).await?,
         }
         Ok(())
     }
@@ -957,9 +965,10 @@ impl Db {
         &self.primary
     }
 
-    /// The pool for reads that must see every committed write (never a replica): the primary,
-    /// or on SQLite its reader connections, which see every commit and do not queue behind
-    /// the single writer.
+    /// The connections for reads that must see every committed write (never a replica): the
+    /// primary's [`Readers`], which go back idle without sqlx's ping. On SQLite they are
+    /// read-only connections, which see every commit and do not queue behind the single
+    /// writer.
     pub fn fresh(&self) -> &Pool {
         &self.fresh
     }
@@ -982,9 +991,9 @@ impl Db {
 
     pub async fn begin(&self) -> Result<Tx> {
         Ok(match &self.primary {
-            Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
-            Pool::MySql(p) => Tx::MySql(p.begin().await?),
-            Pool::Sqlite(p) => Tx::Sqlite(SqliteTx::Sqlx(sqlite_pool(p)?.begin().await?)),
+            Pool::Postgres(p) => Tx::Postgres(sqlx_pool(p)?.begin().await?),
+            Pool::MySql(p) => Tx::MySql(sqlx_pool(p)?.begin().await?),
+            Pool::Sqlite(p) => Tx::Sqlite(SqliteTx::Sqlx(sqlx_pool(p)?.begin().await?)),
         })
     }
 
@@ -1000,10 +1009,11 @@ impl Db {
     pub async fn begin_batch(&self) -> Result<Tx> {
         match &self.primary {
             Pool::Sqlite(p) => Ok(Tx::Sqlite(SqliteTx::Batch(SqliteBatch::new(
-                sqlite_pool(p)?.acquire().await?,
+                sqlx_pool(p)?.acquire().await?,
             )))),
             Pool::Postgres(p) => Ok(Tx::Postgres(
-                p.begin_with("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
+                sqlx_pool(p)?
+                    .begin_with("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
                     .await?,
             )),
             Pool::MySql(_) => self.begin().await,
@@ -1029,7 +1039,7 @@ impl Db {
         }
         self.events_since_checkpoint.store(0, Ordering::Relaxed);
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(sqlite_pool(conns)?)
+            .execute(sqlx_pool(conns)?)
             .await?;
         Ok(())
     }
@@ -1040,11 +1050,12 @@ impl Db {
     }
 }
 
-/// sqlx's pool of SQLite connections: the primary's (the writer) always has one.
-fn sqlite_pool(conns: &SqliteConns) -> Result<&SqlitePool> {
+/// sqlx's pool of the primary's connections (on SQLite the one writer), which transactions
+/// and migrations need; readers are not one.
+pub fn sqlx_pool<DB: sqlx::Database>(conns: &Conns<DB>) -> Result<&sqlx::Pool<DB>> {
     conns
         .pool()
-        .ok_or_else(|| StorageError::Connect("the SQLite writer is not a pool".into()))
+        .ok_or_else(|| StorageError::Connect("readers are not sqlx's pool".into()))
 }
 
 /// Connections idle longer than this are checked before use.
@@ -1071,7 +1082,7 @@ fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
 async fn connect_sqlite(
     config: &DatabaseConfig,
     acquire: Duration,
-) -> Result<(SqlitePool, SqliteReaders)> {
+) -> Result<(sqlx::SqlitePool, Readers<Sqlite>)> {
     let err = |e: sqlx::Error| StorageError::Connect(format!("{}: {e}", config.url));
     let options = SqliteConnectOptions::from_str(&config.url)
         .map_err(err)?
@@ -1095,7 +1106,7 @@ async fn connect_sqlite(
             StorageError::Connect(format!("cannot create {}: {e}", parent.display()))
         })?;
     }
-    let writer = pool_options::<sqlx::Sqlite>()
+    let writer = pool_options::<Sqlite>()
         .max_connections(1)
         .acquire_timeout(acquire)
         .connect_with(
@@ -1105,7 +1116,7 @@ async fn connect_sqlite(
         )
         .await
         .map_err(err)?;
-    let readers = SqliteReaders::connect(
+    let readers = Readers::connect(
         options.read_only(true),
         config.max_connections.max(2),
         acquire,

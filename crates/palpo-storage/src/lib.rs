@@ -10,13 +10,13 @@
 //! All SQL of the project lives in this crate.
 
 pub mod cache;
+pub mod conns;
 pub mod db;
 pub mod error;
 pub mod model;
 pub mod replica;
 pub mod repo;
 pub mod sql;
-pub mod sqlite_conns;
 pub mod sqlite_tx;
 #[cfg(feature = "testing")]
 pub mod testing;

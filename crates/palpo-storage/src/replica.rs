@@ -24,7 +24,7 @@ use std::{
 
 use sqlx::postgres::PgPool;
 
-use crate::db::{Pool, SqliteConns};
+use crate::db::{Conns, Pool};
 
 /// How long to wait for a replica to report its replay position before skipping it.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -65,8 +65,8 @@ fn bump(counter: &AtomicU64) {
 }
 
 pub struct ReadRouter {
+    /// The primary's readers ([`crate::db::Db::fresh`]).
     primary: Pool,
-    sqlite_readers: Option<SqliteConns>,
     replicas: Vec<Replica>,
     next_replica: AtomicUsize,
     /// user id → primary WAL position (LSN) at or past that user's latest write, while not
@@ -77,14 +77,9 @@ pub struct ReadRouter {
 }
 
 impl ReadRouter {
-    pub(crate) fn new(
-        primary: Pool,
-        sqlite_readers: Option<SqliteConns>,
-        replicas: Vec<PgPool>,
-    ) -> Self {
+    pub(crate) fn new(primary: Pool, replicas: Vec<PgPool>) -> Self {
         ReadRouter {
             primary,
-            sqlite_readers,
             replicas: replicas.into_iter().map(Replica::new).collect(),
             next_replica: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
@@ -115,9 +110,9 @@ impl ReadRouter {
 
     /// The pool a read for `user_id` should use.
     pub async fn pool_for(&self, user_id: &str) -> Pool {
-        if let Some(readers) = &self.sqlite_readers {
+        if let Pool::Sqlite(_) = &self.primary {
             bump(&self.counters.sqlite_reader_reads);
-            return Pool::Sqlite(readers.clone());
+            return self.primary.clone();
         }
         if self.replicas.is_empty() {
             bump(&self.counters.primary_reads);
@@ -138,7 +133,7 @@ impl ReadRouter {
                 Probe::At(applied) if applied >= needed => {
                     self.forget_replayed();
                     bump(&self.counters.replica_reads);
-                    return Pool::Postgres(replica.pool.clone());
+                    return Pool::Postgres(Conns::Pool(replica.pool.clone()));
                 }
                 Probe::At(_) => lagging = true,
             }
@@ -219,9 +214,7 @@ impl ReadRouter {
     }
 
     pub(crate) async fn close(&self) {
-        if let Some(readers) = &self.sqlite_readers {
-            readers.close().await;
-        }
+        self.primary.close().await;
         for replica in &self.replicas {
             replica.pool.close().await;
         }
@@ -311,7 +304,7 @@ impl Replica {
 /// reaches exactly. With `off`, the record may not be flushed (nor written) yet: then the
 /// insert position, which may lie just past a page header a replica reports only once the next
 /// record arrives; such a user reads from the primary a little longer.
-async fn primary_lsn(primary: &PgPool) -> Option<u64> {
+async fn primary_lsn(primary: &Conns<sqlx::Postgres>) -> Option<u64> {
     let row = sqlx::query_as::<_, (String, String, String)>(
         "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_insert_lsn()::text, \
          current_setting('synchronous_commit')",

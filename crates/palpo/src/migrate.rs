@@ -2,7 +2,10 @@
 
 use anyhow::Context;
 use palpo_core::{Config, config::redact_url};
-use palpo_storage::{Db, Storage, db::Pool};
+use palpo_storage::{
+    Db, Storage,
+    db::{Pool, sqlx_pool},
+};
 use sqlx::migrate::Migrate;
 
 /// Connects to the database (and Redis, when configured) and applies pending migrations.
@@ -61,11 +64,8 @@ async fn applied_versions(pool: &Pool) -> anyhow::Result<Vec<i64>> {
         Ok(applied.into_iter().map(|m| m.version).collect())
     }
     match pool {
-        Pool::Postgres(p) => list(p).await,
-        Pool::MySql(p) => list(p).await,
-        Pool::Sqlite(p) => match p.pool() {
-            Some(p) => list(p).await,
-            None => anyhow::bail!("the SQLite writer is not a pool"),
-        },
+        Pool::Postgres(p) => list(sqlx_pool(p)?).await,
+        Pool::MySql(p) => list(sqlx_pool(p)?).await,
+        Pool::Sqlite(p) => list(sqlx_pool(p)?).await,
     }
 }

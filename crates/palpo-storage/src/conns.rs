@@ -1,12 +1,13 @@
-//! SQLite's connections: the writer in a sqlx pool (transactions need one), the readers kept
-//! here instead.
+//! Connections outside sqlx's pool for the statements that run outside a transaction.
 //!
 //! sqlx pings every connection it takes back into a pool, to flush the rollback a dropped
-//! transaction may have left. On SQLite each ping is a hand-off to the connection's thread and
-//! back, as many hand-offs as the queries themselves; under load every hand-off waits for a
-//! core, and a sync pass is nine reads. Readers never open a transaction, so there is nothing
-//! to flush: a reader goes straight back to the idle list. One whose connection broke (an I/O
-//! error, its thread gone) is closed instead.
+//! transaction may have left: one more round trip to the database per query (on SQLite a
+//! hand-off to the connection's thread and back). Under load that is as many round trips as
+//! the queries themselves, each a wake-up of the server process and of ours; a sync pass is
+//! several reads. A statement outside a transaction leaves nothing to flush (a read dropped
+//! half-way is drained by the connection before its next statement), so a [`Readers`]
+//! connection goes straight back to the idle list. One whose connection broke (an I/O error,
+//! its thread gone) is closed instead. Transactions keep sqlx's pool, which the ping is for.
 
 use std::{
     fmt,
@@ -19,79 +20,91 @@ use futures::{
     future::BoxFuture,
     stream::{self, BoxStream},
 };
-use sqlx::{
-    Connection, Describe, Either, Execute, Executor, Sqlite, SqliteConnection,
-    sqlite::{
-        SqliteConnectOptions, SqlitePool, SqliteQueryResult, SqliteRow, SqliteStatement,
-        SqliteTypeInfo,
-    },
-};
+use sqlx::{ConnectOptions, Connection, Database, Describe, Either, Execute, Executor, Pool};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The connections of a SQLite pool: sqlx's (the writer) or [`SqliteReaders`].
-#[derive(Debug, Clone)]
-pub enum SqliteConns {
-    Pool(SqlitePool),
-    Readers(SqliteReaders),
+/// The connections of one database: sqlx's pool (transactions need one) or [`Readers`].
+#[derive(Debug)]
+pub enum Conns<DB: Database> {
+    Pool(Pool<DB>),
+    Readers(Readers<DB>),
 }
 
-impl SqliteConns {
-    /// sqlx's pool, for what needs one (transactions, migrations): the writer's.
-    pub fn pool(&self) -> Option<&SqlitePool> {
+impl<DB: Database> Clone for Conns<DB> {
+    fn clone(&self) -> Self {
         match self {
-            SqliteConns::Pool(pool) => Some(pool),
-            SqliteConns::Readers(_) => None,
+            Conns::Pool(pool) => Conns::Pool(pool.clone()),
+            Conns::Readers(readers) => Conns::Readers(readers.clone()),
+        }
+    }
+}
+
+impl<DB: Database> Conns<DB> {
+    /// sqlx's pool, for what needs one (transactions, migrations).
+    pub fn pool(&self) -> Option<&Pool<DB>> {
+        match self {
+            Conns::Pool(pool) => Some(pool),
+            Conns::Readers(_) => None,
         }
     }
 
     pub fn max_connections(&self) -> u32 {
         match self {
-            SqliteConns::Pool(pool) => pool.options().get_max_connections(),
-            SqliteConns::Readers(readers) => readers.inner.max,
+            Conns::Pool(pool) => pool.options().get_max_connections(),
+            Conns::Readers(readers) => readers.inner.max,
         }
     }
 
     pub async fn close(&self) {
         match self {
-            SqliteConns::Pool(pool) => pool.close().await,
-            SqliteConns::Readers(readers) => readers.close().await,
+            Conns::Pool(pool) => pool.close().await,
+            Conns::Readers(readers) => readers.close().await,
         }
     }
 }
 
-/// Read-only connections to one SQLite file, at most `max` open, opened on demand and kept.
-#[derive(Clone)]
-pub struct SqliteReaders {
-    inner: Arc<Readers>,
+/// Connections to one database for statements outside transactions (on SQLite read-only
+/// ones), at most `max` open, opened on demand and kept.
+pub struct Readers<DB: Database> {
+    inner: Arc<Kept<DB>>,
 }
 
-struct Readers {
-    options: SqliteConnectOptions,
-    idle: Mutex<Vec<SqliteConnection>>,
+impl<DB: Database> Clone for Readers<DB> {
+    fn clone(&self) -> Self {
+        Readers {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Kept<DB: Database> {
+    options: <DB::Connection as Connection>::Options,
+    idle: Mutex<Vec<DB::Connection>>,
     permits: Arc<Semaphore>,
     max: u32,
     acquire_timeout: Duration,
 }
 
-impl fmt::Debug for SqliteReaders {
+impl<DB: Database> fmt::Debug for Readers<DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteReaders")
+        f.debug_struct("Readers")
             .field("max", &self.inner.max)
             .field("idle", &self.idle().len())
             .finish()
     }
 }
 
-impl SqliteReaders {
-    /// Opens one connection with `options` (so a bad file fails here) and keeps it.
+impl<DB: Database> Readers<DB> {
+    /// Opens one connection with `options` (so a bad address or file fails here) and keeps
+    /// it.
     pub async fn connect(
-        options: SqliteConnectOptions,
+        options: <DB::Connection as Connection>::Options,
         max: u32,
         acquire_timeout: Duration,
     ) -> Result<Self, sqlx::Error> {
-        let first = SqliteConnection::connect_with(&options).await?;
-        Ok(SqliteReaders {
-            inner: Arc::new(Readers {
+        let first = options.connect().await?;
+        Ok(Readers {
+            inner: Arc::new(Kept {
                 options,
                 idle: Mutex::new(vec![first]),
                 permits: Arc::new(Semaphore::new(max as usize)),
@@ -101,14 +114,14 @@ impl SqliteReaders {
         })
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<SqliteConnection>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<DB::Connection>> {
         self.inner
             .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn acquire(&self) -> Result<Reader, sqlx::Error> {
+    async fn acquire(&self) -> Result<Reader<DB>, sqlx::Error> {
         let permit = tokio::time::timeout(
             self.inner.acquire_timeout,
             self.inner.permits.clone().acquire_owned(),
@@ -119,7 +132,7 @@ impl SqliteReaders {
         let kept = self.idle().pop();
         let conn = match kept {
             Some(conn) => conn,
-            None => SqliteConnection::connect_with(&self.inner.options).await?,
+            None => self.inner.options.connect().await?,
         };
         Ok(Reader {
             conn: Some(conn),
@@ -128,7 +141,8 @@ impl SqliteReaders {
         })
     }
 
-    /// Refuses new reads and closes the idle connections (those in use close when dropped).
+    /// Refuses new statements and closes the idle connections (those in use close when
+    /// dropped).
     async fn close(&self) {
         self.inner.permits.close();
         let idle = std::mem::take(&mut *self.idle());
@@ -138,15 +152,15 @@ impl SqliteReaders {
     }
 }
 
-/// A reader in use; back to the idle list when dropped, unless its connection broke.
-struct Reader {
-    conn: Option<SqliteConnection>,
-    readers: SqliteReaders,
+/// A connection in use; back to the idle list when dropped, unless it broke.
+struct Reader<DB: Database> {
+    conn: Option<DB::Connection>,
+    readers: Readers<DB>,
     _permit: OwnedSemaphorePermit,
 }
 
-impl Reader {
-    fn conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
+impl<DB: Database> Reader<DB> {
+    fn conn(&mut self) -> Result<&mut DB::Connection, sqlx::Error> {
         self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
     }
 
@@ -165,7 +179,7 @@ impl Reader {
     }
 }
 
-impl Drop for Reader {
+impl<DB: Database> Drop for Reader<DB> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take()
             && !self.readers.inner.permits.is_closed()
@@ -175,24 +189,27 @@ impl Drop for Reader {
     }
 }
 
-type Rows = Either<SqliteQueryResult, SqliteRow>;
+type Rows<DB> = Either<<DB as Database>::QueryResult, <DB as Database>::Row>;
 
-impl<'c> Executor<'c> for &'_ SqliteConns {
-    type Database = Sqlite;
+impl<'c, DB: Database> Executor<'c> for &'_ Conns<DB>
+where
+    for<'a> &'a mut DB::Connection: Executor<'a, Database = DB>,
+{
+    type Database = DB;
 
-    fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<Rows, sqlx::Error>>
+    fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<Rows<DB>, sqlx::Error>>
     where
         'c: 'e,
-        E: 'q + Execute<'q, Sqlite>,
+        E: 'q + Execute<'q, DB>,
     {
         match self {
-            SqliteConns::Pool(pool) => pool.fetch_many(query),
-            SqliteConns::Readers(readers) => {
+            Conns::Pool(pool) => pool.fetch_many(query),
+            Conns::Readers(readers) => {
                 let readers = readers.clone();
                 // Collected before the reader goes back: the stream cannot hold both.
                 stream::once(async move {
                     let mut reader = readers.acquire().await?;
-                    let rows: Result<Vec<Rows>, sqlx::Error> =
+                    let rows: Result<Vec<Rows<DB>>, sqlx::Error> =
                         reader.conn()?.fetch_many(query).try_collect().await;
                     reader.check(rows)
                 })
@@ -206,16 +223,16 @@ impl<'c> Executor<'c> for &'_ SqliteConns {
     fn fetch_optional<'e, 'q: 'e, E>(
         self,
         query: E,
-    ) -> BoxFuture<'e, Result<Option<SqliteRow>, sqlx::Error>>
+    ) -> BoxFuture<'e, Result<Option<DB::Row>, sqlx::Error>>
     where
         'c: 'e,
-        E: 'q + Execute<'q, Sqlite>,
+        E: 'q + Execute<'q, DB>,
     {
         let conns = self.clone();
         Box::pin(async move {
             match conns {
-                SqliteConns::Pool(pool) => (&pool).fetch_optional(query).await,
-                SqliteConns::Readers(readers) => {
+                Conns::Pool(pool) => (&pool).fetch_optional(query).await,
+                Conns::Readers(readers) => {
                     let mut reader = readers.acquire().await?;
                     let row = reader.conn()?.fetch_optional(query).await;
                     reader.check(row)
@@ -227,16 +244,16 @@ impl<'c> Executor<'c> for &'_ SqliteConns {
     fn prepare_with<'e, 'q: 'e>(
         self,
         sql: &'q str,
-        parameters: &'e [SqliteTypeInfo],
-    ) -> BoxFuture<'e, Result<SqliteStatement<'q>, sqlx::Error>>
+        parameters: &'e [DB::TypeInfo],
+    ) -> BoxFuture<'e, Result<DB::Statement<'q>, sqlx::Error>>
     where
         'c: 'e,
     {
         let conns = self.clone();
         Box::pin(async move {
             match conns {
-                SqliteConns::Pool(pool) => (&pool).prepare_with(sql, parameters).await,
-                SqliteConns::Readers(readers) => {
+                Conns::Pool(pool) => (&pool).prepare_with(sql, parameters).await,
+                Conns::Readers(readers) => {
                     let mut reader = readers.acquire().await?;
                     let statement = reader.conn()?.prepare_with(sql, parameters).await;
                     reader.check(statement)
@@ -246,18 +263,15 @@ impl<'c> Executor<'c> for &'_ SqliteConns {
     }
 
     #[doc(hidden)]
-    fn describe<'e, 'q: 'e>(
-        self,
-        sql: &'q str,
-    ) -> BoxFuture<'e, Result<Describe<Sqlite>, sqlx::Error>>
+    fn describe<'e, 'q: 'e>(self, sql: &'q str) -> BoxFuture<'e, Result<Describe<DB>, sqlx::Error>>
     where
         'c: 'e,
     {
         let conns = self.clone();
         Box::pin(async move {
             match conns {
-                SqliteConns::Pool(pool) => (&pool).describe(sql).await,
-                SqliteConns::Readers(readers) => {
+                Conns::Pool(pool) => (&pool).describe(sql).await,
+                Conns::Readers(readers) => {
                     let mut reader = readers.acquire().await?;
                     let described = reader.conn()?.describe(sql).await;
                     reader.check(described)
@@ -269,9 +283,11 @@ impl<'c> Executor<'c> for &'_ SqliteConns {
 
 #[cfg(test)]
 mod tests {
+    use sqlx::{Sqlite, SqliteConnection, sqlite::SqliteConnectOptions};
+
     use super::*;
 
-    async fn readers(dir: &tempfile::TempDir, max: u32) -> SqliteConns {
+    async fn readers(dir: &tempfile::TempDir, max: u32) -> Conns<Sqlite> {
         let options = SqliteConnectOptions::new()
             .filename(dir.path().join("readers.db"))
             .create_if_missing(true);
@@ -287,16 +303,16 @@ mod tests {
             .await
             .expect("insert");
         let readers =
-            SqliteReaders::connect(options.read_only(true), max, Duration::from_millis(200))
+            Readers::<Sqlite>::connect(options.read_only(true), max, Duration::from_millis(200))
                 .await
                 .expect("open readers");
-        SqliteConns::Readers(readers)
+        Conns::Readers(readers)
     }
 
-    fn idle(conns: &SqliteConns) -> usize {
+    fn idle(conns: &Conns<Sqlite>) -> usize {
         match conns {
-            SqliteConns::Readers(r) => r.idle().len(),
-            SqliteConns::Pool(_) => 0,
+            Conns::Readers(r) => r.idle().len(),
+            Conns::Pool(_) => 0,
         }
     }
 
@@ -343,7 +359,7 @@ mod tests {
     async fn a_busy_set_times_out_and_a_closed_one_refuses() {
         let dir = tempfile::tempdir().expect("temp dir");
         let conns = readers(&dir, 1).await;
-        let SqliteConns::Readers(set) = &conns else {
+        let Conns::Readers(set) = &conns else {
             panic!("readers expected");
         };
         let held = set.acquire().await.expect("first reader");
