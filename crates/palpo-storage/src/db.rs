@@ -749,18 +749,37 @@ pub fn postgres_placeholders(sql: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// A query's text in PostgreSQL's placeholder style: for a literal, rewritten once per call
+/// site and kept (a `static` in each expansion); otherwise rewritten at each call. Used by
+/// [`on_pool!`](crate::on_pool) and [`on_tx!`](crate::on_tx).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! postgres_sql {
+    (literal $query:literal) => {{
+        static POSTGRES: ::std::sync::OnceLock<String> = ::std::sync::OnceLock::new();
+        ::std::borrow::Cow::<str>::Borrowed(
+            POSTGRES
+                .get_or_init(|| $crate::db::postgres_placeholders($query).into_owned())
+                .as_str(),
+        )
+    }};
+    (expr $query:expr) => {
+        $crate::db::postgres_placeholders($query)
+    };
+}
+
 /// Runs the same sqlx code on whichever pool `$pool` holds.
 ///
 /// `on_pool!(pool, "SELECT ... WHERE a = ?", |p, sql| sqlx::query(sql).bind(a).fetch_one(p).await)`
 /// binds `p` to the concrete `&Pool` and `sql` to the query in that backend's placeholder style.
 #[macro_export]
 macro_rules! on_pool {
-    ($pool:expr, $query:expr, |$p:ident, $sql:ident| $body:expr) => {
+    (@run $kind:ident, $pool:expr, $query:tt, |$p:ident, $sql:ident| $body:expr) => {
         match $pool {
             // Bodies rustfmt collapses to `{ expr }` are fine here.
             #[allow(unused_braces)]
             $crate::db::Pool::Postgres($p) => {
-                let owned = $crate::db::postgres_placeholders($query);
+                let owned = $crate::postgres_sql!($kind $query);
                 let $sql: &str = &owned;
                 $body
             }
@@ -776,18 +795,24 @@ macro_rules! on_pool {
             }
         }
     };
+    ($pool:expr, $query:literal, |$p:ident, $sql:ident| $body:expr) => {
+        $crate::on_pool!(@run literal, $pool, $query, |$p, $sql| $body)
+    };
+    ($pool:expr, $query:expr, |$p:ident, $sql:ident| $body:expr) => {
+        $crate::on_pool!(@run expr, $pool, ($query), |$p, $sql| $body)
+    };
 }
 
 /// As [`on_pool!`], inside a transaction: `$c` is the transaction's `&mut` connection.
 #[macro_export]
 macro_rules! on_tx {
-    ($tx:expr, $query:expr, |$c:ident, $sql:ident| $body:expr) => {
+    (@run $kind:ident, $tx:expr, $query:tt, |$c:ident, $sql:ident| $body:expr) => {
         match $tx {
             // Bodies rustfmt collapses to `{ expr }` are fine here.
             #[allow(unused_braces)]
             $crate::db::Tx::Postgres(tx) => {
                 let $c = &mut **tx;
-                let owned = $crate::db::postgres_placeholders($query);
+                let owned = $crate::postgres_sql!($kind $query);
                 let $sql: &str = &owned;
                 $body
             }
@@ -804,6 +829,12 @@ macro_rules! on_tx {
                 $body
             }
         }
+    };
+    ($tx:expr, $query:literal, |$c:ident, $sql:ident| $body:expr) => {
+        $crate::on_tx!(@run literal, $tx, $query, |$c, $sql| $body)
+    };
+    ($tx:expr, $query:expr, |$c:ident, $sql:ident| $body:expr) => {
+        $crate::on_tx!(@run expr, $tx, ($query), |$c, $sql| $body)
     };
 }
 
@@ -1348,6 +1379,25 @@ mod tests {
             postgres_placeholders("SELECT 1"),
             Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn a_literal_query_is_rewritten_once_per_call_site() {
+        fn literal() -> Cow<'static, str> {
+            crate::postgres_sql!(literal "SELECT a FROM t WHERE b = ?")
+        }
+        let (first, again) = (literal(), literal());
+        assert_eq!(first, "SELECT a FROM t WHERE b = $1");
+        assert!(matches!(first, Cow::Borrowed(_)), "kept, not rebuilt");
+        assert!(
+            std::ptr::eq(first.as_ptr(), again.as_ptr()),
+            "the same text"
+        );
+        let built = format!("SELECT {} FROM t WHERE b = ?", "a");
+        assert_eq!(
+            crate::postgres_sql!(expr built.as_str()),
+            "SELECT a FROM t WHERE b = $1"
+        );
     }
 
     #[test]
