@@ -359,6 +359,47 @@ async fn create_state_send(app: &TestApp) {
 }
 
 /// Event ids of room version 3 are standard base64: `/` and `+` must survive the path.
+/// The document marks optional request fields `nullable`: `null` is taken as absent.
+async fn null_optional_fields(app: &TestApp) {
+    let alice = app.register("alice", "pw").await;
+    let token = alice.access_token.as_str();
+    let room = app
+        .create_room(
+            token,
+            json!({
+                "visibility": null, "room_alias_name": null, "name": null, "topic": null,
+                "invite": null, "room_version": null, "creation_content": null,
+                "initial_state": null, "preset": null, "is_direct": null,
+                "power_level_content_override": null,
+            }),
+        )
+        .await;
+    // As with none of them: a private room, no name.
+    let rules = state_get(app, token, &room, "m.room.join_rules").await;
+    assert_eq!(rules.expect_ok()["join_rule"], "invite");
+    assert_eq!(
+        state_get(app, token, &room, "m.room.name").await.status,
+        404
+    );
+    let event = app.send_text(token, &room, "to redact").await;
+    let redact = app
+        .put(
+            &app.room_path(&room, &format!("/redact/{}/{}", enc(&event), next_txn_id())),
+            Some(token),
+            json!({ "reason": null }),
+        )
+        .await;
+    redact.expect_ok();
+    let left = app
+        .post(
+            &app.room_path(&room, "/leave"),
+            Some(token),
+            json!({ "reason": null }),
+        )
+        .await;
+    left.expect_ok();
+}
+
 async fn room_version_3_event_ids(app: &TestApp) {
     let alice = app.register("alice", "pw").await;
     let token = alice.access_token.as_str();
@@ -1667,6 +1708,7 @@ async fn ruma_round_trip_of_room_endpoints() {
 }
 
 backend_matrix!(create_state_send_http, create_state_send);
+backend_matrix!(null_optional_fields_http, null_optional_fields);
 backend_matrix!(room_version_3_event_ids_http, room_version_3_event_ids);
 backend_matrix!(messages_and_context_http, messages_and_context);
 backend_matrix!(membership_http, membership);

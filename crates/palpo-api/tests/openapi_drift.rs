@@ -234,3 +234,64 @@ fn every_operation_has_a_tag_an_id_and_its_errors() {
         "/versions needs no token"
     );
 }
+
+/// The schemas a request body can reach (through `$ref`, properties, items, `allOf`...).
+fn request_schemas(doc: &Value) -> BTreeSet<String> {
+    fn walk(doc: &Value, node: &Value, seen: &mut BTreeSet<String>) {
+        match node {
+            Value::Object(map) => {
+                if let Some(Value::String(target)) = map.get("$ref")
+                    && let Some(name) = target.strip_prefix("#/components/schemas/")
+                    && seen.insert(name.to_owned())
+                {
+                    walk(doc, &doc["components"]["schemas"][name], seen);
+                }
+                for value in map.values() {
+                    walk(doc, value, seen);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| walk(doc, item, seen)),
+            _ => {}
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for operation in operations_in_document(doc).values() {
+        walk(doc, &operation["requestBody"], &mut seen);
+    }
+    seen
+}
+
+/// Clients send `"reason": null` for "no reason", and the server takes `null` as absent for
+/// every optional field without a default: the document says so (`nullable`), so that
+/// generated clients may send it and a fuzzer does not report it as accepted by mistake.
+#[test]
+fn optional_request_fields_without_a_default_are_nullable() {
+    let doc = client_document();
+    let schemas = request_schemas(&doc);
+    assert!(schemas.contains("CreateRoomRequest"), "{schemas:?}");
+    let mut missing = Vec::new();
+    for name in &schemas {
+        let schema = &doc["components"]["schemas"][name.as_str()];
+        let required: BTreeSet<&str> = schema["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let Some(properties) = schema["properties"].as_object() else {
+            continue;
+        };
+        for (field, property) in properties {
+            let nullable = property["nullable"] == Value::Bool(true)
+                || property["allOf"]
+                    .as_array()
+                    .is_some_and(|parts| parts.iter().any(|p| p["nullable"] == true));
+            if !required.contains(field.as_str()) && property.get("default").is_none() && !nullable
+            {
+                missing.push(format!("{name}.{field}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "optional request fields not marked nullable: {missing:?}"
+    );
+}

@@ -20,20 +20,22 @@ use crate::{
 #[derive(Debug, Object)]
 pub struct RegisterRequest {
     /// The localpart to register; the server picks one when absent.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub username: Option<String>,
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub password: Option<String>,
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub device_id: Option<String>,
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub initial_device_display_name: Option<String>,
     /// When true, no device or access token is created.
     #[oai(default)]
     pub inhibit_login: bool,
     /// Whether the client supports refresh tokens (none are issued yet).
+    #[oai(nullable)]
     pub refresh_token: Option<bool>,
     /// User-interactive authentication data (`type`, `session`, stage parameters).
+    #[oai(nullable)]
     pub auth: Option<Value>,
 }
 
@@ -69,6 +71,7 @@ pub struct ChangePasswordRequest {
     #[oai(default = "default_true")]
     pub logout_devices: bool,
     /// User-interactive authentication data.
+    #[oai(nullable)]
     pub auth: Option<Value>,
 }
 
@@ -79,11 +82,13 @@ fn default_true() -> bool {
 #[derive(Debug, Object)]
 pub struct DeactivateRequest {
     /// User-interactive authentication data.
+    #[oai(nullable)]
     pub auth: Option<Value>,
     /// Identity server to unbind from (identity servers are not supported).
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub id_server: Option<String>,
     /// Whether to erase the user's data (not yet supported; the account is deactivated).
+    #[oai(nullable)]
     pub erase: Option<bool>,
 }
 

@@ -42,13 +42,14 @@ pub struct DevicesResponse {
 #[derive(Debug, Object)]
 pub struct UpdateDeviceRequest {
     /// The new display name; absent leaves it unchanged.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub display_name: Option<String>,
 }
 
 #[derive(Debug, Object)]
 pub struct DeleteDeviceRequest {
     /// User-interactive authentication data.
+    #[oai(nullable)]
     pub auth: Option<Value>,
 }
 
@@ -58,6 +59,7 @@ pub struct DeleteDevicesRequest {
     #[oai(deserialize_with = "crate::strict::string_list")]
     pub devices: Vec<String>,
     /// User-interactive authentication data.
+    #[oai(nullable)]
     pub auth: Option<Value>,
 }
 

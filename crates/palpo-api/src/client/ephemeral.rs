@@ -15,13 +15,14 @@ pub struct TypingRequest {
     /// Whether the user is typing. When `false`, `timeout` may be left out.
     pub typing: bool,
     /// How long the user is typing for, in milliseconds (at most 30 000, also the default).
+    #[oai(nullable)]
     pub timeout: Option<u64>,
 }
 
 #[derive(Debug, Object)]
 pub struct ReceiptRequest {
     /// The thread root's event id (or `main`) the receipt is for; absent: unthreaded.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub thread_id: Option<String>,
 }
 
@@ -32,15 +33,21 @@ pub struct ReadMarkersRequest {
         rename = "m.fully_read",
         deserialize_with = "crate::strict::optional_string"
     )]
+    #[oai(nullable)]
     pub fully_read: Option<String>,
     /// The event of the public read receipt, as `/receipt/m.read/{eventId}`.
-    #[oai(rename = "m.read", deserialize_with = "crate::strict::optional_string")]
+    #[oai(
+        rename = "m.read",
+        deserialize_with = "crate::strict::optional_string",
+        nullable
+    )]
     pub read: Option<String>,
     /// The event of the private read receipt, as `/receipt/m.read.private/{eventId}`.
     #[oai(
         rename = "m.read.private",
         deserialize_with = "crate::strict::optional_string"
     )]
+    #[oai(nullable)]
     pub read_private: Option<String>,
 }
 
@@ -67,7 +74,7 @@ pub struct SetPresenceRequest {
     /// The new presence state.
     pub presence: PresenceState,
     /// A status message to go with it.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub status_msg: Option<String>,
 }
 

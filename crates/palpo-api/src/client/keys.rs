@@ -126,13 +126,16 @@ pub struct DeviceInformation {
 #[derive(Debug, Object)]
 pub struct UploadKeysRequest {
     /// Identity keys for the device. May be absent if no new identity keys are required.
+    #[oai(nullable)]
     pub device_keys: Option<Verbatim<DeviceKeys>>,
     /// One-time public keys for "pre-key" messages: `<algorithm>:<key_id>` → the key, a
     /// string or a signed key object `{"key", "signatures"}`.
+    #[oai(nullable)]
     pub one_time_keys: Option<BTreeMap<String, Value>>,
     /// Keys to hand out once the one-time keys run out, at most one per algorithm, in the
     /// same format (signed ones with `"fallback": true`). Each replaces the device's fallback
     /// key of its algorithm.
+    #[oai(nullable)]
     pub fallback_keys: Option<BTreeMap<String, Value>>,
 }
 
@@ -146,6 +149,7 @@ pub struct UploadKeysResponse {
 #[derive(Debug, Object)]
 pub struct QueryKeysRequest {
     /// Milliseconds to wait for remote servers (accepted; only local users are known).
+    #[oai(nullable)]
     pub timeout: Option<u64>,
     /// The keys to download: user ID → device IDs, or an empty list for all of the user's
     /// devices.
@@ -165,6 +169,7 @@ pub struct CrossSigningKey {
     pub keys: BTreeMap<String, String>,
     /// Signatures of the key. Optional for the master key; the others must be signed by the
     /// master key.
+    #[oai(nullable)]
     pub signatures: Option<BTreeMap<String, BTreeMap<String, String>>>,
 }
 
@@ -186,12 +191,16 @@ pub struct QueryKeysResponse {
 #[derive(Debug, Object)]
 pub struct UploadCrossSigningKeysRequest {
     /// The user's master key.
+    #[oai(nullable)]
     pub master_key: Option<Verbatim<CrossSigningKey>>,
     /// The user's self-signing key, signed by the master key (this one or the stored one).
+    #[oai(nullable)]
     pub self_signing_key: Option<Verbatim<CrossSigningKey>>,
     /// The user's user-signing key, signed by the master key (this one or the stored one).
+    #[oai(nullable)]
     pub user_signing_key: Option<Verbatim<CrossSigningKey>>,
     /// User-interactive authentication, needed to replace keys the user has.
+    #[oai(nullable)]
     pub auth: Option<Value>,
 }
 
@@ -205,6 +214,7 @@ pub struct UploadSignaturesResponse {
 #[derive(Debug, Object)]
 pub struct ClaimKeysRequest {
     /// Milliseconds to wait for remote servers (accepted; only local users are known).
+    #[oai(nullable)]
     pub timeout: Option<u64>,
     /// The keys to claim: user ID → device ID → algorithm.
     pub one_time_keys: BTreeMap<String, BTreeMap<String, String>>,

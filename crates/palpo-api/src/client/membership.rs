@@ -23,7 +23,7 @@ use crate::{
 #[derive(Debug, Object)]
 pub struct ReasonRequest {
     /// Why; shown to the other members in the membership event.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub reason: Option<String>,
 }
 
@@ -33,7 +33,7 @@ pub struct TargetRequest {
     #[oai(deserialize_with = "crate::strict::string")]
     pub user_id: String,
     /// Why; shown to the other members in the membership event.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub reason: Option<String>,
 }
 

@@ -151,7 +151,7 @@ pub struct InitialStateEvent {
     #[oai(rename = "type", deserialize_with = "crate::strict::string")]
     pub event_type: String,
     /// Defaults to the empty string.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub state_key: Option<String>,
     pub content: JsonObject,
 }
@@ -159,31 +159,37 @@ pub struct InitialStateEvent {
 #[derive(Debug, Object)]
 pub struct CreateRoomRequest {
     /// `public` also publishes the room in the directory; default `private`.
+    #[oai(nullable)]
     pub visibility: Option<RoomVisibility>,
     /// The localpart of an alias to create for the room (`#<name>:<server>`).
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub room_alias_name: Option<String>,
     /// Sent as an `m.room.name` event.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub name: Option<String>,
     /// Sent as an `m.room.topic` event.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub topic: Option<String>,
     /// Users to invite.
-    #[oai(deserialize_with = "optional_string_list")]
+    #[oai(deserialize_with = "optional_string_list", nullable)]
     pub invite: Option<Vec<String>>,
     /// The room version; default the server's (see `m.room_versions` in `/capabilities`).
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub room_version: Option<String>,
     /// Extra keys of the `m.room.create` content.
+    #[oai(nullable)]
     pub creation_content: Option<JsonObject>,
     /// State events sent after the preset's and before name and topic.
+    #[oai(nullable)]
     pub initial_state: Option<Vec<InitialStateEvent>>,
     /// Default: `public_chat` for public rooms, `private_chat` otherwise.
+    #[oai(nullable)]
     pub preset: Option<RoomPreset>,
     /// Marks the invites as direct chats.
+    #[oai(nullable)]
     pub is_direct: Option<bool>,
     /// Keys that replace those of the default `m.room.power_levels` content.
+    #[oai(nullable)]
     pub power_level_content_override: Option<JsonObject>,
 }
 
@@ -200,7 +206,7 @@ pub struct EventIdResponse {
 #[derive(Debug, Object)]
 pub struct RedactRequest {
     /// Why the event is redacted.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub reason: Option<String>,
 }
 

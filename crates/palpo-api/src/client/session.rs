@@ -34,7 +34,7 @@ pub struct UserIdentifier {
     #[oai(rename = "type", deserialize_with = "crate::strict::string")]
     pub kind: String,
     /// A localpart or a full user id.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub user: Option<String>,
 }
 
@@ -43,18 +43,20 @@ pub struct LoginRequest {
     /// The login type; `m.login.password` is supported.
     #[oai(rename = "type", deserialize_with = "crate::strict::string")]
     pub kind: String,
+    #[oai(nullable)]
     pub identifier: Option<UserIdentifier>,
     /// Deprecated by the spec in favour of `identifier`.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub user: Option<String>,
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub password: Option<String>,
     /// Reuse this device instead of making a new one.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub device_id: Option<String>,
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub initial_device_display_name: Option<String>,
     /// Whether the client supports refresh tokens (none are issued yet).
+    #[oai(nullable)]
     pub refresh_token: Option<bool>,
 }
 

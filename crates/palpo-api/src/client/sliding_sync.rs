@@ -24,29 +24,39 @@ const MAX_RANGE: u64 = 1000;
 #[derive(Debug, Object)]
 pub struct ListFilters {
     /// Only invites (`true`) or no invites (`false`).
+    #[oai(nullable)]
     pub is_invite: Option<bool>,
     /// The later name of `is_invite`; either may be given.
+    #[oai(nullable)]
     pub is_invited: Option<bool>,
     /// Only rooms in (`true`) or not in (`false`) the user's `m.direct` account data.
+    #[oai(nullable)]
     pub is_dm: Option<bool>,
     /// Only rooms with (`true`) or without (`false`) an `m.room.encryption` state event.
+    #[oai(nullable)]
     pub is_encrypted: Option<bool>,
     /// Only rooms whose `m.room.create` event has one of these `type`s (`null`: no type).
-    #[oai(deserialize_with = "crate::strict::optional_nullable_string_list")]
+    #[oai(
+        deserialize_with = "crate::strict::optional_nullable_string_list",
+        nullable
+    )]
     pub room_types: Option<Vec<Option<String>>>,
     /// No rooms whose `m.room.create` event has one of these `type`s (`null`: no type); wins
     /// over `room_types`.
-    #[oai(deserialize_with = "crate::strict::optional_nullable_string_list")]
+    #[oai(
+        deserialize_with = "crate::strict::optional_nullable_string_list",
+        nullable
+    )]
     pub not_room_types: Option<Vec<Option<String>>>,
     /// Only rooms with one of these tags.
-    #[oai(deserialize_with = "crate::strict::optional_string_list")]
+    #[oai(deserialize_with = "crate::strict::optional_string_list", nullable)]
     pub tags: Option<Vec<String>>,
     /// No rooms with one of these tags; wins over `tags`.
-    #[oai(deserialize_with = "crate::strict::optional_string_list")]
+    #[oai(deserialize_with = "crate::strict::optional_string_list", nullable)]
     pub not_tags: Option<Vec<String>>,
     /// Only rooms that are `m.space.child` of one of these spaces (the user must be joined to
     /// the space; subspaces are not followed).
-    #[oai(deserialize_with = "crate::strict::optional_string_list")]
+    #[oai(deserialize_with = "crate::strict::optional_string_list", nullable)]
     pub spaces: Option<Vec<String>>,
 }
 
@@ -75,6 +85,7 @@ pub struct ListRequest {
     pub required_state: Vec<Vec<String>>,
     #[oai(default)]
     pub timeline_limit: u64,
+    #[oai(nullable)]
     pub filters: Option<ListFilters>,
 }
 
@@ -89,9 +100,10 @@ pub struct RoomSubscriptionRequest {
 #[derive(Debug, Object)]
 pub struct SlidingSyncRequest {
     /// Names the connection (at most 200 characters); one device may hold several.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub conn_id: Option<String>,
     /// Echoed in the response.
+    #[oai(nullable)]
     pub txn_id: Option<String>,
     #[oai(default)]
     pub lists: BTreeMap<String, ListRequest>,
@@ -101,6 +113,7 @@ pub struct SlidingSyncRequest {
     /// `typing`, `e2ee` (device-list changes since `pos`, one-time key counts, unused fallback
     /// key types) and `to_device` (`since`: the previous `next_batch`, which acknowledges the
     /// messages up to it; `limit`: most messages to return).
+    #[oai(nullable)]
     pub extensions: Option<BTreeMap<String, Value>>,
 }
 

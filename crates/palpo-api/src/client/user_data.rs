@@ -30,7 +30,7 @@ pub struct FilterIdResponse {
 #[derive(Debug, Object)]
 pub struct Tag {
     /// The position of the room under this tag, a number in `[0, 1]` (lower first).
-    #[oai(skip_serializing_if_is_none)]
+    #[oai(skip_serializing_if_is_none, nullable)]
     pub order: Option<f64>,
 }
 
