@@ -358,7 +358,6 @@ async fn create_state_send(app: &TestApp) {
     }
 }
 
-/// Event ids of room version 3 are standard base64: `/` and `+` must survive the path.
 /// The document marks optional request fields `nullable`: `null` is taken as absent.
 async fn null_optional_fields(app: &TestApp) {
     let alice = app.register("alice", "pw").await;
@@ -400,6 +399,7 @@ async fn null_optional_fields(app: &TestApp) {
     left.expect_ok();
 }
 
+/// Event ids of room version 3 are standard base64: `/` and `+` must survive the path.
 async fn room_version_3_event_ids(app: &TestApp) {
     let alice = app.register("alice", "pw").await;
     let token = alice.access_token.as_str();

@@ -915,37 +915,19 @@ impl Db {
         let (primary, fresh) = match backend {
             Backend::Postgres => {
                 let options = PgConnectOptions::from_str(&config.url).map_err(connect_err)?;
-                let pool = pool_options::<Postgres>()
-                    .max_connections(config.max_connections)
-                    .acquire_timeout(acquire)
-                    .connect_with(options.clone())
+                let (pool, readers) = pool_and_readers::<Postgres>(options, config, acquire)
                     .await
                     .map_err(connect_err)?;
-                let readers = Readers::connect(options, config.max_connections, acquire)
-                    .await
-                    .map_err(connect_err)?;
-                (
-                    Pool::Postgres(Conns::Pool(pool)),
-                    Pool::Postgres(Conns::Readers(readers)),
-                )
+                (Pool::Postgres(pool), Pool::Postgres(readers))
             }
             Backend::MySql => {
                 let options = MySqlConnectOptions::from_str(&config.url)
                     .map_err(connect_err)?
                     .charset("utf8mb4");
-                let pool = pool_options::<MySql>()
-                    .max_connections(config.max_connections)
-                    .acquire_timeout(acquire)
-                    .connect_with(options.clone())
+                let (pool, readers) = pool_and_readers::<MySql>(options, config, acquire)
                     .await
                     .map_err(connect_err)?;
-                let readers = Readers::connect(options, config.max_connections, acquire)
-                    .await
-                    .map_err(connect_err)?;
-                (
-                    Pool::MySql(Conns::Pool(pool)),
-                    Pool::MySql(Conns::Readers(readers)),
-                )
+                (Pool::MySql(pool), Pool::MySql(readers))
             }
             Backend::Sqlite => {
                 let (writer, readers) = connect_sqlite(config, acquire).await?;
@@ -1106,6 +1088,22 @@ fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
                 Ok(true)
             })
         })
+}
+
+/// PostgreSQL and MySQL: sqlx's pool for writes and transactions, and [`Readers`] for the reads
+/// that must see every commit, each of up to `max_connections`.
+async fn pool_and_readers<DB: sqlx::Database>(
+    options: <DB::Connection as sqlx::Connection>::Options,
+    config: &DatabaseConfig,
+    acquire: Duration,
+) -> std::result::Result<(Conns<DB>, Conns<DB>), sqlx::Error> {
+    let pool = pool_options::<DB>()
+        .max_connections(config.max_connections)
+        .acquire_timeout(acquire)
+        .connect_with(options.clone())
+        .await?;
+    let readers = Readers::connect(options, config.max_connections, acquire).await?;
+    Ok((Conns::Pool(pool), Conns::Readers(readers)))
 }
 
 /// SQLite: WAL, one writer connection (SQLite allows one writer at a time; queueing in the
