@@ -582,3 +582,66 @@ async fn nul_characters_are_refused(app: &TestApp) {
     );
 }
 backend_matrix!(nul_characters_are_refused, nul_characters_are_refused);
+
+/// Identifiers in the path have the sigil the document's `pattern` gives them (`!` room,
+/// `@` user, `$` event, `#` alias): anything else is 400 `M_INVALID_PARAM` before the
+/// endpoint runs, the same on every endpoint.
+async fn identifiers_without_their_sigil_are_refused(app: &TestApp) {
+    let me = app.register("iris", "pw").await;
+    let token = Some(me.access_token.as_str());
+    let room_id = app
+        .create_room(&me.access_token, json!({"preset": "private_chat"}))
+        .await;
+    let room = palpo_tests::enc(&room_id);
+    let event = palpo_tests::enc(&app.send_text(&me.access_token, &room_id, "hi").await);
+    let user = palpo_tests::enc(&me.user_id);
+    let refused = [
+        (
+            Method::GET,
+            "/_matrix/client/v3/rooms/nosigil:test.local/members".to_owned(),
+        ),
+        (
+            Method::GET,
+            format!("/_matrix/client/v3/rooms/{room}/event/notanevent"),
+        ),
+        (
+            Method::GET,
+            "/_matrix/client/v3/profile/nobody:test.local".to_owned(),
+        ),
+        (
+            Method::GET,
+            "/_matrix/client/v3/directory/room/lobby:test.local".to_owned(),
+        ),
+        (
+            Method::POST,
+            "/_matrix/client/v3/join/lobby:test.local".to_owned(),
+        ),
+        (
+            Method::GET,
+            format!("/_matrix/client/v3/user/{user}/rooms/nosigil/account_data/m.tag"),
+        ),
+    ];
+    for (method, path) in refused {
+        let body = (method == Method::POST).then(|| json!({}));
+        app.request(method, &path, token, body.as_ref())
+            .await
+            .expect_error(400, "M_INVALID_PARAM");
+    }
+    // With their sigils the same endpoints answer.
+    app.get(&format!("/_matrix/client/v3/rooms/{room}/members"), token)
+        .await
+        .expect_ok();
+    app.get(
+        &format!("/_matrix/client/v3/rooms/{room}/event/{event}"),
+        token,
+    )
+    .await
+    .expect_ok();
+    app.get(&format!("/_matrix/client/v3/profile/{user}"), token)
+        .await
+        .expect_ok();
+}
+backend_matrix!(
+    identifiers_without_their_sigil_are_refused,
+    identifiers_without_their_sigil_are_refused
+);

@@ -46,7 +46,7 @@ impl DirectoryApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomAlias")] room_alias: Path<String>,
+        #[oai(name = "roomAlias", validator(pattern = "^#"))] room_alias: Path<String>,
         body: Json<SetAliasRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
@@ -67,7 +67,7 @@ impl DirectoryApi {
     async fn get_alias(
         &self,
         state: Data<&Arc<AppState>>,
-        #[oai(name = "roomAlias")] room_alias: Path<String>,
+        #[oai(name = "roomAlias", validator(pattern = "^#"))] room_alias: Path<String>,
     ) -> ApiResult<Json<AliasResponse>> {
         let (room_id, servers) = state.services.rooms.lookup_alias(&room_alias.0).await?;
         Ok(Json(AliasResponse { room_id, servers }))
@@ -84,7 +84,7 @@ impl DirectoryApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomAlias")] room_alias: Path<String>,
+        #[oai(name = "roomAlias", validator(pattern = "^#"))] room_alias: Path<String>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
             .services
@@ -105,7 +105,7 @@ impl DirectoryApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
     ) -> ApiResult<Json<AliasesResponse>> {
         let aliases = state
             .services

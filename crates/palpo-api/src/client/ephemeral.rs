@@ -109,8 +109,8 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
         body: Json<TypingRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
@@ -140,9 +140,9 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         #[oai(name = "receiptType")] receipt_type: Path<String>,
-        #[oai(name = "eventId")] event_id: Path<String>,
+        #[oai(name = "eventId", validator(pattern = "^[$]"))] event_id: Path<String>,
         body: Json<Option<ReceiptRequest>>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let thread_id = body.0.and_then(|b| b.thread_id);
@@ -172,7 +172,7 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         body: Json<ReadMarkersRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -201,7 +201,7 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
         body: Json<SetPresenceRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -229,7 +229,7 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
     ) -> ApiResult<Json<PresenceResponse>> {
         let presence = state
             .services

@@ -120,7 +120,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         /// A pagination token: the members at that point.
         at: Query<Option<String>>,
         /// Only members with this membership.
@@ -155,7 +155,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
     ) -> ApiResult<Json<JoinedMembersResponse>> {
         let members = state
             .services
@@ -189,7 +189,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         body: Json<Option<ReasonRequest>>,
     ) -> ApiResult<Json<RoomIdResponse>> {
         let room_id = state
@@ -211,7 +211,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomIdOrAlias")] room_id_or_alias: Path<String>,
+        #[oai(name = "roomIdOrAlias", validator(pattern = "^[!#]"))] room_id_or_alias: Path<String>,
         body: Json<Option<ReasonRequest>>,
     ) -> ApiResult<Json<RoomIdResponse>> {
         let room_id = state
@@ -233,7 +233,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomIdOrAlias")] room_id_or_alias: Path<String>,
+        #[oai(name = "roomIdOrAlias", validator(pattern = "^[!#]"))] room_id_or_alias: Path<String>,
         body: Json<Option<ReasonRequest>>,
     ) -> ApiResult<Json<RoomIdResponse>> {
         let room_id = state
@@ -255,7 +255,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         body: Json<TargetRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -278,7 +278,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         body: Json<Option<ReasonRequest>>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
@@ -300,7 +300,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
             .services
@@ -321,7 +321,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         body: Json<TargetRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -344,7 +344,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         body: Json<TargetRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -367,7 +367,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         body: Json<TargetRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;

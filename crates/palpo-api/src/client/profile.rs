@@ -37,7 +37,7 @@ impl ProfileApi {
     async fn profile(
         &self,
         state: Data<&Arc<AppState>>,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
     ) -> ApiResult<Json<JsonObject>> {
         let profile = state.services.rooms.profile(&user_id.0).await?;
         Ok(Json(profile.into_iter().collect()))
@@ -53,7 +53,7 @@ impl ProfileApi {
     async fn profile_field(
         &self,
         state: Data<&Arc<AppState>>,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
         #[oai(name = "keyName")] key_name: Path<String>,
     ) -> ApiResult<Json<JsonObject>> {
         let mut profile = state.services.rooms.profile(&user_id.0).await?;
@@ -74,7 +74,7 @@ impl ProfileApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
         #[oai(name = "keyName")] key_name: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<Json<EmptyResponse>> {
@@ -102,7 +102,7 @@ impl ProfileApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
         #[oai(name = "keyName")] key_name: Path<String>,
     ) -> ApiResult<Json<EmptyResponse>> {
         check_owner(&auth, &user_id.0)?;

@@ -411,7 +411,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: RememberedAccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         #[oai(name = "eventType")] event_type: Path<String>,
         #[oai(name = "txnId")] txn_id: Path<String>,
         body: Json<JsonObject>,
@@ -455,7 +455,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         #[oai(name = "eventType")] event_type: Path<String>,
         #[oai(name = "stateKey")] state_key: Path<String>,
         body: Json<JsonObject>,
@@ -485,7 +485,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         #[oai(name = "eventType")] event_type: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<Json<EventIdResponse>> {
@@ -515,7 +515,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         #[oai(name = "eventType")] event_type: Path<String>,
         #[oai(name = "stateKey")] state_key: Path<String>,
         /// `content` (default) or `event`.
@@ -543,7 +543,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         #[oai(name = "eventType")] event_type: Path<String>,
         /// `content` (default) or `event`.
         format: Query<Option<StateFormat>>,
@@ -562,7 +562,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
     ) -> ApiResult<Json<Vec<ClientEvent>>> {
         let events = state
             .services
@@ -584,8 +584,8 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
-        #[oai(name = "eventId")] event_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "eventId", validator(pattern = "^[$]"))] event_id: Path<String>,
         #[oai(name = "txnId")] txn_id: Path<String>,
         body: Json<Option<RedactRequest>>,
     ) -> ApiResult<Json<EventIdResponse>> {
@@ -616,8 +616,8 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
-        #[oai(name = "eventId")] event_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "eventId", validator(pattern = "^[$]"))] event_id: Path<String>,
     ) -> ApiResult<Json<ClientEvent>> {
         let event = state
             .services
@@ -639,7 +639,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         /// The token to start from; default the newest (`b`) or oldest (`f`) visible event.
         from: Query<Option<String>>,
         /// The token to stop at.
@@ -679,8 +679,8 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
-        #[oai(name = "eventId")] event_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "eventId", validator(pattern = "^[$]"))] event_id: Path<String>,
         /// How many surrounding events at most, split before and after (default 10).
         limit: Query<Option<i64>>,
     ) -> ApiResult<Json<ContextResponse>> {
@@ -711,7 +711,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         /// The point in time, in milliseconds since the epoch.
         ts: Query<i64>,
         /// `f`: the first event at or after `ts`; `b`: the last event at or before it.

@@ -89,7 +89,7 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<Json<FilterIdResponse>> {
         let filter = object_value(body.0);
@@ -113,7 +113,7 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
         #[oai(name = "filterId")] filter_id: Path<String>,
     ) -> ApiResult<Json<JsonObject>> {
         let filter = state
@@ -136,7 +136,7 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
         #[oai(name = "type")] data_type: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<SetAccountDataResponse> {
@@ -165,7 +165,7 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
         #[oai(name = "type")] data_type: Path<String>,
     ) -> ApiResult<Json<JsonObject>> {
         let content = state
@@ -188,8 +188,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         #[oai(name = "type")] data_type: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<SetAccountDataResponse> {
@@ -218,8 +218,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         #[oai(name = "type")] data_type: Path<String>,
     ) -> ApiResult<Json<JsonObject>> {
         let content = state
@@ -241,8 +241,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
     ) -> ApiResult<Json<TagsResponse>> {
         let tags = state
             .services
@@ -270,8 +270,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         tag: Path<String>,
         body: Json<Tag>,
     ) -> ApiResult<Json<EmptyResponse>> {
@@ -304,8 +304,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId")] user_id: Path<String>,
-        #[oai(name = "roomId")] room_id: Path<String>,
+        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
         tag: Path<String>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
