@@ -86,14 +86,25 @@ fn pdu(n: i64) -> String {
     )
 }
 
+/// Runs `$body` with `$c` bound to the writer's `&mut` connection (SQLite's shared one
+/// locked for it).
+macro_rules! on_conn {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            Conn::Sqlite(shared) => {
+                let $c = &mut *shared.lock().await;
+                $body
+            }
+            Conn::Postgres(own) => {
+                let $c = &mut *own;
+                $body
+            }
+        }
+    };
+}
+
 async fn exec(conn: &mut Conn, sql: &str) -> Result<()> {
-    match conn {
-        Conn::Sqlite(c) => sqlx::query(sql)
-            .execute(&mut *c.lock().await)
-            .await
-            .map(|_| ()),
-        Conn::Postgres(c) => sqlx::query(sql).execute(&mut *c).await.map(|_| ()),
-    }?;
+    on_conn!(conn, |c| sqlx::query(sql).execute(c).await.map(|_| ()))?;
     Ok(())
 }
 
@@ -104,28 +115,20 @@ async fn insert_one(conn: &mut Conn, sql: &str, n: i64, run: &str) -> Result<()>
         "@bench:localhost",
     );
     let body = pdu(n);
-    macro_rules! insert {
-        ($c:expr) => {
-            sqlx::query(sql)
-                .bind(&id)
-                .bind(&room)
-                .bind(n)
-                .bind(n)
-                .bind(sender)
-                .bind(1_700_000_000_000i64 + n)
-                .bind(n)
-                .bind(false)
-                .bind(false)
-                .bind(&body)
-                .execute($c)
-                .await
-                .map(|_| ())?
-        };
-    }
-    match conn {
-        Conn::Sqlite(c) => insert!(&mut *c.lock().await),
-        Conn::Postgres(c) => insert!(&mut *c),
-    };
+    on_conn!(conn, |c| sqlx::query(sql)
+        .bind(&id)
+        .bind(&room)
+        .bind(n)
+        .bind(n)
+        .bind(sender)
+        .bind(1_700_000_000_000i64 + n)
+        .bind(n)
+        .bind(false)
+        .bind(false)
+        .bind(&body)
+        .execute(c)
+        .await
+        .map(|_| ()))?;
     Ok(())
 }
 

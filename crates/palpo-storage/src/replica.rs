@@ -66,7 +66,7 @@ fn bump(counter: &AtomicU64) {
 
 pub struct ReadRouter {
     /// The primary's readers ([`crate::db::Db::fresh`]).
-    primary: Pool,
+    primary_readers: Pool,
     replicas: Vec<Replica>,
     next_replica: AtomicUsize,
     /// user id → primary WAL position (LSN) at or past that user's latest write, while not
@@ -77,9 +77,9 @@ pub struct ReadRouter {
 }
 
 impl ReadRouter {
-    pub(crate) fn new(primary: Pool, replicas: Vec<PgPool>) -> Self {
+    pub(crate) fn new(primary_readers: Pool, replicas: Vec<PgPool>) -> Self {
         ReadRouter {
-            primary,
+            primary_readers,
             replicas: replicas.into_iter().map(Replica::new).collect(),
             next_replica: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
@@ -110,18 +110,18 @@ impl ReadRouter {
 
     /// The pool a read for `user_id` should use.
     pub async fn pool_for(&self, user_id: &str) -> Pool {
-        if let Pool::Sqlite(_) = &self.primary {
+        if let Pool::Sqlite(_) = &self.primary_readers {
             bump(&self.counters.sqlite_reader_reads);
-            return self.primary.clone();
+            return self.primary_readers.clone();
         }
         if self.replicas.is_empty() {
             bump(&self.counters.primary_reads);
-            return self.primary.clone();
+            return self.primary_readers.clone();
         }
         let Some(needed) = self.needed_lsn(user_id).await else {
             // The user's last write has no known position and the primary cannot say one.
             bump(&self.counters.primary_reads);
-            return self.primary.clone();
+            return self.primary_readers.clone();
         };
         let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
         let mut lagging = false;
@@ -147,7 +147,7 @@ impl ReadRouter {
         if lagging {
             bump(&self.counters.lagging_fallbacks);
         }
-        self.primary.clone()
+        self.primary_readers.clone()
     }
 
     /// Remembers a primary WAL position at or past `user_id`'s write that just committed.
@@ -155,7 +155,7 @@ impl ReadRouter {
         if self.replicas.is_empty() {
             return;
         }
-        let Pool::Postgres(primary) = &self.primary else {
+        let Pool::Postgres(primary) = &self.primary_readers else {
             return;
         };
         let lsn = match primary_lsn(primary).await {
@@ -181,7 +181,7 @@ impl ReadRouter {
         match pending {
             None => Some(0),
             Some(UNKNOWN_LSN) => {
-                let Pool::Postgres(primary) = &self.primary else {
+                let Pool::Postgres(primary) = &self.primary_readers else {
                     return None;
                 };
                 // The write committed before this call, so today's position is past it.
@@ -214,7 +214,7 @@ impl ReadRouter {
     }
 
     pub(crate) async fn close(&self) {
-        self.primary.close().await;
+        self.primary_readers.close().await;
         for replica in &self.replicas {
             replica.pool.close().await;
         }

@@ -17,20 +17,17 @@ const SLOW_COUNT: &str = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 
                           WHERE n < ?) SELECT COUNT(*) FROM c a, c b, c d";
 
 async fn echo(pool: &Pool, value: i64) -> i64 {
-    on_pool!(pool, "SELECT ?", |p, sql| {
-        match pool {
-            // PostgreSQL types a bare parameter as text unless told.
-            Pool::Postgres(_) => sqlx::query_scalar::<_, i64>(&format!("{sql}::BIGINT"))
-                .bind(value)
-                .fetch_one(p)
-                .await
-                .expect("echo"),
-            _ => sqlx::query_scalar::<_, i64>(sql)
-                .bind(value)
-                .fetch_one(p)
-                .await
-                .expect("echo"),
-        }
+    // PostgreSQL types a bare parameter as text unless told.
+    let query = match pool {
+        Pool::Postgres(_) => "SELECT CAST(? AS BIGINT)",
+        _ => "SELECT ?",
+    };
+    on_pool!(pool, query, |p, sql| {
+        sqlx::query_scalar::<_, i64>(sql)
+            .bind(value)
+            .fetch_one(p)
+            .await
+            .expect("echo")
     })
 }
 
