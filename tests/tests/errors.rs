@@ -124,6 +124,65 @@ async fn wrong_shape_is_m_bad_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_an_object_is_refused_even_where_the_body_is_optional() {
+    run(Backend::Sqlite, false, async |app: &TestApp| {
+        let owner = app.register("wanda", "pw").await;
+        let guest = app.register("xena", "pw").await;
+        let room = app
+            .create_room(&owner.access_token, json!({ "preset": "public_chat" }))
+            .await;
+        let join = app.room_path(&room, "/join");
+        let members = app.room_path(&room, "/joined_members");
+        // Join and leave take an optional body: `null`, arrays, strings and numbers are JSON
+        // of the wrong shape, not "no body".
+        for body in [json!(null), json!([]), json!("why"), json!(7), json!(true)] {
+            app.post(&join, Some(&guest.access_token), body.clone())
+                .await
+                .expect_error(400, "M_BAD_JSON");
+            for path in ["/_matrix/client/v3/logout", REGISTER] {
+                let token = (path != REGISTER).then_some(guest.access_token.as_str());
+                app.post(path, token, body.clone())
+                    .await
+                    .expect_error(400, "M_BAD_JSON");
+            }
+        }
+        // Blank space around an object is still an object.
+        let spaced = app
+            .client
+            .post(app.url(&join))
+            .bearer_auth(&guest.access_token)
+            .body(" \n{ \"reason\": \"hi\" } ")
+            .send()
+            .await
+            .expect("request");
+        palpo_tests::Resp::read(spaced).await.expect_ok();
+        let joined = app.get(&members, Some(&owner.access_token)).await;
+        assert!(
+            joined.expect_ok()["joined"][&guest.user_id].is_object(),
+            "{}",
+            joined.text
+        );
+        // An empty body is no body.
+        let leave = app
+            .client
+            .post(app.url(&app.room_path(&room, "/leave")))
+            .bearer_auth(&guest.access_token)
+            .send()
+            .await
+            .expect("request");
+        palpo_tests::Resp::read(leave).await.expect_ok();
+        let left = app.get(&members, Some(&owner.access_token)).await;
+        assert!(
+            left.expect_ok()["joined"][&guest.user_id].is_null(),
+            "{}",
+            left.text
+        );
+        app.assert_token_valid(&guest).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_endpoints_and_methods_are_m_unrecognized() {
     run(Backend::Sqlite, false, async |app: &TestApp| {
         for path in [

@@ -27,8 +27,8 @@ fn matrix_error_response(err: Error) -> Response {
 }
 
 /// Enforces the body size limit (413 `M_TOO_LARGE`) and, for Matrix JSON endpoints, that a
-/// non-empty body is JSON (400 `M_NOT_JSON`). A missing `Content-Type` on such a request is
-/// taken as JSON, as many clients and tools omit it. Refuses the NUL character anywhere in a
+/// non-empty body is JSON (400 `M_NOT_JSON`) and a JSON object (400 `M_BAD_JSON`). A missing
+/// `Content-Type` on such a request is taken as JSON, as many clients and tools omit it. Refuses the NUL character anywhere in a
 /// Matrix request (see [`nul_in_uri`], [`has_escaped_nul`]).
 pub async fn guard_body<E: Endpoint>(next: E, mut req: Request, max_bytes: usize) -> Response {
     if req.uri().path().starts_with("/_matrix/") && nul_in_uri(req.uri()) {
@@ -66,6 +66,15 @@ pub async fn guard_body<E: Endpoint>(next: E, mut req: Request, max_bytes: usize
                 "The request body is not valid JSON",
             ));
         }
+        // Every JSON body of the Matrix APIs is an object: anything else is valid JSON of the
+        // wrong shape (`M_BAD_JSON`). Checked here because an operation whose body is optional
+        // would otherwise take `null` as no body at all.
+        if !bytes.is_empty() && !is_json_object(&bytes) {
+            return matrix_error_response(Error::new(
+                ErrorCode::BadJson,
+                "The request body must be a JSON object",
+            ));
+        }
         if has_escaped_nul(&bytes) {
             return matrix_error_response(Error::new(
                 ErrorCode::BadJson,
@@ -86,6 +95,11 @@ pub async fn guard_body<E: Endpoint>(next: E, mut req: Request, max_bytes: usize
         Ok(resp) => resp.into_response(),
         Err(err) => render_error(err),
     }
+}
+
+/// Whether `json`, known to be valid JSON text, is an object (its first non-blank byte is `{`).
+fn is_json_object(json: &[u8]) -> bool {
+    json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
 // NUL (U+0000) is refused in whatever a client sends, the same on every backend: PostgreSQL
