@@ -12,6 +12,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod middleware;
+pub mod path_ids;
 pub mod strict;
 
 use std::sync::{Arc, OnceLock};

@@ -1,5 +1,6 @@
 //! Room aliases: `/directory/room/{roomAlias}` and `/rooms/{roomId}/aliases`.
 
+use crate::path_ids::{RoomAliasParam, RoomIdParam};
 use std::sync::Arc;
 
 use poem::web::Data;
@@ -46,7 +47,7 @@ impl DirectoryApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomAlias", validator(pattern = "^#"))] room_alias: Path<String>,
+        #[oai(name = "roomAlias")] room_alias: Path<RoomAliasParam>,
         body: Json<SetAliasRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
@@ -67,7 +68,7 @@ impl DirectoryApi {
     async fn get_alias(
         &self,
         state: Data<&Arc<AppState>>,
-        #[oai(name = "roomAlias", validator(pattern = "^#"))] room_alias: Path<String>,
+        #[oai(name = "roomAlias")] room_alias: Path<RoomAliasParam>,
     ) -> ApiResult<Json<AliasResponse>> {
         let (room_id, servers) = state.services.rooms.lookup_alias(&room_alias.0).await?;
         Ok(Json(AliasResponse { room_id, servers }))
@@ -84,7 +85,7 @@ impl DirectoryApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomAlias", validator(pattern = "^#"))] room_alias: Path<String>,
+        #[oai(name = "roomAlias")] room_alias: Path<RoomAliasParam>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
             .services
@@ -105,7 +106,7 @@ impl DirectoryApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
     ) -> ApiResult<Json<AliasesResponse>> {
         let aliases = state
             .services

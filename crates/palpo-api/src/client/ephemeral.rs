@@ -1,5 +1,6 @@
 //! Typing notifications, receipts, read markers and presence.
 
+use crate::path_ids::{EventIdParam, RoomIdParam, UserIdParam};
 use std::sync::Arc;
 
 use palpo_service::ephemeral::PresenceState as ServicePresence;
@@ -109,8 +110,8 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
         body: Json<TypingRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
@@ -140,9 +141,9 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         #[oai(name = "receiptType")] receipt_type: Path<String>,
-        #[oai(name = "eventId", validator(pattern = "^[$]"))] event_id: Path<String>,
+        #[oai(name = "eventId")] event_id: Path<EventIdParam>,
         body: Json<Option<ReceiptRequest>>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let thread_id = body.0.and_then(|b| b.thread_id);
@@ -172,7 +173,7 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         body: Json<ReadMarkersRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -201,7 +202,7 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
         body: Json<SetPresenceRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -229,7 +230,7 @@ impl EphemeralApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
     ) -> ApiResult<Json<PresenceResponse>> {
         let presence = state
             .services

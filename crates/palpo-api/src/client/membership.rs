@@ -1,6 +1,7 @@
 //! Room membership: joining, inviting, leaving, forgetting, kicking, banning, knocking; and
 //! who is in a room (`/members`, `/joined_members`, `/joined_rooms`).
 
+use crate::path_ids::{RoomIdOrAliasParam, RoomIdParam};
 use std::{collections::BTreeMap, sync::Arc};
 
 use poem::web::Data;
@@ -120,7 +121,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         /// A pagination token: the members at that point.
         at: Query<Option<String>>,
         /// Only members with this membership.
@@ -155,7 +156,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
     ) -> ApiResult<Json<JoinedMembersResponse>> {
         let members = state
             .services
@@ -189,7 +190,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         body: Json<Option<ReasonRequest>>,
     ) -> ApiResult<Json<RoomIdResponse>> {
         let room_id = state
@@ -211,7 +212,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomIdOrAlias", validator(pattern = "^[!#]"))] room_id_or_alias: Path<String>,
+        #[oai(name = "roomIdOrAlias")] room_id_or_alias: Path<RoomIdOrAliasParam>,
         body: Json<Option<ReasonRequest>>,
     ) -> ApiResult<Json<RoomIdResponse>> {
         let room_id = state
@@ -233,7 +234,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomIdOrAlias", validator(pattern = "^[!#]"))] room_id_or_alias: Path<String>,
+        #[oai(name = "roomIdOrAlias")] room_id_or_alias: Path<RoomIdOrAliasParam>,
         body: Json<Option<ReasonRequest>>,
     ) -> ApiResult<Json<RoomIdResponse>> {
         let room_id = state
@@ -255,7 +256,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         body: Json<TargetRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -278,7 +279,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         body: Json<Option<ReasonRequest>>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
@@ -300,7 +301,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
             .services
@@ -321,7 +322,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         body: Json<TargetRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -344,7 +345,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         body: Json<TargetRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;
@@ -367,7 +368,7 @@ impl MembershipApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         body: Json<TargetRequest>,
     ) -> ApiResult<Json<EmptyResponse>> {
         let body = body.0;

@@ -1,6 +1,7 @@
 //! User profiles: `/profile/{userId}` and `/profile/{userId}/{keyName}`. A new display name
 //! or avatar is announced in every room the user has joined.
 
+use crate::path_ids::UserIdParam;
 use std::sync::Arc;
 
 use palpo_core::Error;
@@ -37,7 +38,7 @@ impl ProfileApi {
     async fn profile(
         &self,
         state: Data<&Arc<AppState>>,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
     ) -> ApiResult<Json<JsonObject>> {
         let profile = state.services.rooms.profile(&user_id.0).await?;
         Ok(Json(profile.into_iter().collect()))
@@ -53,7 +54,7 @@ impl ProfileApi {
     async fn profile_field(
         &self,
         state: Data<&Arc<AppState>>,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
         #[oai(name = "keyName")] key_name: Path<String>,
     ) -> ApiResult<Json<JsonObject>> {
         let mut profile = state.services.rooms.profile(&user_id.0).await?;
@@ -74,7 +75,7 @@ impl ProfileApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
         #[oai(name = "keyName")] key_name: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<Json<EmptyResponse>> {
@@ -102,7 +103,7 @@ impl ProfileApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
         #[oai(name = "keyName")] key_name: Path<String>,
     ) -> ApiResult<Json<EmptyResponse>> {
         check_owner(&auth, &user_id.0)?;

@@ -2,6 +2,7 @@
 //! redactions, and reading events, state, `/messages`, `/context` and
 //! `/timestamp_to_event`.
 
+use crate::path_ids::{EventIdParam, RoomIdParam};
 use std::{collections::BTreeMap, sync::Arc};
 
 use palpo_core::Error;
@@ -411,7 +412,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: RememberedAccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         #[oai(name = "eventType")] event_type: Path<String>,
         #[oai(name = "txnId")] txn_id: Path<String>,
         body: Json<JsonObject>,
@@ -455,7 +456,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         #[oai(name = "eventType")] event_type: Path<String>,
         #[oai(name = "stateKey")] state_key: Path<String>,
         body: Json<JsonObject>,
@@ -485,7 +486,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         #[oai(name = "eventType")] event_type: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<Json<EventIdResponse>> {
@@ -515,7 +516,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         #[oai(name = "eventType")] event_type: Path<String>,
         #[oai(name = "stateKey")] state_key: Path<String>,
         /// `content` (default) or `event`.
@@ -543,7 +544,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         #[oai(name = "eventType")] event_type: Path<String>,
         /// `content` (default) or `event`.
         format: Query<Option<StateFormat>>,
@@ -562,7 +563,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
     ) -> ApiResult<Json<Vec<ClientEvent>>> {
         let events = state
             .services
@@ -584,8 +585,8 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
-        #[oai(name = "eventId", validator(pattern = "^[$]"))] event_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
+        #[oai(name = "eventId")] event_id: Path<EventIdParam>,
         #[oai(name = "txnId")] txn_id: Path<String>,
         body: Json<Option<RedactRequest>>,
     ) -> ApiResult<Json<EventIdResponse>> {
@@ -616,8 +617,8 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
-        #[oai(name = "eventId", validator(pattern = "^[$]"))] event_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
+        #[oai(name = "eventId")] event_id: Path<EventIdParam>,
     ) -> ApiResult<Json<ClientEvent>> {
         let event = state
             .services
@@ -639,7 +640,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         /// The token to start from; default the newest (`b`) or oldest (`f`) visible event.
         from: Query<Option<String>>,
         /// The token to stop at.
@@ -679,8 +680,8 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
-        #[oai(name = "eventId", validator(pattern = "^[$]"))] event_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
+        #[oai(name = "eventId")] event_id: Path<EventIdParam>,
         /// How many surrounding events at most, split before and after (default 10).
         limit: Query<Option<i64>>,
     ) -> ApiResult<Json<ContextResponse>> {
@@ -711,7 +712,7 @@ impl RoomsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         /// The point in time, in milliseconds since the epoch.
         ts: Query<i64>,
         /// `f`: the first event at or after `ts`; `b`: the last event at or before it.

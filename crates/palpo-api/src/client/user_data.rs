@@ -2,6 +2,7 @@
 //! (`/user/{userId}[/rooms/{roomId}]/account_data/{type}`), and room tags
 //! (`/user/{userId}/rooms/{roomId}/tags`). Only the user themselves may use them.
 
+use crate::path_ids::{RoomIdParam, UserIdParam};
 use std::{collections::BTreeMap, sync::Arc};
 
 use palpo_core::Error;
@@ -89,7 +90,7 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
         body: Json<JsonObject>,
     ) -> ApiResult<Json<FilterIdResponse>> {
         let filter = object_value(body.0);
@@ -113,7 +114,7 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
         #[oai(name = "filterId")] filter_id: Path<String>,
     ) -> ApiResult<Json<JsonObject>> {
         let filter = state
@@ -136,7 +137,7 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
         #[oai(name = "type")] data_type: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<SetAccountDataResponse> {
@@ -165,7 +166,7 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
         #[oai(name = "type")] data_type: Path<String>,
     ) -> ApiResult<Json<JsonObject>> {
         let content = state
@@ -188,8 +189,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         #[oai(name = "type")] data_type: Path<String>,
         body: Json<JsonObject>,
     ) -> ApiResult<SetAccountDataResponse> {
@@ -218,8 +219,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         #[oai(name = "type")] data_type: Path<String>,
     ) -> ApiResult<Json<JsonObject>> {
         let content = state
@@ -241,8 +242,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
     ) -> ApiResult<Json<TagsResponse>> {
         let tags = state
             .services
@@ -270,8 +271,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         tag: Path<String>,
         body: Json<Tag>,
     ) -> ApiResult<Json<EmptyResponse>> {
@@ -304,8 +305,8 @@ impl UserDataApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AccessToken,
-        #[oai(name = "userId", validator(pattern = "^@"))] user_id: Path<String>,
-        #[oai(name = "roomId", validator(pattern = "^!"))] room_id: Path<String>,
+        #[oai(name = "userId")] user_id: Path<UserIdParam>,
+        #[oai(name = "roomId")] room_id: Path<RoomIdParam>,
         tag: Path<String>,
     ) -> ApiResult<Json<EmptyResponse>> {
         state
