@@ -8,7 +8,10 @@
 use std::{
     borrow::Cow,
     str::FromStr,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -17,8 +20,9 @@ use sqlx::{
     MySql, Postgres, Sqlite,
     mysql::MySqlConnectOptions,
     postgres::PgConnectOptions,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
+    sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous},
 };
+use tracing::Instrument;
 
 pub use crate::conns::{Conns, Readers};
 use crate::sqlite_tx::{SqliteBatch, SqliteTx};
@@ -884,6 +888,8 @@ pub struct Db {
     reads: ReadRouter,
     /// SQLite: events written since the write-ahead log was last checkpointed.
     events_since_checkpoint: AtomicUsize,
+    /// SQLite: the connection that checkpoints the log beside the writer.
+    checkpointer: Option<Arc<tokio::sync::Mutex<SqliteConnection>>>,
 }
 
 /// SQLite: the event writer checkpoints the write-ahead log after this many events (about
@@ -912,6 +918,7 @@ impl Db {
             |e: sqlx::Error| StorageError::Connect(format!("{}: {e}", redact_url(&config.url)));
         // The primary's connections twice over: sqlx's pool for writes and transactions, and
         // readers (see `Db::fresh`) for the reads that must see every commit.
+        let mut sqlite_checkpointer = None;
         let (primary, fresh) = match backend {
             Backend::Postgres => {
                 let options = PgConnectOptions::from_str(&config.url).map_err(connect_err)?;
@@ -930,7 +937,8 @@ impl Db {
                 (Pool::MySql(pool), Pool::MySql(readers))
             }
             Backend::Sqlite => {
-                let (writer, readers) = connect_sqlite(config, acquire).await?;
+                let (writer, readers, checkpointer) = connect_sqlite(config, acquire).await?;
+                sqlite_checkpointer = Some(Arc::new(tokio::sync::Mutex::new(checkpointer)));
                 (
                     Pool::Sqlite(Conns::Pool(writer)),
                     Pool::Sqlite(Conns::Readers(readers)),
@@ -955,6 +963,7 @@ impl Db {
             fresh,
             reads,
             events_since_checkpoint: AtomicUsize::new(0),
+            checkpointer: sqlite_checkpointer,
         })
     }
 
@@ -1033,14 +1042,18 @@ impl Db {
         }
     }
 
-    /// SQLite: counts `events` just written and, once [`CHECKPOINT_EVERY_EVENTS`] were, copies
-    /// the write-ahead log into the database (a passive checkpoint, on the writer connection).
-    /// The event writer calls it after answering a batch's sends: left to SQLite, the
-    /// checkpoint and its `fsync`s run inside the commit that crosses 1000 log pages, and that
-    /// commit's sends wait for them (the p99 of a send at a few messages a second was this
-    /// checkpoint). Elsewhere nothing.
+    /// SQLite: counts `events` just written and, once [`CHECKPOINT_EVERY_EVENTS`] were, starts
+    /// copying the write-ahead log into the database (a passive checkpoint) on a connection of
+    /// its own, and returns without waiting for it; while one is running, none is started.
+    /// Elsewhere nothing.
+    ///
+    /// Left to SQLite, the checkpoint and its `fsync`s ran inside the commit that crossed
+    /// 1000 log pages, and that commit's sends waited for them. Run on the writer connection
+    /// after a batch's answers (until the seventeenth benchmark run), it made the next batch
+    /// wait instead: under load the writer spent as long checkpointing as writing. A passive
+    /// checkpoint takes no write lock, so the writer appends to the log meanwhile.
     pub async fn checkpoint_if_due(&self, events: usize) -> Result<()> {
-        let Pool::Sqlite(conns) = &self.primary else {
+        let Some(checkpointer) = &self.checkpointer else {
             return Ok(());
         };
         let written = self
@@ -1050,11 +1063,30 @@ impl Db {
         if written < CHECKPOINT_EVERY_EVENTS {
             return Ok(());
         }
+        let Ok(mut conn) = checkpointer.clone().try_lock_owned() else {
+            // The last one is still copying; a later batch starts the next.
+            return Ok(());
+        };
         self.events_since_checkpoint.store(0, Ordering::Relaxed);
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(sqlx_pool(conns)?)
-            .await?;
+        tokio::spawn(
+            async move {
+                if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&mut *conn)
+                    .await
+                {
+                    tracing::warn!(%error, "checkpointing the database's log failed");
+                }
+            }
+            .in_current_span(),
+        );
         Ok(())
+    }
+
+    /// SQLite: waits until no checkpoint started by [`Db::checkpoint_if_due`] is running.
+    pub async fn checkpoints_settled(&self) {
+        if let Some(checkpointer) = &self.checkpointer {
+            drop(checkpointer.lock().await);
+        }
     }
 
     pub async fn close(&self) {
@@ -1111,7 +1143,7 @@ async fn pool_and_readers<DB: sqlx::Database>(
 async fn connect_sqlite(
     config: &DatabaseConfig,
     acquire: Duration,
-) -> Result<(sqlx::SqlitePool, Readers<Sqlite>)> {
+) -> Result<(sqlx::SqlitePool, Readers<Sqlite>, SqliteConnection)> {
     let err = |e: sqlx::Error| StorageError::Connect(format!("{}: {e}", config.url));
     let options = SqliteConnectOptions::from_str(&config.url)
         .map_err(err)?
@@ -1145,6 +1177,8 @@ async fn connect_sqlite(
         )
         .await
         .map_err(err)?;
+    // A connection of its own for checkpoints (`Db::checkpoint_if_due`).
+    let checkpointer = sqlx::ConnectOptions::connect(&options).await.map_err(err)?;
     let readers = Readers::connect(
         options.read_only(true),
         config.max_connections.max(2),
@@ -1152,7 +1186,7 @@ async fn connect_sqlite(
     )
     .await
     .map_err(err)?;
-    Ok((writer, readers))
+    Ok((writer, readers, checkpointer))
 }
 
 /// A batch of event writes' turn to lock its rooms' rows: only once the batch before it

@@ -322,9 +322,11 @@ async fn the_writer_checkpoints_the_log_after_enough_events(s: Storage) {
     if s.db().backend() != Backend::Sqlite {
         return;
     }
-    // The writer checkpointed after the last of those, so the next commit started the log
-    // over: it holds that one transaction's frames, not the 41 transactions' (each commit
-    // writes at least one frame). Left to SQLite (1000 pages, here 10 000) it would hold all.
+    // The writer had the log checkpointed after the last of those (beside it, on a
+    // connection of its own: waited for here), so the next commit started the log over: it
+    // holds that one transaction's frames, not the 41 transactions' (each commit writes at
+    // least one frame). Left to SQLite (1000 pages, here 10 000) it would hold all.
+    s.db().checkpoints_settled().await;
     messages_one_by_one(&s, 1, "next").await;
     let (log, checkpointed) = log_frames(&s).await;
     assert!(

@@ -117,7 +117,7 @@ async fn write_batch(rooms: &dyn RoomRepo, jobs: Vec<Job>, turn: LockTurn) {
                 // The sender may have gone (its request was dropped); the event stays.
                 let _ = reply.send(outcome);
             }
-            // Answered first: the next batch waits for this, the senders of this one do not.
+            // Answered first: the senders of this batch need not wait for it.
             if let Err(error) = rooms.after_batch(written).await {
                 tracing::warn!(%error, "checkpointing the database's log failed");
             }
