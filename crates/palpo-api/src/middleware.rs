@@ -28,8 +28,9 @@ fn matrix_error_response(err: Error) -> Response {
 
 /// Enforces the body size limit (413 `M_TOO_LARGE`) and, for Matrix JSON endpoints, that a
 /// non-empty body is JSON (400 `M_NOT_JSON`) and a JSON object (400 `M_BAD_JSON`). A missing
-/// `Content-Type` on such a request is taken as JSON, as many clients and tools omit it. Refuses the NUL character anywhere in a
-/// Matrix request (see [`nul_in_uri`], [`has_escaped_nul`]).
+/// `Content-Type` on such a request is taken as JSON, as many clients and tools omit it.
+/// Refuses the NUL character anywhere in a Matrix request (see [`nul_in_uri`],
+/// [`has_escaped_nul`]).
 pub async fn guard_body<E: Endpoint>(next: E, mut req: Request, max_bytes: usize) -> Response {
     if req.uri().path().starts_with("/_matrix/") && nul_in_uri(req.uri()) {
         return matrix_error_response(Error::new(

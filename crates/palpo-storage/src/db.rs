@@ -892,7 +892,7 @@ pub struct Db {
     checkpointer: Option<Arc<tokio::sync::Mutex<SqliteConnection>>>,
 }
 
-/// SQLite: the event writer checkpoints the write-ahead log after this many events (about
+/// SQLite: the event writer has the write-ahead log checkpointed after this many events (about
 /// 1000 log pages, SQLite's own default interval; see [`Db::checkpoint_if_due`]).
 pub const CHECKPOINT_EVERY_EVENTS: usize = 40;
 
