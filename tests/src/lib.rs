@@ -287,7 +287,23 @@ impl TestApp {
         content_type: Option<&str>,
         body: impl Into<reqwest::Body>,
     ) -> Resp {
+        self.send_raw_as(method, path, None, content_type, body)
+            .await
+    }
+
+    /// As [`TestApp::send_raw`], with `token` as the bearer token when given.
+    pub async fn send_raw_as(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Resp {
         let mut req = self.client.request(method.clone(), self.url(path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
         if let Some(content_type) = content_type {
             req = req.header(reqwest::header::CONTENT_TYPE, content_type);
         }

@@ -31,18 +31,15 @@ async fn malformed_json_is_m_not_json() {
             .await
             .expect_error(400, "M_NOT_JSON");
         // On an authenticated endpoint too, with a valid token.
-        let resp = app
-            .client
-            .put(app.url(&format!("/_matrix/client/v3/devices/{}", me.device_id)))
-            .bearer_auth(&me.access_token)
-            .header("content-type", "application/json")
-            .body("{\"display_name\": ")
-            .send()
-            .await
-            .expect("request");
-        palpo_tests::Resp::read(resp)
-            .await
-            .expect_error(400, "M_NOT_JSON");
+        app.send_raw_as(
+            Method::PUT,
+            &format!("/_matrix/client/v3/devices/{}", me.device_id),
+            Some(&me.access_token),
+            Some("application/json"),
+            "{\"display_name\": ",
+        )
+        .await
+        .expect_error(400, "M_NOT_JSON");
     })
     .await;
 }
@@ -147,15 +144,15 @@ async fn a_body_that_is_not_an_object_is_refused_even_where_the_body_is_optional
             }
         }
         // Blank space around an object is still an object.
-        let spaced = app
-            .client
-            .post(app.url(&join))
-            .bearer_auth(&guest.access_token)
-            .body(" \n{ \"reason\": \"hi\" } ")
-            .send()
-            .await
-            .expect("request");
-        palpo_tests::Resp::read(spaced).await.expect_ok();
+        app.send_raw_as(
+            Method::POST,
+            &join,
+            Some(&guest.access_token),
+            None,
+            " \n{ \"reason\": \"hi\" } ",
+        )
+        .await
+        .expect_ok();
         let joined = app.get(&members, Some(&owner.access_token)).await;
         assert!(
             joined.expect_ok()["joined"][&guest.user_id].is_object(),
@@ -163,14 +160,15 @@ async fn a_body_that_is_not_an_object_is_refused_even_where_the_body_is_optional
             joined.text
         );
         // An empty body is no body.
-        let leave = app
-            .client
-            .post(app.url(&app.room_path(&room, "/leave")))
-            .bearer_auth(&guest.access_token)
-            .send()
-            .await
-            .expect("request");
-        palpo_tests::Resp::read(leave).await.expect_ok();
+        app.send_raw_as(
+            Method::POST,
+            &app.room_path(&room, "/leave"),
+            Some(&guest.access_token),
+            None,
+            "",
+        )
+        .await
+        .expect_ok();
         let left = app.get(&members, Some(&owner.access_token)).await;
         assert!(
             left.expect_ok()["joined"][&guest.user_id].is_null(),

@@ -64,29 +64,11 @@ sigil!(
 /// A path parameter that starts with one of `K`'s sigils. Reads as the `str` it holds.
 pub struct WithSigil<K>(String, PhantomData<K>);
 
-impl<K> WithSigil<K> {
-    pub fn into_string(self) -> String {
-        self.0
-    }
-}
-
 impl<K> Deref for WithSigil<K> {
     type Target = str;
 
     fn deref(&self) -> &str {
         &self.0
-    }
-}
-
-impl<K> AsRef<str> for WithSigil<K> {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<K> fmt::Display for WithSigil<K> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
     }
 }
 

@@ -1052,20 +1052,20 @@ impl Db {
     /// after a batch's answers (until the seventeenth benchmark run), it made the next batch
     /// wait instead: under load the writer spent as long checkpointing as writing. A passive
     /// checkpoint takes no write lock, so the writer appends to the log meanwhile.
-    pub async fn checkpoint_if_due(&self, events: usize) -> Result<()> {
+    pub fn checkpoint_if_due(&self, events: usize) {
         let Some(checkpointer) = &self.checkpointer else {
-            return Ok(());
+            return;
         };
         let written = self
             .events_since_checkpoint
             .fetch_add(events, Ordering::Relaxed)
             + events;
         if written < CHECKPOINT_EVERY_EVENTS {
-            return Ok(());
+            return;
         }
         let Ok(mut conn) = checkpointer.clone().try_lock_owned() else {
             // The last one is still copying; a later batch starts the next.
-            return Ok(());
+            return;
         };
         self.events_since_checkpoint.store(0, Ordering::Relaxed);
         tokio::spawn(
@@ -1079,7 +1079,6 @@ impl Db {
             }
             .in_current_span(),
         );
-        Ok(())
     }
 
     /// SQLite: waits until no checkpoint started by [`Db::checkpoint_if_due`] is running.

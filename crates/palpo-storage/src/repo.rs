@@ -111,8 +111,8 @@ pub trait RoomRepo: Send + Sync {
     ) -> Result<Vec<Result<PersistedEvent>>>;
 
     /// Called by the event writer once it has answered a batch's sends, with the number of
-    /// events the batch wrote: see [`crate::db::Db::checkpoint_if_due`].
-    async fn after_batch(&self, events: usize) -> Result<()>;
+    /// events the batch wrote: see [`crate::db::Db::checkpoint_if_due`]. Returns at once.
+    fn after_batch(&self, events: usize);
     async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>>;
     /// The events with these ids that exist, in no particular order.
     async fn get_events(&self, event_ids: &[String]) -> Result<Vec<EventRecord>>;

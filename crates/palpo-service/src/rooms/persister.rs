@@ -118,9 +118,7 @@ async fn write_batch(rooms: &dyn RoomRepo, jobs: Vec<Job>, turn: LockTurn) {
                 let _ = reply.send(outcome);
             }
             // Answered first: the senders of this batch need not wait for it.
-            if let Err(error) = rooms.after_batch(written).await {
-                tracing::warn!(%error, "checkpointing the database's log failed");
-            }
+            rooms.after_batch(written);
         }
         Err(error) if events.len() == 1 => {
             let _ = replies

@@ -1457,8 +1457,8 @@ impl RoomRepo for SqlStore {
         }
     }
 
-    async fn after_batch(&self, events: usize) -> Result<()> {
-        self.db.checkpoint_if_due(events).await
+    fn after_batch(&self, events: usize) {
+        self.db.checkpoint_if_due(events)
     }
 
     async fn get_event(&self, event_id: &str) -> Result<Option<EventRecord>> {
