@@ -17,6 +17,7 @@ mod prefetch;
 mod read;
 mod resolve;
 pub mod sliding;
+mod stream_tail;
 mod sync;
 mod threads;
 mod timeline;
@@ -89,6 +90,8 @@ pub struct RoomService {
     /// Per user, their memberships as last read for a sync and the membership head they were
     /// read at (see [`RoomService::memberships_at_head`]).
     user_memberships: Mutex<lru::LruCache<String, KeptMemberships>>,
+    /// The newest timeline events of every room, shared by this process's woken syncs.
+    stream_tail: stream_tail::StreamTail,
     /// Writes local events, several to a transaction.
     persister: persister::Persister,
     /// Room write locks held at once by this process (each holds a pool connection while its
@@ -118,6 +121,7 @@ impl RoomService {
             versions: Mutex::new(lru::LruCache::new(KEPT_ROOM_VERSIONS)),
             group_visibility: Mutex::new(lru::LruCache::new(GROUP_VISIBILITY)),
             user_memberships: Mutex::new(lru::LruCache::new(KEPT_MEMBERSHIPS)),
+            stream_tail: stream_tail::StreamTail::default(),
             persister: persister::Persister::new(&storage),
             held_room_locks: tokio::sync::Semaphore::new(held_locks),
             storage,

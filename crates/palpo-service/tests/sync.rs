@@ -70,7 +70,8 @@ on_every_backend!(
     chat_is_delivered_once_in_order,
     limited_gaps_backfill,
     leave_and_invite_sections,
-    long_poll_wakes_on_send
+    long_poll_wakes_on_send,
+    woken_syncs_share_the_stream_tail
 );
 
 async fn chat_is_delivered_once_in_order(storage: Storage) {
@@ -338,6 +339,123 @@ async fn long_poll_wakes_on_send(storage: Storage) {
     // Loose bound: the figure that matters is measured by the benchmark.
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(bodies(&woke, &room_id), ["wake up"]);
+}
+
+/// A sync pass of `SyncService` (the one that reads the rooms' news once for all of them,
+/// through the process's stream tail) from `since`, not waiting.
+async fn full_sync(services: &Services, user: &str, since: Option<&str>) -> (String, SyncRooms) {
+    let options = SyncOptions {
+        since: since.map(str::to_owned),
+        rooms: request(50),
+        ..SyncOptions::default()
+    };
+    let response = services.sync.sync(user, &options).await.expect("sync");
+    (response.next_batch, response.rooms)
+}
+
+/// `(type, body)` of the room's timeline events after its creation (the body `None` when
+/// the content has none: redacted).
+fn timeline(rooms: &SyncRooms, room_id: &str) -> Vec<(String, Option<String>)> {
+    rooms
+        .join
+        .get(room_id)
+        .map(|r| {
+            r.timeline
+                .events
+                .iter()
+                .filter(|e| e["type"] == "m.room.message" || e["type"] == "m.room.redaction")
+                .map(|e| {
+                    (
+                        e["type"].as_str().unwrap_or_default().to_owned(),
+                        e["content"]["body"].as_str().map(str::to_owned),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Syncs from different tokens over the same range (which the process reads once and
+/// keeps) each get their own rooms' events of their own range; a redaction in a range makes
+/// every later sync over the redacted event see it redacted.
+async fn woken_syncs_share_the_stream_tail(storage: Storage) {
+    let services = services(storage);
+    let alice = user(&services, "alice").await;
+    let bob = user(&services, "bob").await;
+    let carol = user(&services, "carol").await;
+    let public = CreateRoom {
+        preset: Some(Preset::PublicChat),
+        ..CreateRoom::default()
+    };
+    let room_id = services
+        .rooms
+        .create_room(&alice, public.clone())
+        .await
+        .expect("room");
+    let carols_room = services
+        .rooms
+        .create_room(&carol, public)
+        .await
+        .expect("room");
+    services
+        .rooms
+        .join(&bob, &room_id, None)
+        .await
+        .expect("join");
+    let (bob_start, _) = full_sync(&services, &bob, None).await;
+    let (carol_start, _) = full_sync(&services, &carol, None).await;
+    send(&services, &alice, &room_id, "m1").await;
+    send(&services, &carol, &carols_room, "c1").await;
+    let (bob_after_m1, _) = full_sync(&services, &bob, Some(&bob_start)).await;
+    send(&services, &bob, &room_id, "m2").await;
+
+    let (_, bobs) = full_sync(&services, &bob, Some(&bob_start)).await;
+    let message = |body: &str| ("m.room.message".to_owned(), Some(body.to_owned()));
+    assert_eq!(timeline(&bobs, &room_id), [message("m1"), message("m2")]);
+    assert!(!bobs.join.contains_key(&carols_room), "not bob's room");
+    let (_, carols) = full_sync(&services, &carol, Some(&carol_start)).await;
+    assert_eq!(timeline(&carols, &carols_room), [message("c1")]);
+    assert!(!carols.join.contains_key(&room_id), "not carol's room");
+    let (_, later) = full_sync(&services, &bob, Some(&bob_after_m1)).await;
+    assert_eq!(
+        timeline(&later, &room_id),
+        [message("m2")],
+        "from its own token"
+    );
+
+    // Redact m1, which the ranges read so far hold unredacted.
+    let (_, first) = full_sync(&services, &alice, None).await;
+    let m1 = first.join[&room_id]
+        .timeline
+        .events
+        .iter()
+        .find(|e| e["content"]["body"] == "m1")
+        .and_then(|e| e["event_id"].as_str())
+        .expect("m1 in alice's timeline")
+        .to_owned();
+    services
+        .rooms
+        .redact(&alice, "DEV", &room_id, &m1, "r1", None)
+        .await
+        .expect("redact");
+    send(&services, &alice, &room_id, "m3").await;
+    let (_, again) = full_sync(&services, &bob, Some(&bob_start)).await;
+    let redaction = ("m.room.redaction".to_owned(), None);
+    assert_eq!(
+        timeline(&again, &room_id),
+        [
+            ("m.room.message".to_owned(), None),
+            message("m2"),
+            redaction.clone(),
+            message("m3")
+        ],
+        "m1 redacted, for a token from before it"
+    );
+    let (_, next) = full_sync(&services, &bob, Some(&bob_after_m1)).await;
+    assert_eq!(
+        timeline(&next, &room_id),
+        [message("m2"), redaction, message("m3")]
+    );
 }
 
 mod sliding {

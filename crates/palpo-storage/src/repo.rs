@@ -199,6 +199,15 @@ pub trait RoomRepo: Send + Sync {
         after: i64,
         up_to: i64,
     ) -> Result<Vec<(EventRecord, Option<String>)>>;
+    /// Every room's timeline events with a stream position in `(after, up_to]`, in stream
+    /// order, each with its thread: at most `limit` of them, the oldest. What a process keeps
+    /// of the stream's newest events to share among its syncs reads it.
+    async fn stream_range(
+        &self,
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<(EventRecord, Option<String>)>>;
     /// The stream position of each room's latest timeline event (rooms with none are absent).
     async fn latest_positions(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>>;
     /// The thread (root event id) the event belongs to; `None` for the main timeline or an

@@ -11,6 +11,7 @@ use palpo_storage::{
 palpo_storage::conformance!(
     latest_events_in_rooms,
     timeline_between_rooms,
+    stream_range_of_every_room,
     members_and_versions_of_rooms,
     states_of_groups,
     unread_candidates_in_rooms,
@@ -134,6 +135,29 @@ async fn timeline_between_rooms(s: Storage) {
             .expect("none")
             .is_empty()
     );
+}
+
+async fn stream_range_of_every_room(s: Storage) {
+    two_rooms(&s).await;
+    let max = s.rooms.max_stream_ordering().await.expect("max");
+    for (after, up_to) in [(0, max), (max - 3, max), (max - 3, max - 1), (max, max)] {
+        let range = s
+            .rooms
+            .stream_range(after, up_to, 1000)
+            .await
+            .expect("range");
+        let of_rooms = s
+            .rooms
+            .timeline_between(&rooms(), after, up_to)
+            .await
+            .expect("range of rooms");
+        assert_eq!(range, of_rooms, "every room: ({after}, {up_to}]");
+    }
+    // The oldest `limit`, in stream order.
+    let all = s.rooms.stream_range(0, max, 1000).await.expect("all");
+    assert!(all.len() > 3);
+    let first = s.rooms.stream_range(0, max, 3).await.expect("first");
+    assert_eq!(first, all[..3]);
 }
 
 async fn members_and_versions_of_rooms(s: Storage) {

@@ -152,12 +152,19 @@ impl RoomService {
         let mut rooms: HashMap<String, Vec<(EventRecord, Option<String>)>> =
             joined.iter().map(|r| (r.clone(), Vec::new())).collect();
         if after < upto && !joined.is_empty() {
-            let events = self
-                .storage
-                .rooms
-                .timeline_between(joined, after, upto)
+            let rooms_repo = &*self.storage.rooms;
+            let events = match self
+                .stream_tail
+                .events(rooms_repo, joined, after, upto)
                 .await
-                .map_err(internal)?;
+                .map_err(internal)?
+            {
+                Some(events) => events,
+                None => rooms_repo
+                    .timeline_between(joined, after, upto)
+                    .await
+                    .map_err(internal)?,
+            };
             for (event, thread) in events {
                 if let Some(list) = rooms.get_mut(&event.room_id) {
                     list.push((event, thread));

@@ -1855,6 +1855,31 @@ impl RoomRepo for SqlStore {
         Ok(events)
     }
 
+    async fn stream_range(
+        &self,
+        after: i64,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<Vec<(EventRecord, Option<String>)>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, thread_id FROM events \
+             WHERE stream_ordering > ? AND stream_ordering <= ? \
+             AND outlier = ? AND soft_failed = ? AND rejected_reason IS NULL \
+             ORDER BY stream_ordering LIMIT ?"
+        );
+        let rows: Vec<ThreadEventRow> = on_pool!(self.db.fresh(), &sql, |p, sql| {
+            sqlx::query_as(sql)
+                .bind(after)
+                .bind(up_to)
+                .bind(false)
+                .bind(false)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+        });
+        Ok(rows.into_iter().map(ThreadEventRow::into_pair).collect())
+    }
+
     async fn latest_positions(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>> {
         let mut out = Vec::with_capacity(room_ids.len());
         for chunk in room_ids.chunks(200) {
