@@ -65,9 +65,16 @@ impl Services {
         // Other processes on the same database hear of our writes, and we of theirs (a no-op
         // without Redis).
         let wakeups = storage.wakeups().clone();
-        let notifier = Arc::new(notifier::Notifier::with_publisher(move |position| {
-            wakeups.publish(position)
-        }));
+        let notifier =
+            notifier::Notifier::with_publisher(move |position| wakeups.publish(position));
+        // SQLite serves one process (its room locks are in-process ones).
+        let notifier = Arc::new(
+            if storage.db().backend() == palpo_storage::Backend::Sqlite {
+                notifier.sole_writer()
+            } else {
+                notifier
+            },
+        );
         notifier.relay_from(storage.wakeups().subscribe(), storage.rooms.clone());
         let e2ee = Arc::new(E2eeService::new(
             config.clone(),

@@ -27,6 +27,9 @@ pub struct Notifier {
     publisher: Option<Publisher>,
     /// The task feeding other processes' positions in; stopped when the notifier is dropped.
     relay: Mutex<Option<AbortHandle>>,
+    /// No other process writes to the stream (SQLite): every advance is this process's own
+    /// and reaches the notifier, which then knows for sure when nothing moved.
+    sole_writer: bool,
 }
 
 impl Default for Notifier {
@@ -36,6 +39,7 @@ impl Default for Notifier {
             ephemeral: watch::Sender::new(0),
             publisher: None,
             relay: Mutex::new(None),
+            sole_writer: false,
         }
     }
 }
@@ -59,6 +63,21 @@ impl Notifier {
         let mut notifier = Notifier::default();
         notifier.publisher = Some(Arc::new(publish));
         notifier
+    }
+
+    /// Declares that no other process writes to the stream (see
+    /// [`Notifier::unchanged_since`]).
+    pub fn sole_writer(mut self) -> Self {
+        self.sole_writer = true;
+        self
+    }
+
+    /// Whether nothing was written to the stream after `stream` and nothing ephemeral changed
+    /// after `ephemeral`, for certain: only when this process is the sole writer (another
+    /// process's writes reach the notifier late, or not at all without Redis) and its latest
+    /// advance is `stream`. `false` means "perhaps": read the database.
+    pub fn unchanged_since(&self, stream: i64, ephemeral: u64) -> bool {
+        self.sole_writer && *self.stream.borrow() == stream && self.ephemeral_serial() == ephemeral
     }
 
     /// Records that this process committed stream position `position`: wakes the local syncs
@@ -180,9 +199,26 @@ mod tests {
         assert!(!waiter.is_finished(), "position 5 was already seen");
         notifier.stream_advanced(6);
         assert!(waiter.await.expect("task"));
+        assert!(
+            !notifier.unchanged_since(6, 0),
+            "another process may have written"
+        );
         let serial = notifier.ephemeral_serial();
         notifier.ephemeral_changed();
         assert!(notifier.wait(6, serial, Duration::from_secs(1)).await);
+    }
+
+    #[test]
+    fn a_sole_writer_knows_when_nothing_moved() {
+        let notifier = Notifier::default().sole_writer();
+        notifier.stream_advanced(4);
+        assert!(notifier.unchanged_since(4, 0));
+        assert!(!notifier.unchanged_since(3, 0), "moved past 3");
+        notifier.ephemeral_changed();
+        assert!(!notifier.unchanged_since(4, 0), "typing changed");
+        assert!(notifier.unchanged_since(4, 1));
+        notifier.stream_advanced(5);
+        assert!(!notifier.unchanged_since(4, 1));
     }
 
     #[tokio::test]

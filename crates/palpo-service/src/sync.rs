@@ -199,6 +199,9 @@ pub struct SyncService {
     e2ee: Option<Arc<E2eeService>>,
     /// Lazy-loaded members sent to each device and filter, in this process.
     lazy: Mutex<LazyMemory>,
+    /// The last stream position a sync read, with when the next typing notification then
+    /// running ran out: what a long-poll needs to wait without reading it again.
+    last_read: Mutex<Option<(i64, Option<i64>)>>,
 }
 
 impl SyncService {
@@ -212,6 +215,7 @@ impl SyncService {
             account_data: None,
             lazy: Mutex::new(HashMap::new()),
             e2ee: None,
+            last_read: Mutex::new(None),
         }
     }
 
@@ -390,7 +394,14 @@ impl SyncService {
         token: Option<&TokenCheck>,
     ) -> Result<PositionRead> {
         match &self.ephemeral {
-            Some(ephemeral) => ephemeral.sync_position(user, device, token).await,
+            Some(ephemeral) => {
+                let read = ephemeral.sync_position(user, device, token).await?;
+                if let Some(next_typing_expiry) = read.next_typing_expiry {
+                    *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((read.position, next_typing_expiry));
+                }
+                Ok(read)
+            }
             None => {
                 if let Some(token) = token {
                     self.rooms.check_token(token).await?;
@@ -403,6 +414,16 @@ impl SyncService {
                 })
             }
         }
+    }
+
+    /// When the next typing notification runs out, as read with stream position `position`
+    /// by the last sync that read it; `None` when the last read was of another position.
+    fn typing_expiry_read_at(&self, position: i64) -> Option<Option<i64>> {
+        self.last_read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter(|(read, _)| *read == position)
+            .map(|(_, next_typing_expiry)| next_typing_expiry)
     }
 
     /// How long a long-poll may wait: until `deadline`, or until the next typing notification
@@ -477,6 +498,26 @@ impl SyncService {
         let since = options.since.as_deref().map(SyncToken::parse).transpose()?;
         let deadline = tokio::time::Instant::now() + options.timeout.min(MAX_TIMEOUT);
         let request = self.with_lazy_members(user, options, since.is_none());
+        // A long-poll from where the stream stands, known without reading it (see
+        // `Notifier::unchanged_since`), waits first; what a pass reads is read once woken.
+        // The token is checked by that read too, as for a long-poll already waiting.
+        if let Some(since) = since
+            && since.to_device.is_none()
+            && !options.rooms.full_state
+            && self.notifier.unchanged_since(since.stream, since.ephemeral)
+            && let Some(next_typing_expiry) = self.typing_expiry_read_at(since.stream)
+            && tokio::time::Instant::now() < deadline
+        {
+            let wait = self
+                .wait_time(
+                    deadline - tokio::time::Instant::now(),
+                    Some(next_typing_expiry),
+                )
+                .await?;
+            self.notifier
+                .wait(since.stream, since.ephemeral, wait)
+                .await;
+        }
         loop {
             // Read the serial first: a change after this point wakes the wait below.
             let ephemeral = self.notifier.ephemeral_serial();
