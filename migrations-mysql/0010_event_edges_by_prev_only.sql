@@ -1,0 +1,6 @@
+-- The graph's edges are written for the walk from an event to those citing it (federation:
+-- is an event arriving late already cited, so no forward extremity?), through
+-- `event_edges_prev`. The other way, an event's prev events, is in its PDU. The primary key
+-- on (event_id, prev_event_id) served no read, and event ids are hashes: InnoDB clustered
+-- the rows by it, so every edge landed on a random page. Without it, rows are appended.
+ALTER TABLE event_edges DROP PRIMARY KEY;
