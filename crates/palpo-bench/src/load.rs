@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use futures::{StreamExt, TryStreamExt, stream};
 use serde_json::json;
 
-use crate::matrix::{Homeserver, User, timeline_events};
+use crate::matrix::{Homeserver, User};
 use crate::stats::Figures;
 use crate::{Args, rss};
 
@@ -122,16 +122,16 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
             let mut since = since;
             let hard_stop = t0 + duration + DRAIN + Duration::from_secs(30);
             while !stop.load(Ordering::Relaxed) && Instant::now() < hard_stop {
-                match hs.sync(&user, Some(&since), 1_000, Some(filter)).await {
-                    Ok(v) => {
+                match hs.listener_sync(&user, &since, 1_000, filter).await {
+                    Ok(answer) => {
                         syncs.fetch_add(1, Ordering::Relaxed);
                         let now = t0.elapsed().as_secs_f64() * 1e3;
                         let mut seen = Vec::new();
-                        for ev in timeline_events(&v) {
-                            let c = &ev["content"];
-                            if c["bench_run"].as_str() == Some(run_id.as_str())
-                                && ev["sender"].as_str() != Some(user.user_id.as_str())
-                                && let Some(sent_us) = c["bench_t_us"].as_u64()
+                        for ev in answer.timeline_events() {
+                            let marks = &ev.content;
+                            if marks.bench_run.as_deref() == Some(run_id.as_str())
+                                && ev.sender.as_deref() != Some(user.user_id.as_str())
+                                && let Some(sent_us) = marks.bench_t_us
                             {
                                 seen.push(now - sent_us as f64 / 1e3);
                             }
@@ -140,9 +140,7 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .extend(seen);
-                        if let Some(next) = v["next_batch"].as_str() {
-                            since = next.to_owned();
-                        }
+                        since = answer.next_batch;
                     }
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);

@@ -78,6 +78,19 @@ impl Homeserver {
         token: Option<&str>,
         body: Option<&Value>,
     ) -> Result<(u16, Value)> {
+        let (status, bytes) = self.call_raw(method, path, token, body).await?;
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, value))
+    }
+
+    /// Like [`call`](Self::call), the body left unparsed.
+    async fn call_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(u16, Vec<u8>)> {
         let mut req = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(token) = token {
             req = req.bearer_auth(token);
@@ -87,9 +100,7 @@ impl Homeserver {
         }
         let resp = req.send().await?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await?;
-        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok((status, value))
+        Ok((status, resp.bytes().await?.to_vec()))
     }
 
     /// Like [`call`](Self::call) but any non-2xx status is an error.
@@ -215,26 +226,99 @@ impl Homeserver {
         timeout_ms: u64,
         filter: Option<&str>,
     ) -> Result<Value> {
-        let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
-        if let Some(since) = since {
-            path.push_str(&format!("&since={}", encode(since)));
-        }
-        if let Some(filter) = filter {
-            path.push_str(&format!("&filter={}", encode(filter)));
-        }
+        let path = sync_path(since, timeout_ms, filter);
         self.ok(reqwest::Method::GET, &path, Some(&user.token), None)
             .await
     }
+
+    /// As [`sync`](Self::sync), the answer parsed into only what a load listener looks at
+    /// ([`ListenerSync`]): parsing every answer into a `Value` was a sixth of the load
+    /// generator's CPU, which runs on the server's machine.
+    pub async fn listener_sync(
+        &self,
+        user: &User,
+        since: &str,
+        timeout_ms: u64,
+        filter: &str,
+    ) -> Result<ListenerSync> {
+        let path = sync_path(Some(since), timeout_ms, Some(filter));
+        let (status, bytes) = self
+            .call_raw(reqwest::Method::GET, &path, Some(&user.token), None)
+            .await?;
+        if !(200..300).contains(&status) {
+            return Err(anyhow!(
+                "{path}: HTTP {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ));
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
 }
 
-/// The timeline events of every joined room in a sync response.
-pub fn timeline_events(sync: &Value) -> impl Iterator<Item = &Value> {
-    sync["rooms"]["join"]
-        .as_object()
-        .into_iter()
-        .flat_map(|rooms| rooms.values())
-        .filter_map(|room| room["timeline"]["events"].as_array())
-        .flatten()
+fn sync_path(since: Option<&str>, timeout_ms: u64, filter: Option<&str>) -> String {
+    let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
+    if let Some(since) = since {
+        path.push_str(&format!("&since={}", encode(since)));
+    }
+    if let Some(filter) = filter {
+        path.push_str(&format!("&filter={}", encode(filter)));
+    }
+    path
+}
+
+/// What a load listener reads of a sync answer: the token, and of each timeline event its
+/// sender and the benchmark's marks in its content. The rest is skipped unparsed.
+#[derive(Debug, serde::Deserialize)]
+pub struct ListenerSync {
+    pub next_batch: String,
+    #[serde(default)]
+    rooms: ListenerRooms,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct ListenerRooms {
+    #[serde(default)]
+    join: std::collections::HashMap<String, ListenerRoom>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct ListenerRoom {
+    #[serde(default)]
+    timeline: ListenerTimeline,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct ListenerTimeline {
+    #[serde(default)]
+    events: Vec<ListenerEvent>,
+}
+
+/// A timeline event as a load listener sees it.
+#[derive(Debug, serde::Deserialize)]
+pub struct ListenerEvent {
+    #[serde(default)]
+    pub sender: Option<String>,
+    #[serde(default)]
+    pub content: BenchMarks,
+}
+
+/// The marks the load phase puts in each message it sends.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct BenchMarks {
+    #[serde(default)]
+    pub bench_run: Option<String>,
+    #[serde(default)]
+    pub bench_t_us: Option<u64>,
+}
+
+impl ListenerSync {
+    /// The timeline events of every joined room.
+    pub fn timeline_events(&self) -> impl Iterator<Item = &ListenerEvent> {
+        self.rooms
+            .join
+            .values()
+            .flat_map(|room| room.timeline.events.iter())
+    }
 }
 
 #[cfg(test)]
@@ -250,5 +334,38 @@ mod tests {
         assert!(check_loopback("postgres://postgres@127.0.0.1:5432/x").is_ok());
         assert!(check_loopback("http://example.org").is_err());
         assert!(check_loopback("http://10.0.0.1:8008").is_err());
+    }
+
+    #[test]
+    fn a_listener_reads_the_marks_of_every_joined_rooms_timeline() {
+        let answer = json!({
+            "next_batch": "s9_1",
+            "account_data": {"events": []},
+            "rooms": {
+                "join": {
+                    "!a:x": {"timeline": {"events": [
+                        {"type": "m.room.message", "sender": "@s:x",
+                         "content": {"body": "hi", "bench_run": "r1", "bench_t_us": 42}},
+                        {"type": "m.room.member", "sender": "@s:x", "state_key": "@s:x",
+                         "content": {"membership": "join"}}
+                    ], "limited": false}, "state": {"events": []}},
+                    "!b:x": {"ephemeral": {"events": []}}
+                },
+                "leave": {}
+            }
+        });
+        let read: ListenerSync = serde_json::from_value(answer).expect("parses");
+        assert_eq!(read.next_batch, "s9_1");
+        let events: Vec<&ListenerEvent> = read.timeline_events().collect();
+        assert_eq!(events.len(), 2);
+        let marked: Vec<(Option<&str>, Option<u64>)> = events
+            .iter()
+            .filter(|e| e.content.bench_run.is_some())
+            .map(|e| (e.sender.as_deref(), e.content.bench_t_us))
+            .collect();
+        assert_eq!(marked, [(Some("@s:x"), Some(42))]);
+        let quiet: ListenerSync =
+            serde_json::from_value(json!({"next_batch": "s10_1"})).expect("parses");
+        assert_eq!(quiet.timeline_events().count(), 0);
     }
 }
