@@ -2,9 +2,11 @@
 -- is an event arriving late already cited, so no forward extremity?), through
 -- `event_edges_prev`. The other way, an event's prev events, is in its PDU. The primary key
 -- on (event_id, prev_event_id) served no read, and event ids are hashes: every edge landed on
--- a random page of it, a page more written per event and batch. Without it, the table is
--- appended to. SQLite cannot drop a primary key: the table is rebuilt.
+-- a random page of it, a page more written per event and batch. The key is now a counter
+-- (here the rowid itself), so edges are appended. SQLite cannot change a primary key: the
+-- table is rebuilt.
 CREATE TABLE event_edges_new (
+    edge_id INTEGER NOT NULL PRIMARY KEY,
     event_id VARCHAR(255) NOT NULL,
     prev_event_id VARCHAR(255) NOT NULL
 );

@@ -129,9 +129,9 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
                         let mut seen = Vec::new();
                         for ev in answer.timeline_events() {
                             let marks = &ev.content;
-                            if marks.bench_run.as_deref() == Some(run_id.as_str())
+                            if marks.run() == Some(run_id.as_str())
                                 && ev.sender.as_deref() != Some(user.user_id.as_str())
-                                && let Some(sent_us) = marks.bench_t_us
+                                && let Some(sent_us) = marks.sent_us()
                             {
                                 seen.push(now - sent_us as f64 / 1e3);
                             }

@@ -302,13 +302,25 @@ pub struct ListenerEvent {
     pub content: BenchMarks,
 }
 
-/// The marks the load phase puts in each message it sends.
+/// The marks the load phase puts in each message it sends; kept as JSON values so that a
+/// field of another type (someone else's event) is no mark rather than an unreadable answer.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct BenchMarks {
     #[serde(default)]
-    pub bench_run: Option<String>,
+    bench_run: Option<Value>,
     #[serde(default)]
-    pub bench_t_us: Option<u64>,
+    bench_t_us: Option<Value>,
+}
+
+impl BenchMarks {
+    pub fn run(&self) -> Option<&str> {
+        self.bench_run.as_ref().and_then(Value::as_str)
+    }
+
+    /// When the message was sent, in µs since the load phase began.
+    pub fn sent_us(&self) -> Option<u64> {
+        self.bench_t_us.as_ref().and_then(Value::as_u64)
+    }
 }
 
 impl ListenerSync {
@@ -360,10 +372,21 @@ mod tests {
         assert_eq!(events.len(), 2);
         let marked: Vec<(Option<&str>, Option<u64>)> = events
             .iter()
-            .filter(|e| e.content.bench_run.is_some())
-            .map(|e| (e.sender.as_deref(), e.content.bench_t_us))
+            .filter(|e| e.content.run().is_some())
+            .map(|e| (e.sender.as_deref(), e.content.sent_us()))
             .collect();
         assert_eq!(marked, [(Some("@s:x"), Some(42))]);
+        // Marks of another type are no marks, and the answer still reads.
+        let odd: ListenerSync = serde_json::from_value(json!({"next_batch": "s1",
+        "rooms": {"join": {"!a:x": {"timeline": {"events": [
+            {"sender": "@o:x", "content": {"bench_run": 7, "bench_t_us": "soon"}}
+        ]}}}}}))
+        .expect("parses");
+        let odd_marks: Vec<_> = odd
+            .timeline_events()
+            .map(|e| (e.content.run(), e.content.sent_us()))
+            .collect();
+        assert_eq!(odd_marks, [(None, None)]);
         let quiet: ListenerSync =
             serde_json::from_value(json!({"next_batch": "s10_1"})).expect("parses");
         assert_eq!(quiet.timeline_events().count(), 0);

@@ -110,6 +110,7 @@ fn held_room_locks(storage: &Storage) -> usize {
 impl RoomService {
     pub fn new(config: Arc<Config>, storage: Storage, notifier: Arc<Notifier>) -> Self {
         let held_locks = held_room_locks(&storage);
+        let persister = persister::Persister::new(&storage, notifier.clone());
         RoomService {
             config,
             keys: tokio::sync::OnceCell::new(),
@@ -122,7 +123,7 @@ impl RoomService {
             group_visibility: Mutex::new(lru::LruCache::new(GROUP_VISIBILITY)),
             user_memberships: Mutex::new(lru::LruCache::new(KEPT_MEMBERSHIPS)),
             stream_tail: stream_tail::StreamTail::default(),
-            persister: persister::Persister::new(&storage),
+            persister,
             held_room_locks: tokio::sync::Semaphore::new(held_locks),
             storage,
         }

@@ -15,6 +15,8 @@ use palpo_storage::{
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::notifier::Notifier;
+
 /// Most transactions the persister has open at once (see [`Persister::writers`]).
 pub(super) const MAX_WRITERS: usize = 2;
 
@@ -30,6 +32,9 @@ struct Job {
 
 pub(super) struct Persister {
     rooms: Arc<dyn RoomRepo>,
+    /// Told of each batch's newest position once it is committed, by the writer itself: the
+    /// syncs must wake even when the sends' requests are gone (their clients hung up).
+    notifier: Arc<Notifier>,
     /// Batches written at once: SQLite has one writer connection, so a second batch would
     /// only wait for it (and leave the first one smaller); on PostgreSQL and MySQL a second
     /// batch does its writes while the first waits for its commit.
@@ -39,20 +44,21 @@ pub(super) struct Persister {
 }
 
 impl Persister {
-    pub(super) fn new(storage: &Storage) -> Self {
+    pub(super) fn new(storage: &Storage, notifier: Arc<Notifier>) -> Self {
         let writers = match storage.db().backend() {
             Backend::Sqlite => 1,
             Backend::Postgres | Backend::MySql => MAX_WRITERS,
         };
         Persister {
             rooms: storage.rooms.clone(),
+            notifier,
             writers,
             queue: OnceLock::new(),
         }
     }
 
     /// Queues `event` to be persisted with whatever other events are waiting; the returned
-    /// future resolves once it is committed (or failed). A conflict (the room moved on, the
+    /// future resolves once it is committed (or failed), and the notifier has been told. A conflict (the room moved on, the
     /// transaction id was used) is this event's alone. Events are written in the order they
     /// were queued.
     pub(super) fn submit(&self, event: NewEvent) -> impl Future<Output = Outcome> + use<> {
@@ -67,7 +73,12 @@ impl Persister {
     fn queue(&self) -> &mpsc::UnboundedSender<Job> {
         self.queue.get_or_init(|| {
             let (sender, receiver) = mpsc::unbounded_channel();
-            tokio::spawn(write_batches(self.rooms.clone(), receiver, self.writers));
+            tokio::spawn(write_batches(
+                self.rooms.clone(),
+                self.notifier.clone(),
+                receiver,
+                self.writers,
+            ));
             sender
         })
     }
@@ -81,6 +92,7 @@ fn stopped() -> StorageError {
 /// service (the queue's sender) is gone.
 async fn write_batches(
     rooms: Arc<dyn RoomRepo>,
+    notifier: Arc<Notifier>,
     mut queue: mpsc::UnboundedReceiver<Job>,
     writers: usize,
 ) {
@@ -98,21 +110,29 @@ async fn write_batches(
         }
         let next = turn.then();
         let this_turn = std::mem::replace(&mut turn, next);
-        let rooms = rooms.clone();
+        let (rooms, notifier) = (rooms.clone(), notifier.clone());
         tokio::spawn(async move {
-            write_batch(&*rooms, jobs, this_turn).await;
+            write_batch(&*rooms, &notifier, jobs, this_turn).await;
             drop(writer);
         });
     }
 }
 
 #[tracing::instrument(skip_all, fields(events = jobs.len()))]
-async fn write_batch(rooms: &dyn RoomRepo, jobs: Vec<Job>, turn: LockTurn) {
+async fn write_batch(rooms: &dyn RoomRepo, notifier: &Notifier, jobs: Vec<Job>, turn: LockTurn) {
     let (events, replies): (Vec<NewEvent>, Vec<_>) =
         jobs.into_iter().map(|job| (job.event, job.reply)).unzip();
     match rooms.persist_events_in_turn(&events, turn).await {
         Ok(outcomes) => {
             let written = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+            if let Some(newest) = outcomes
+                .iter()
+                .filter_map(|outcome| outcome.as_ref().ok())
+                .map(|persisted| persisted.stream_ordering)
+                .max()
+            {
+                notifier.stream_advanced(newest);
+            }
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 // The sender may have gone (its request was dropped); the event stays.
                 let _ = reply.send(outcome);
@@ -135,6 +155,9 @@ async fn write_batch(rooms: &dyn RoomRepo, jobs: Vec<Job>, turn: LockTurn) {
                     .persist_events(std::slice::from_ref(&event))
                     .await
                     .and_then(|mut outcomes| outcomes.pop().unwrap_or_else(|| Err(stopped())));
+                if let Ok(persisted) = &outcome {
+                    notifier.stream_advanced(persisted.stream_ordering);
+                }
                 let _ = reply.send(outcome);
             }
         }

@@ -71,6 +71,21 @@ impl Held {
         }
     }
 
+    /// The events of `rooms` in `(after, upto]` when held, `None` when the tail starts
+    /// after `after`; `Err(end)` when it must first read past its end.
+    fn answer(
+        &self,
+        rooms: &HashSet<&str>,
+        after: i64,
+        upto: i64,
+    ) -> std::result::Result<Option<Vec<Threaded>>, i64> {
+        match self.cover(after, upto) {
+            Cover::Held => Ok(Some(self.take(rooms, after, upto))),
+            Cover::TooOld => Ok(None),
+            Cover::Ends(end) => Err(end),
+        }
+    }
+
     /// The events of `rooms` in `(after, upto]`, which the tail holds.
     fn take(&self, rooms: &HashSet<&str>, after: i64, upto: i64) -> Vec<Threaded> {
         let first = self
@@ -125,19 +140,15 @@ impl StreamTail {
         upto: i64,
     ) -> Result<Option<Vec<Threaded>>> {
         let wanted: HashSet<&str> = rooms.iter().map(String::as_str).collect();
-        let cover = self.held().cover(after, upto);
-        match cover {
-            Cover::Held => return Ok(Some(self.held().take(&wanted, after, upto))),
-            Cover::TooOld => return Ok(None),
-            Cover::Ends(_) => {}
+        // Checked and taken under one lock: a read past the end may let the oldest go.
+        if let Ok(answer) = self.held().answer(&wanted, after, upto) {
+            return Ok(answer);
         }
         let _reading = self.reading.lock().await;
         // Another sync may have read it meanwhile.
-        let cover = self.held().cover(after, upto);
-        let end = match cover {
-            Cover::Held => return Ok(Some(self.held().take(&wanted, after, upto))),
-            Cover::TooOld => return Ok(None),
-            Cover::Ends(end) => end,
+        let end = match self.held().answer(&wanted, after, upto) {
+            Ok(answer) => return Ok(answer),
+            Err(end) => end,
         };
         let read = storage.stream_range(end, upto, MAX_READ as i64 + 1).await?;
         let mut held = self.held();
@@ -148,7 +159,8 @@ impl StreamTail {
             return Ok(None);
         }
         held.extend(end, upto, read);
-        Ok(Some(held.take(&wanted, after, upto)))
+        // Large events may have pushed part of the range out already: then `None`.
+        Ok(held.answer(&wanted, after, upto).unwrap_or(None))
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -235,5 +247,10 @@ mod tests {
         );
         assert!(matches!(held.cover(2006, 2010), Cover::TooOld));
         assert!(held.pdu_bytes <= MAX_PDU_BYTES);
+        // A sync that asked for (2000, 2010] before that read gets no partial answer.
+        assert_eq!(
+            held.answer(&HashSet::from(["!a"]), 2000, 2010).ok(),
+            Some(None)
+        );
     }
 }

@@ -225,10 +225,16 @@ impl RoomService {
                 .await?;
             let outcome = match db_lock {
                 Some(lock) if lock.holds_room() => {
-                    self.storage
+                    let outcome = self
+                        .storage
                         .rooms
                         .persist_event_locked(&event, Some(lock))
-                        .await
+                        .await;
+                    // The persister tells the notifier of what it writes; this is written here.
+                    if let Ok(persisted) = &outcome {
+                        self.notifier.stream_advanced(persisted.stream_ordering);
+                    }
+                    outcome
                 }
                 _ if draft.state_key.is_none() => {
                     // A message leaves the room's state as it is, so the room's next event
@@ -245,7 +251,6 @@ impl RoomService {
             };
             match outcome {
                 Ok(persisted) => {
-                    self.notifier.stream_advanced(persisted.stream_ordering);
                     if draft.state_key.is_some() {
                         head.advance(&built, &draft, persisted.state_group);
                         self.keep_head(head);
@@ -422,7 +427,7 @@ impl RoomService {
     }
 
     /// Persists a built event (with other sends' events), expecting the room at
-    /// `room.write_version`, and wakes the syncs waiting for it.
+    /// `room.write_version`; the persister wakes the syncs waiting for it.
     pub(super) async fn persist(
         &self,
         room: &RoomRecord,
@@ -430,9 +435,7 @@ impl RoomService {
         draft: &EventDraft,
     ) -> Result<PersistedEvent> {
         let event = self.new_event(room, built, draft, None, None).await?;
-        let persisted = self.persister.submit(event).await.map_err(internal)?;
-        self.notifier.stream_advanced(persisted.stream_ordering);
-        Ok(persisted)
+        self.persister.submit(event).await.map_err(internal)
     }
 
     /// Builds an event on top of the room's forward extremities and current state.
