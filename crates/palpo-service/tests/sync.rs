@@ -36,7 +36,9 @@ async fn sync(
         .expect("sync")
 }
 
-fn bodies(rooms: &SyncRooms, room_id: &str) -> Vec<String> {
+/// `(type, body)` of the room's messages and redactions in the timeline (the body `None`
+/// when the content has none: redacted).
+fn timeline(rooms: &SyncRooms, room_id: &str) -> Vec<(String, Option<String>)> {
     rooms
         .join
         .get(room_id)
@@ -44,11 +46,25 @@ fn bodies(rooms: &SyncRooms, room_id: &str) -> Vec<String> {
             r.timeline
                 .events
                 .iter()
-                .filter(|e| e["type"] == "m.room.message")
-                .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+                .filter(|e| e["type"] == "m.room.message" || e["type"] == "m.room.redaction")
+                .map(|e| {
+                    (
+                        e["type"].as_str().unwrap_or_default().to_owned(),
+                        e["content"]["body"].as_str().map(str::to_owned),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The bodies of the room's messages in the timeline.
+fn bodies(rooms: &SyncRooms, room_id: &str) -> Vec<String> {
+    timeline(rooms, room_id)
+        .into_iter()
+        .filter(|(kind, _)| kind == "m.room.message")
+        .filter_map(|(_, body)| body)
+        .collect()
 }
 
 async fn send(services: &Services, user: &str, room_id: &str, body: &str) {
@@ -351,28 +367,6 @@ async fn full_sync(services: &Services, user: &str, since: Option<&str>) -> (Str
     };
     let response = services.sync.sync(user, &options).await.expect("sync");
     (response.next_batch, response.rooms)
-}
-
-/// `(type, body)` of the room's timeline events after its creation (the body `None` when
-/// the content has none: redacted).
-fn timeline(rooms: &SyncRooms, room_id: &str) -> Vec<(String, Option<String>)> {
-    rooms
-        .join
-        .get(room_id)
-        .map(|r| {
-            r.timeline
-                .events
-                .iter()
-                .filter(|e| e["type"] == "m.room.message" || e["type"] == "m.room.redaction")
-                .map(|e| {
-                    (
-                        e["type"].as_str().unwrap_or_default().to_owned(),
-                        e["content"]["body"].as_str().map(str::to_owned),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Syncs from different tokens over the same range (which the process reads once and

@@ -58,9 +58,9 @@ impl Persister {
     }
 
     /// Queues `event` to be persisted with whatever other events are waiting; the returned
-    /// future resolves once it is committed (or failed), and the notifier has been told. A conflict (the room moved on, the
-    /// transaction id was used) is this event's alone. Events are written in the order they
-    /// were queued.
+    /// future resolves once it is committed (and the notifier told) or failed. A conflict
+    /// (the room moved on, the transaction id was used) is this event's alone. Events are
+    /// written in the order they were queued.
     pub(super) fn submit(&self, event: NewEvent) -> impl Future<Output = Outcome> + use<> {
         let (reply, answer) = oneshot::channel();
         let queued = self.queue().send(Job { event, reply });

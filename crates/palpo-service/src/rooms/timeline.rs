@@ -230,7 +230,7 @@ impl RoomService {
                         .rooms
                         .persist_event_locked(&event, Some(lock))
                         .await;
-                    // The persister tells the notifier of what it writes; this is written here.
+                    // Written here, not by the persister (which wakes the syncs itself).
                     if let Ok(persisted) = &outcome {
                         self.notifier.stream_advanced(persisted.stream_ordering);
                     }
