@@ -82,6 +82,29 @@ async fn send(services: &Services, user: &str, room_id: &str, body: &str) {
         .expect("send");
 }
 
+/// A public room `creator` made.
+async fn public_room(services: &Services, creator: &str) -> String {
+    services
+        .rooms
+        .create_room(
+            creator,
+            CreateRoom {
+                preset: Some(Preset::PublicChat),
+                ..CreateRoom::default()
+            },
+        )
+        .await
+        .expect("room")
+}
+
+async fn join(services: &Services, user: &str, room_id: &str) {
+    services
+        .rooms
+        .join(user, room_id, None)
+        .await
+        .expect("join");
+}
+
 on_every_backend!(
     chat_is_delivered_once_in_order,
     limited_gaps_backfill,
@@ -157,22 +180,8 @@ async fn limited_gaps_backfill(storage: Storage) {
     let services = services(storage);
     let alice = user(&services, "alice").await;
     let bob = user(&services, "bob").await;
-    let room_id = services
-        .rooms
-        .create_room(
-            &alice,
-            CreateRoom {
-                preset: Some(Preset::PublicChat),
-                ..CreateRoom::default()
-            },
-        )
-        .await
-        .expect("room");
-    services
-        .rooms
-        .join(&bob, &room_id, None)
-        .await
-        .expect("join");
+    let room_id = public_room(&services, &alice).await;
+    join(&services, &bob, &room_id).await;
     let first = sync(&services, &bob, None, 10).await;
     for n in 0..12 {
         send(&services, &alice, &room_id, &format!("m{n}")).await;
@@ -314,22 +323,8 @@ async fn long_poll_wakes_on_send(storage: Storage) {
     let services = services(storage);
     let alice = user(&services, "alice").await;
     let bob = user(&services, "bob").await;
-    let room_id = services
-        .rooms
-        .create_room(
-            &alice,
-            CreateRoom {
-                preset: Some(Preset::PublicChat),
-                ..CreateRoom::default()
-            },
-        )
-        .await
-        .expect("room");
-    services
-        .rooms
-        .join(&bob, &room_id, None)
-        .await
-        .expect("join");
+    let room_id = public_room(&services, &alice).await;
+    join(&services, &bob, &room_id).await;
     let first = sync(&services, &bob, None, 10).await;
     let sync_service = services.sync.clone();
     let waiting_for = bob.clone();
@@ -377,25 +372,9 @@ async fn woken_syncs_share_the_stream_tail(storage: Storage) {
     let alice = user(&services, "alice").await;
     let bob = user(&services, "bob").await;
     let carol = user(&services, "carol").await;
-    let public = CreateRoom {
-        preset: Some(Preset::PublicChat),
-        ..CreateRoom::default()
-    };
-    let room_id = services
-        .rooms
-        .create_room(&alice, public.clone())
-        .await
-        .expect("room");
-    let carols_room = services
-        .rooms
-        .create_room(&carol, public)
-        .await
-        .expect("room");
-    services
-        .rooms
-        .join(&bob, &room_id, None)
-        .await
-        .expect("join");
+    let room_id = public_room(&services, &alice).await;
+    let carols_room = public_room(&services, &carol).await;
+    join(&services, &bob, &room_id).await;
     let (bob_start, _) = full_sync(&services, &bob, None).await;
     let (carol_start, _) = full_sync(&services, &carol, None).await;
     send(&services, &alice, &room_id, "m1").await;
