@@ -169,6 +169,12 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
     let sent = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let error_samples = Arc::new(Mutex::new(Vec::<String>::new()));
+    // CPU of the server and of this load generator over the sending phase.
+    let server_pid = args.server_pid;
+    let cpu_at_start = (
+        server_pid.and_then(rss::cpu_time_us),
+        rss::cpu_time_us(std::process::id()),
+    );
     let start = Instant::now();
     let deadline = start + duration;
     // With --rate, each sender sends every `period`, its start offset so that sends interleave.
@@ -239,6 +245,10 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
     }
     let send_elapsed = start.elapsed().as_secs_f64();
     let sent = sent.load(Ordering::Relaxed);
+    let cpu_at_end = (
+        server_pid.and_then(rss::cpu_time_us),
+        rss::cpu_time_us(std::process::id()),
+    );
 
     // Let listeners catch up with every event (bounded by DRAIN).
     let drain_deadline = Instant::now() + DRAIN;
@@ -284,6 +294,18 @@ pub async fn run(hs: &Homeserver, args: &Args, run_id: &str) -> Result<Figures> 
         "load.syncs_per_s",
         listener_syncs.load(Ordering::Relaxed) as f64 / send_elapsed,
     );
+    // CPU per event sent (the listeners' syncs included) and cores used.
+    if let (Some(before), Some(after)) = (cpu_at_start.0, cpu_at_end.0)
+        && sent > 0
+    {
+        let used = after.saturating_sub(before) as f64;
+        f.set("load.server_cpu_us_per_event", used / sent as f64);
+        f.set("load.server_cores", used / 1e6 / send_elapsed);
+    }
+    if let (Some(before), Some(after)) = (cpu_at_start.1, cpu_at_end.1) {
+        let used = after.saturating_sub(before) as f64;
+        f.set("load.bench_cores", used / 1e6 / send_elapsed);
+    }
     let peak = peak_rss.load(Ordering::Relaxed);
     if peak > 0 {
         f.set("rss.load_peak_mb", peak as f64 / 1024.0);
