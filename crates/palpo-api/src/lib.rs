@@ -13,6 +13,7 @@ pub mod client;
 pub mod error;
 pub mod middleware;
 pub mod path_ids;
+pub mod payload;
 pub mod strict;
 
 use std::sync::{Arc, OnceLock};

@@ -34,6 +34,7 @@ use ruma::{RoomVersionId, room_version_rules::RoomVersionRules};
 pub use create::{CreateRoom, InitialState, Preset};
 pub use lazy::LazyMembers;
 pub use palpo_storage::model::Direction;
+pub use pdu::EventJson;
 pub use prefetch::{RECENT_RANGE, RecentEvents};
 pub use read::{MessagesPage, MessagesQuery, TimelineFilter, parse_token, token};
 pub use sync::{InvitedRoom, JoinedRoom, LeftRoom, RoomSummary, SyncRequest, SyncRooms, Timeline};

@@ -24,7 +24,10 @@ use crate::{
     ephemeral::{EphemeralService, EphemeralSync, PositionRead},
     filter::{SyncFilter, project_fields},
     notifier::Notifier,
-    rooms::{LazyMembers, RoomService, SyncRequest, SyncRooms, sliding::SlidingResponse},
+    rooms::{
+        EventJson, LazyMembers, RoomService, SyncRequest, SyncRooms, pdu::to_event_json,
+        sliding::SlidingResponse,
+    },
 };
 
 /// Sliding sync connections idle longer than this are forgotten (the client starts over).
@@ -611,9 +614,10 @@ fn filter_account_data(filter: &SyncFilter, account_data: &mut AccountDataSync) 
 
 /// Keeps only the `event_fields` of the filter in the rooms' timeline and state events.
 fn project_room_events(rooms: &mut SyncRooms, fields: &[Vec<String>]) {
-    let project = |events: &mut Vec<Value>| {
+    let project = |events: &mut Vec<EventJson>| {
         for event in events.iter_mut() {
-            *event = project_fields(event, fields);
+            let value: Value = serde_json::from_str(event.get()).unwrap_or_default();
+            *event = to_event_json(&project_fields(&value, fields));
         }
     };
     for room in rooms.join.values_mut() {

@@ -3,6 +3,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use palpo_core::Error;
+use palpo_service::rooms::pdu::to_event_json;
 use palpo_service::{
     Services,
     accounts::Caller,
@@ -12,31 +13,48 @@ use palpo_service::{
     sync::{SyncOptions, SyncResponse as ServiceResponse},
 };
 use poem::web::Data;
-use poem_openapi::{Object, OpenApi, param::Query, payload::Json};
+use poem_openapi::{Object, OpenApi, param::Query, types::Any};
+use serde::Serialize;
 use serde_json::Value;
 
-use crate::{ApiTags, AppState, auth::RememberedAccessToken, error::ApiResult};
+use crate::{ApiTags, AppState, auth::RememberedAccessToken, error::ApiResult, payload::SerdeJson};
+
+/// An event, as JSON text written into the answer as it is.
+pub type EventJson = Any<palpo_service::rooms::EventJson>;
 
 /// A list of events.
-#[derive(Debug, Object, Default)]
+#[derive(Debug, Object, Serialize, Default)]
 pub struct Events {
-    pub events: Vec<Value>,
+    pub events: Vec<EventJson>,
 }
 
-#[derive(Debug, Object)]
+impl Events {
+    fn raw(events: Vec<palpo_service::rooms::EventJson>) -> Self {
+        Events {
+            events: events.into_iter().map(Any).collect(),
+        }
+    }
+
+    fn values(events: Vec<Value>) -> Self {
+        Events::raw(events.iter().map(to_event_json).collect())
+    }
+}
+
+#[derive(Debug, Object, Serialize)]
 pub struct Timeline {
-    pub events: Vec<Value>,
+    pub events: Vec<EventJson>,
     /// True when events between the previous sync and this timeline were left out.
     pub limited: bool,
     /// Token to paginate `/messages` backwards from the start of this timeline.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub prev_batch: Option<String>,
 }
 
 impl From<RoomTimeline> for Timeline {
     fn from(t: RoomTimeline) -> Self {
         Timeline {
-            events: t.events,
+            events: t.events.into_iter().map(Any).collect(),
             limited: t.limited,
             prev_batch: t.prev_batch,
         }
@@ -44,18 +62,27 @@ impl From<RoomTimeline> for Timeline {
 }
 
 /// Left empty by an incremental sync when the room's members did not change since the token.
-#[derive(Debug, Object, Default)]
+#[derive(Debug, Object, Serialize, Default)]
 pub struct RoomSummary {
     /// Members to name the room after when it has no name.
     #[oai(rename = "m.heroes", skip_serializing_if_is_none)]
+    #[serde(rename = "m.heroes", skip_serializing_if = "Option::is_none")]
     pub heroes: Option<Vec<String>>,
     #[oai(rename = "m.joined_member_count", skip_serializing_if_is_none)]
+    #[serde(
+        rename = "m.joined_member_count",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub joined_member_count: Option<i64>,
     #[oai(rename = "m.invited_member_count", skip_serializing_if_is_none)]
+    #[serde(
+        rename = "m.invited_member_count",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub invited_member_count: Option<i64>,
 }
 
-#[derive(Debug, Object, Default)]
+#[derive(Debug, Object, Serialize, Default)]
 pub struct UnreadNotificationCounts {
     pub highlight_count: i64,
     pub notification_count: i64,
@@ -70,14 +97,16 @@ impl From<UnreadCounts> for UnreadNotificationCounts {
     }
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 pub struct JoinedRoomSync {
     pub summary: RoomSummary,
     /// State up to the start of the timeline; absent with `use_state_after`.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<Events>,
     /// With `use_state_after`: the state up to the end of the timeline.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state_after: Option<Events>,
     pub timeline: Timeline,
     pub ephemeral: Events,
@@ -88,6 +117,7 @@ pub struct JoinedRoomSync {
     /// Unread counts per thread (thread root id → counts), when the filter sets
     /// `room.timeline.unread_thread_notifications`; threads with none are left out.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub unread_thread_notifications: Option<BTreeMap<String, UnreadNotificationCounts>>,
 }
 
@@ -102,7 +132,7 @@ impl From<JoinedRoom> for JoinedRoomSync {
                     invited_member_count: Some(summary.invited_member_count),
                 })
                 .unwrap_or_default(),
-            state: Some(Events { events: room.state }),
+            state: Some(Events::raw(room.state)),
             state_after: None,
             timeline: room.timeline.into(),
             ephemeral: Events::default(),
@@ -113,25 +143,27 @@ impl From<JoinedRoom> for JoinedRoomSync {
     }
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 pub struct InvitedRoomSync {
     /// Stripped state of the room, and the invite itself.
     pub invite_state: Events,
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 pub struct KnockedRoomSync {
     /// Stripped state of the room, and the knock itself.
     pub knock_state: Events,
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 pub struct LeftRoomSync {
     /// State up to the start of the timeline; absent with `use_state_after`.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<Events>,
     /// With `use_state_after`: the state up to the end of the timeline.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state_after: Option<Events>,
     pub timeline: Timeline,
     pub account_data: Events,
@@ -140,7 +172,7 @@ pub struct LeftRoomSync {
 impl From<LeftRoom> for LeftRoomSync {
     fn from(room: LeftRoom) -> Self {
         LeftRoomSync {
-            state: Some(Events { events: room.state }),
+            state: Some(Events::raw(room.state)),
             state_after: None,
             timeline: room.timeline.into(),
             account_data: Events::default(),
@@ -148,7 +180,7 @@ impl From<LeftRoom> for LeftRoomSync {
     }
 }
 
-#[derive(Debug, Object, Default)]
+#[derive(Debug, Object, Serialize, Default)]
 pub struct Rooms {
     pub join: BTreeMap<String, JoinedRoomSync>,
     pub invite: BTreeMap<String, InvitedRoomSync>,
@@ -156,13 +188,13 @@ pub struct Rooms {
     pub knock: BTreeMap<String, KnockedRoomSync>,
 }
 
-#[derive(Debug, Object, Default)]
+#[derive(Debug, Object, Serialize, Default)]
 pub struct DeviceLists {
     pub changed: Vec<String>,
     pub left: Vec<String>,
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 pub struct SyncResponse {
     /// Token to pass as `since` to the next sync.
     pub next_batch: String,
@@ -193,9 +225,10 @@ impl From<ServiceResponse> for SyncResponse {
                     .into_iter()
                     .map(|(id, r)| {
                         let mut room = JoinedRoomSync::from(r);
-                        room.ephemeral.events = ephemeral.rooms.remove(&id).unwrap_or_default();
-                        room.account_data.events =
-                            account_data.rooms.remove(&id).unwrap_or_default();
+                        room.ephemeral =
+                            Events::values(ephemeral.rooms.remove(&id).unwrap_or_default());
+                        room.account_data =
+                            Events::values(account_data.rooms.remove(&id).unwrap_or_default());
                         if let Some(unread) = ephemeral.unread.remove(&id) {
                             room.unread_notifications = unread.into();
                         }
@@ -212,7 +245,7 @@ impl From<ServiceResponse> for SyncResponse {
                         (
                             id,
                             InvitedRoomSync {
-                                invite_state: Events { events },
+                                invite_state: Events::values(events),
                             },
                         )
                     })
@@ -222,8 +255,8 @@ impl From<ServiceResponse> for SyncResponse {
                     .into_iter()
                     .map(|(id, r)| {
                         let mut room = LeftRoomSync::from(r);
-                        room.account_data.events =
-                            account_data.rooms.remove(&id).unwrap_or_default();
+                        room.account_data =
+                            Events::values(account_data.rooms.remove(&id).unwrap_or_default());
                         (id, room)
                     })
                     .collect(),
@@ -233,21 +266,15 @@ impl From<ServiceResponse> for SyncResponse {
                         (
                             id,
                             KnockedRoomSync {
-                                knock_state: Events { events },
+                                knock_state: Events::values(events),
                             },
                         )
                     })
                     .collect(),
             },
-            account_data: Events {
-                events: account_data.global,
-            },
-            presence: Events {
-                events: ephemeral.presence,
-            },
-            to_device: Events {
-                events: response.e2ee.to_device.events,
-            },
+            account_data: Events::values(account_data.global),
+            presence: Events::values(ephemeral.presence),
+            to_device: Events::values(response.e2ee.to_device.events),
             device_lists: DeviceLists {
                 changed: response.e2ee.device_lists.changed,
                 left: response.e2ee.device_lists.left,
@@ -319,7 +346,7 @@ impl SyncApi {
         /// (the state before it).
         #[oai(default)]
         use_state_after: Query<bool>,
-    ) -> ApiResult<Json<SyncResponse>> {
+    ) -> ApiResult<SerdeJson<SyncResponse>> {
         let (services, caller) = (&state.services, &auth.0);
         // A remembered token is checked by the sync's first read of the position; errors
         // before that are reported once it is checked.
@@ -360,7 +387,7 @@ impl SyncApi {
             .await
         }
         .await;
-        Ok(Json(services.accounts.settle(caller, synced).await?))
+        Ok(SerdeJson(services.accounts.settle(caller, synced).await?))
     }
 }
 
@@ -432,5 +459,91 @@ mod tests {
         assert!(filter.room.include_leave);
         assert!(parse_inline_filter("[1]").is_err());
         assert!(parse_inline_filter(r#"{"room":{"timeline":{"limit":"x"}}}"#).is_err());
+    }
+
+    fn events(values: &[Value]) -> Events {
+        Events::values(values.to_vec())
+    }
+
+    /// The body serde writes is the document poem-openapi describes: every field of every
+    /// object of the answer set, optional ones both present and absent.
+    #[test]
+    fn serde_writes_what_the_schema_describes() {
+        use poem_openapi::types::ToJSON;
+        let event = serde_json::json!({"type": "m.room.message", "content": {"body": "\"hi\""}});
+        let timeline = |prev_batch: Option<&str>| Timeline {
+            events: events(std::slice::from_ref(&event)).events,
+            limited: true,
+            prev_batch: prev_batch.map(str::to_owned),
+        };
+        let counts = || UnreadNotificationCounts {
+            highlight_count: 1,
+            notification_count: 2,
+        };
+        let joined = |full: bool| JoinedRoomSync {
+            summary: RoomSummary {
+                heroes: full.then(|| vec!["@b:x".to_owned()]),
+                joined_member_count: full.then_some(2),
+                invited_member_count: full.then_some(0),
+            },
+            state: full.then(|| events(std::slice::from_ref(&event))),
+            state_after: (!full).then(|| events(std::slice::from_ref(&event))),
+            timeline: timeline(full.then_some("t1")),
+            ephemeral: events(std::slice::from_ref(&event)),
+            account_data: events(&[]),
+            unread_notifications: counts(),
+            unread_thread_notifications: full
+                .then(|| BTreeMap::from([("$thread".to_owned(), counts())])),
+        };
+        let response = SyncResponse {
+            next_batch: "s1_2".into(),
+            rooms: Rooms {
+                join: BTreeMap::from([
+                    ("!a:x".to_owned(), joined(true)),
+                    ("!b:x".to_owned(), joined(false)),
+                ]),
+                invite: BTreeMap::from([(
+                    "!c:x".to_owned(),
+                    InvitedRoomSync {
+                        invite_state: events(std::slice::from_ref(&event)),
+                    },
+                )]),
+                leave: BTreeMap::from([(
+                    "!d:x".to_owned(),
+                    LeftRoomSync {
+                        state: None,
+                        state_after: Some(events(&[])),
+                        timeline: timeline(None),
+                        account_data: events(std::slice::from_ref(&event)),
+                    },
+                )]),
+                knock: BTreeMap::from([(
+                    "!e:x".to_owned(),
+                    KnockedRoomSync {
+                        knock_state: events(std::slice::from_ref(&event)),
+                    },
+                )]),
+            },
+            account_data: events(std::slice::from_ref(&event)),
+            presence: events(&[]),
+            to_device: events(std::slice::from_ref(&event)),
+            device_lists: DeviceLists {
+                changed: vec!["@c:x".into()],
+                left: vec![],
+            },
+            device_one_time_keys_count: BTreeMap::from([("signed_curve25519".to_owned(), 3)]),
+            device_unused_fallback_key_types: vec!["signed_curve25519".into()],
+        };
+        let written = serde_json::to_value(&response).expect("serializes");
+        assert_eq!(Some(written.clone()), response.to_json());
+        assert_eq!(
+            written["rooms"]["join"]["!a:x"]["timeline"]["events"][0],
+            event
+        );
+        assert!(
+            written["rooms"]["join"]["!b:x"]["summary"]
+                .as_object()
+                .is_some_and(|s| s.is_empty())
+        );
     }
 }

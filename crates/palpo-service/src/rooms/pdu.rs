@@ -150,6 +150,89 @@ pub fn federation_event(
     Value::Object(pdu)
 }
 
+/// An event as JSON text, ready to be written into an answer as it is.
+pub type EventJson = Box<RawJsonValue>;
+
+/// The fields of a PDU its client format keeps, as the PDU's own JSON text.
+#[derive(Deserialize)]
+struct ClientFields<'a> {
+    #[serde(borrow)]
+    content: Option<&'a RawJsonValue>,
+    #[serde(borrow)]
+    origin_server_ts: Option<&'a RawJsonValue>,
+    #[serde(borrow)]
+    redacts: Option<&'a RawJsonValue>,
+    #[serde(borrow)]
+    sender: Option<&'a RawJsonValue>,
+    #[serde(borrow)]
+    state_key: Option<&'a RawJsonValue>,
+    #[serde(borrow, rename = "type")]
+    kind: Option<&'a RawJsonValue>,
+    #[serde(borrow)]
+    unsigned: Option<&'a RawJsonValue>,
+}
+
+/// [`client_event`] as JSON text. An event that was not redacted is written from its PDU's
+/// text, field by field, without building a `Value` tree: a sync sends every new event to
+/// every listener, and the tree's allocations were most of its cost.
+pub fn client_event_json(
+    event_id: &str,
+    room_id: &str,
+    pdu_json: &str,
+    redacted_by: Option<&str>,
+    redaction_rules: Option<&RedactionRules>,
+) -> EventJson {
+    let fields = match redacted_by {
+        None => serde_json::from_str::<ClientFields>(pdu_json).ok(),
+        Some(_) => None,
+    };
+    let Some(fields) = fields else {
+        let value = client_event(event_id, room_id, pdu_json, redacted_by, redaction_rules);
+        return to_event_json(&value);
+    };
+    // Keys in sorted order, as a `Value` object writes them.
+    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let (event_id_json, room_id_json) = (quoted(event_id), quoted(room_id));
+    let entries: [(&str, Option<&str>); 9] = [
+        (
+            "content",
+            Some(fields.content.map_or("{}", RawJsonValue::get)),
+        ),
+        ("event_id", Some(&event_id_json)),
+        (
+            "origin_server_ts",
+            fields.origin_server_ts.map(RawJsonValue::get),
+        ),
+        ("redacts", fields.redacts.map(RawJsonValue::get)),
+        ("room_id", Some(&room_id_json)),
+        ("sender", fields.sender.map(RawJsonValue::get)),
+        ("state_key", fields.state_key.map(RawJsonValue::get)),
+        ("type", fields.kind.map(RawJsonValue::get)),
+        ("unsigned", fields.unsigned.map(RawJsonValue::get)),
+    ];
+    let mut out = String::with_capacity(pdu_json.len() + 128);
+    out.push('{');
+    for (key, value) in entries {
+        let Some(value) = value else { continue };
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(key);
+        out.push_str("\":");
+        out.push_str(value);
+    }
+    out.push('}');
+    RawJsonValue::from_string(out)
+        .unwrap_or_else(|_| to_event_json(&client_event(event_id, room_id, pdu_json, None, None)))
+}
+
+/// A `Value` as [`EventJson`].
+pub fn to_event_json(value: &Value) -> EventJson {
+    // Writing a `Value` cannot fail (its keys are strings).
+    serde_json::value::to_raw_value(value).unwrap_or_default()
+}
+
 /// The client-server format of a stored PDU ("ClientEvent"): federation fields dropped,
 /// `room_id` and `event_id` present, the content redacted when the event was redacted.
 pub fn client_event(
@@ -197,4 +280,63 @@ pub fn client_event(
     out.insert("event_id".into(), event_id.into());
     out.insert("room_id".into(), room_id.into());
     Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::RoomVersionId;
+    use serde_json::{Value, json};
+
+    use super::{client_event, client_event_json};
+
+    fn both(event_id: &str, pdu: &Value, redacted_by: Option<&str>) -> (Value, Value) {
+        let rules = RoomVersionId::V11.rules().map(|r| r.redaction);
+        let text = pdu.to_string();
+        let tree = client_event(event_id, "!r:x", &text, redacted_by, rules.as_ref());
+        let raw = client_event_json(event_id, "!r:x", &text, redacted_by, rules.as_ref());
+        let raw: Value = serde_json::from_str(raw.get()).expect("valid JSON");
+        (tree, raw)
+    }
+
+    #[test]
+    fn client_json_text_is_the_client_event() {
+        let message = json!({
+            "room_id": "!r:x", "sender": "@a:x", "type": "m.room.message", "depth": 7,
+            "content": {"body": "h\u{e9}llo \"quoted\" \\ \n", "msgtype": "m.text"},
+            "origin_server_ts": 1_700_000_000_000_i64, "prev_events": ["$p"],
+            "auth_events": ["$a", "$b"], "hashes": {"sha256": "x"},
+            "signatures": {"x": {"ed25519:1": "sig"}}, "unsigned": {"age": 5},
+        });
+        let state = json!({
+            "room_id": "!r:x", "sender": "@a:x", "type": "m.room.name", "state_key": "",
+            "content": {"name": "N"}, "origin_server_ts": 1, "depth": 2,
+            "prev_events": [], "auth_events": [],
+        });
+        let redaction = json!({
+            "room_id": "!r:x", "sender": "@a:x", "type": "m.room.redaction", "redacts": "$m",
+            "content": {}, "origin_server_ts": 1, "depth": 3,
+            "prev_events": [], "auth_events": [],
+        });
+        let no_content = json!({"sender": "@a:x", "type": "m.x", "origin_server_ts": 1});
+        for (id, pdu) in [
+            ("$m", &message),
+            ("$s", &state),
+            ("$r", &redaction),
+            ("$\"odd\\id", &no_content),
+        ] {
+            let (tree, raw) = both(id, pdu, None);
+            assert_eq!(raw, tree, "{id}");
+            assert_eq!(raw["event_id"], id);
+        }
+        // A redacted event keeps the redaction's path: content stripped, the reason given.
+        let (tree, raw) = both("$m", &message, Some("$r"));
+        assert_eq!(raw, tree);
+        assert_eq!(raw["content"], json!({}));
+        assert_eq!(raw["unsigned"]["redacted_because"]["event_id"], "$r");
+        // Unreadable stored JSON gives what `client_event` gives, not an error.
+        let rules = RoomVersionId::V11.rules().map(|r| r.redaction);
+        let raw = client_event_json("$b", "!r:x", "{not json", None, rules.as_ref());
+        let tree = client_event("$b", "!r:x", "{not json", None, rules.as_ref());
+        assert_eq!(serde_json::from_str::<Value>(raw.get()).ok(), Some(tree));
+    }
 }

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use super::{
     RoomService, internal,
     lazy::LazyMembers,
-    pdu::federation_event,
+    pdu::{EventJson, client_event_json, federation_event, to_event_json},
     prefetch::{Prefetched, RecentEvents},
     read::{TimelineFilter, Visibility, token},
 };
@@ -119,7 +119,8 @@ impl SyncRequest {
 
 #[derive(Debug, Clone, Default)]
 pub struct Timeline {
-    pub events: Vec<Value>,
+    /// In the format the filter asked for, as JSON text.
+    pub events: Vec<EventJson>,
     pub limited: bool,
     pub prev_batch: Option<String>,
 }
@@ -134,7 +135,7 @@ pub struct RoomSummary {
 #[derive(Debug, Clone, Default)]
 pub struct JoinedRoom {
     pub timeline: Timeline,
-    pub state: Vec<Value>,
+    pub state: Vec<EventJson>,
     /// `None` when the members may not have changed since the token (the spec lets the
     /// summary's fields be left out when unchanged): it is read only for a room new to the
     /// client, a full state, or a window whose state may have changed.
@@ -152,7 +153,7 @@ pub struct InvitedRoom {
 #[derive(Debug, Clone, Default)]
 pub struct LeftRoom {
     pub timeline: Timeline,
-    pub state: Vec<Value>,
+    pub state: Vec<EventJson>,
 }
 
 /// Rooms whose sync sections are built at the same time (bounded by the pool's connections).
@@ -670,12 +671,20 @@ impl RoomService {
         rules: Option<&RedactionRules>,
         event: &EventRecord,
         format: EventFormat,
-    ) -> Value {
+    ) -> EventJson {
         match format {
-            EventFormat::Client => Self::to_client(rules, event),
-            EventFormat::Federation => {
-                federation_event(&event.pdu_json, event.redacted_by.as_deref(), rules)
-            }
+            EventFormat::Client => client_event_json(
+                &event.event_id,
+                &event.room_id,
+                &event.pdu_json,
+                event.redacted_by.as_deref(),
+                rules,
+            ),
+            EventFormat::Federation => to_event_json(&federation_event(
+                &event.pdu_json,
+                event.redacted_by.as_deref(),
+                rules,
+            )),
         }
     }
 
@@ -1041,7 +1050,7 @@ impl RoomService {
 /// A room's timeline and state in a sync, with the member events they carry.
 struct RoomSection {
     timeline: Timeline,
-    state: Vec<Value>,
+    state: Vec<EventJson>,
     /// `(member, event id)` of the member events in the state and the timeline.
     members_sent: Vec<(String, String)>,
     /// Whether the state may have changed between the token and the end of the timeline.

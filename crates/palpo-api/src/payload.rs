@@ -1,0 +1,51 @@
+//! A JSON response body written straight from its value by serde.
+//!
+//! poem-openapi's `Json<T>` first turns the whole answer into a `serde_json::Value` tree
+//! (`ToJSON`), cloning every event in it, and then writes that tree. For the large, hot
+//! answers (`/sync`) [`SerdeJson`] writes the value itself: the same document and schema, one
+//! pass. Its type derives both `Object` (for the OpenAPI schema) and `Serialize` (for the
+//! body); a test per type keeps the two in agreement.
+
+use poem::{IntoResponse, Response};
+use poem_openapi::{
+    ApiResponse,
+    payload::{Json, Payload},
+    registry::{MetaResponses, MetaSchemaRef, Registry},
+    types::{ToJSON, Type},
+};
+use serde::Serialize;
+
+/// A `200` JSON body, documented as poem-openapi's `Json<T>` and written by serde.
+pub struct SerdeJson<T>(pub T);
+
+impl<T: Type> Payload for SerdeJson<T> {
+    const CONTENT_TYPE: &'static str = <Json<T> as Payload>::CONTENT_TYPE;
+
+    fn check_content_type(content_type: &str) -> bool {
+        <Json<T> as Payload>::check_content_type(content_type)
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: Serialize + Send> IntoResponse for SerdeJson<T> {
+    fn into_response(self) -> Response {
+        poem::web::Json(self.0).into_response()
+    }
+}
+
+impl<T: ToJSON + Serialize + Send> ApiResponse for SerdeJson<T> {
+    fn meta() -> MetaResponses {
+        <Json<T> as ApiResponse>::meta()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
