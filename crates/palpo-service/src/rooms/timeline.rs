@@ -223,6 +223,9 @@ impl RoomService {
             let event = self
                 .new_event(&head.room, &built, &draft, txn.cloned(), sent_with.cloned())
                 .await?;
+            // The head goes back to the cache once the event is queued (messages) or written
+            // (state); `None` once given back.
+            let mut head = Some(head);
             let outcome = match db_lock {
                 Some(lock) if lock.holds_room() => {
                     let outcome = self
@@ -242,8 +245,11 @@ impl RoomService {
                     // head moves on and the room is free. Should it fail, events built on
                     // it fail their write version check and are built again.
                     let committed = self.persister.submit(event);
-                    head.advance(&built, &draft, head.room.state_group);
-                    self.keep_head(head.clone());
+                    if let Some(mut head) = head.take() {
+                        let state_group = head.room.state_group;
+                        head.advance(&built, &draft, state_group);
+                        self.keep_head(head);
+                    }
                     drop(guard);
                     committed.await
                 }
@@ -251,7 +257,7 @@ impl RoomService {
             };
             match outcome {
                 Ok(persisted) => {
-                    if draft.state_key.is_some() {
+                    if let Some(mut head) = head {
                         head.advance(&built, &draft, persisted.state_group);
                         self.keep_head(head);
                     }
@@ -295,14 +301,17 @@ impl RoomService {
     /// (its write version is the one `locked_version` locked), else read from the database.
     /// Without a locked version (SQLite) the kept head is trusted, and persisting checks the
     /// write version: a stale head then fails with a conflict and is read again.
+    ///
+    /// The kept head is taken out, not copied: the caller holds the room's lock, so no other
+    /// send of this process wants it until the caller gives back the head it moved on. A send
+    /// that fails before leaves none, and the next one reads the room again.
     async fn room_head(&self, room_id: &str, locked_version: Option<i64>) -> Result<RoomHead> {
         let kept = self
             .heads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(room_id)
-            .filter(|head| locked_version.is_none_or(|v| v == head.room.write_version))
-            .cloned();
+            .pop(room_id)
+            .filter(|head| locked_version.is_none_or(|v| v == head.room.write_version));
         if let Some(head) = kept {
             return Ok(head);
         }
