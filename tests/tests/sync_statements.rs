@@ -9,7 +9,7 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use palpo_tests::{Backend, TestApp, next_batch, run, sync};
+use palpo_tests::{Backend, TestApp, enc, next_batch, run, sync};
 use serde_json::json;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::{Layer, layer::SubscriberExt};
@@ -121,6 +121,8 @@ async fn woken_by_a_message(app: &TestApp, recorder: &Recorder) -> (Vec<String>,
 }
 
 /// The statements of the last of a few sends of a message into a room (warm, as under load).
+/// Before it, an event the auth rules refuse: a refused event leaves the room's head as it was,
+/// so the next send still reads nothing before building.
 async fn sending_a_message(app: &TestApp, recorder: &Recorder) -> Vec<String> {
     let alice = app.register("carol", "pw").await;
     let room_id = app
@@ -128,6 +130,15 @@ async fn sending_a_message(app: &TestApp, recorder: &Recorder) -> Vec<String> {
         .await;
     let mut statements = Vec::new();
     for round in 0..3 {
+        if round == 2 {
+            // A second create event: built on the head, then refused by the auth rules.
+            let path = format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.create/",
+                enc(&room_id)
+            );
+            let refused = app.put(&path, Some(&alice.access_token), json!({})).await;
+            assert_eq!(refused.status, 403, "{}", refused.text);
+        }
         recorder.start();
         app.send_text(&alice.access_token, &room_id, &format!("sent {round}"))
             .await;

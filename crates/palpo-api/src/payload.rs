@@ -6,7 +6,8 @@
 //! pass. Its type derives both `Object` (for the OpenAPI schema) and `Serialize` (for the
 //! body); a test per type keeps the two in agreement.
 
-use poem::{IntoResponse, Response};
+use palpo_core::Error;
+use poem::{IntoResponse, Response, http::header};
 use poem_openapi::{
     ApiResponse,
     payload::{Json, Payload},
@@ -14,6 +15,8 @@ use poem_openapi::{
     types::{ToJSON, Type},
 };
 use serde::Serialize;
+
+use crate::error::{MatrixError, render_error};
 
 /// A `200` JSON body, documented as poem-openapi's `Json<T>` and written by serde.
 pub struct SerdeJson<T>(pub T);
@@ -34,9 +37,21 @@ impl<T: Type> Payload for SerdeJson<T> {
     }
 }
 
-impl<T: Serialize + Send> IntoResponse for SerdeJson<T> {
+impl<T: Type + Serialize + Send> IntoResponse for SerdeJson<T> {
     fn into_response(self) -> Response {
-        poem::web::Json(self.0).into_response()
+        // serde_json itself (not whatever poem's `Json` is built with): events in the answer
+        // are `RawValue`s, which only serde_json writes as they are.
+        match serde_json::to_vec(&self.0) {
+            Ok(body) => Response::builder()
+                .header(header::CONTENT_TYPE, <Self as Payload>::CONTENT_TYPE)
+                .body(body),
+            Err(e) => {
+                tracing::error!(error = %e, "writing a JSON answer failed");
+                render_error(
+                    MatrixError::from(Error::internal("could not write the answer")).into(),
+                )
+            }
+        }
     }
 }
 

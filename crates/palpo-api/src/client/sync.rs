@@ -508,15 +508,26 @@ mod tests {
                         invite_state: events(std::slice::from_ref(&event)),
                     },
                 )]),
-                leave: BTreeMap::from([(
-                    "!d:x".to_owned(),
-                    LeftRoomSync {
-                        state: None,
-                        state_after: Some(events(&[])),
-                        timeline: timeline(None),
-                        account_data: events(std::slice::from_ref(&event)),
-                    },
-                )]),
+                leave: BTreeMap::from([
+                    (
+                        "!d:x".to_owned(),
+                        LeftRoomSync {
+                            state: None,
+                            state_after: Some(events(&[])),
+                            timeline: timeline(None),
+                            account_data: events(std::slice::from_ref(&event)),
+                        },
+                    ),
+                    (
+                        "!f:x".to_owned(),
+                        LeftRoomSync {
+                            state: Some(events(std::slice::from_ref(&event))),
+                            state_after: None,
+                            timeline: timeline(Some("t2")),
+                            account_data: events(&[]),
+                        },
+                    ),
+                ]),
                 knock: BTreeMap::from([(
                     "!e:x".to_owned(),
                     KnockedRoomSync {

@@ -4,7 +4,7 @@ use ruma::{
     CanonicalJsonObject, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
     OwnedUserId, RoomId, UserId, events::TimelineEventType, room_version_rules::RedactionRules,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, value::RawValue as RawJsonValue};
 
 /// An event reference: a bare id (room versions 3+), or `[id, {hashes}]` (versions 1 and 2).
@@ -153,23 +153,41 @@ pub fn federation_event(
 /// An event as JSON text, ready to be written into an answer as it is.
 pub type EventJson = Box<RawJsonValue>;
 
-/// The fields of a PDU its client format keeps, as the PDU's own JSON text.
-#[derive(Deserialize)]
+/// The fields of a PDU its client format keeps, as the PDU's own JSON text, plus the two it
+/// adds. Declared in sorted order, the order a `Value` object writes its keys in.
+#[derive(Deserialize, Serialize)]
 struct ClientFields<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a RawJsonValue>,
-    #[serde(borrow)]
+    #[serde(skip_deserializing)]
+    event_id: &'a str,
+    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     origin_server_ts: Option<&'a RawJsonValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     redacts: Option<&'a RawJsonValue>,
-    #[serde(borrow)]
+    #[serde(skip_deserializing)]
+    room_id: &'a str,
+    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     sender: Option<&'a RawJsonValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     state_key: Option<&'a RawJsonValue>,
-    #[serde(borrow, rename = "type")]
+    #[serde(borrow, default, deserialize_with = "present", rename = "type")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     kind: Option<&'a RawJsonValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     unsigned: Option<&'a RawJsonValue>,
+}
+
+/// A field that is there, whatever its value: `null` included, which `Option`'s own
+/// deserializer would take for a missing field.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawJsonValue>, D::Error> {
+    <&RawJsonValue>::deserialize(d).map(Some)
 }
 
 /// [`client_event`] as JSON text. An event that was not redacted is written from its PDU's
@@ -186,44 +204,16 @@ pub fn client_event_json(
         None => serde_json::from_str::<ClientFields>(pdu_json).ok(),
         Some(_) => None,
     };
-    let Some(fields) = fields else {
+    let Some(mut fields) = fields else {
         let value = client_event(event_id, room_id, pdu_json, redacted_by, redaction_rules);
         return to_event_json(&value);
     };
-    // Keys in sorted order, as a `Value` object writes them.
-    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let (event_id_json, room_id_json) = (quoted(event_id), quoted(room_id));
-    let entries: [(&str, Option<&str>); 9] = [
-        (
-            "content",
-            Some(fields.content.map_or("{}", RawJsonValue::get)),
-        ),
-        ("event_id", Some(&event_id_json)),
-        (
-            "origin_server_ts",
-            fields.origin_server_ts.map(RawJsonValue::get),
-        ),
-        ("redacts", fields.redacts.map(RawJsonValue::get)),
-        ("room_id", Some(&room_id_json)),
-        ("sender", fields.sender.map(RawJsonValue::get)),
-        ("state_key", fields.state_key.map(RawJsonValue::get)),
-        ("type", fields.kind.map(RawJsonValue::get)),
-        ("unsigned", fields.unsigned.map(RawJsonValue::get)),
-    ];
-    let mut out = String::with_capacity(pdu_json.len() + 128);
-    out.push('{');
-    for (key, value) in entries {
-        let Some(value) = value else { continue };
-        if out.len() > 1 {
-            out.push(',');
-        }
-        out.push('"');
-        out.push_str(key);
-        out.push_str("\":");
-        out.push_str(value);
-    }
-    out.push('}');
-    RawJsonValue::from_string(out)
+    // A PDU without content (never one of ours) shows `{}`, as `client_event` does.
+    fields.content = fields.content.or_else(|| serde_json::from_str("{}").ok());
+    fields.event_id = event_id;
+    fields.room_id = room_id;
+    // Writes the fields' text as it is; it is not parsed again.
+    serde_json::value::to_raw_value(&fields)
         .unwrap_or_else(|_| to_event_json(&client_event(event_id, room_id, pdu_json, None, None)))
 }
 
@@ -318,11 +308,23 @@ mod tests {
             "prev_events": [], "auth_events": [],
         });
         let no_content = json!({"sender": "@a:x", "type": "m.x", "origin_server_ts": 1});
+        // Room version 11 carries `redacts` in the content.
+        let redaction_v11 = json!({
+            "room_id": "!r:x", "sender": "@a:x", "type": "m.room.redaction",
+            "content": {"redacts": "$m"}, "origin_server_ts": 1, "depth": 3,
+        });
+        // Fields stored as `null` stay `null` (a client tells state events by `state_key`).
+        let nulls = json!({
+            "sender": "@a:x", "type": "m.x", "origin_server_ts": 1, "content": null,
+            "state_key": null, "unsigned": null, "redacts": null,
+        });
         for (id, pdu) in [
             ("$m", &message),
             ("$s", &state),
             ("$r", &redaction),
+            ("$r11", &redaction_v11),
             ("$\"odd\\id", &no_content),
+            ("$n", &nulls),
         ] {
             let (tree, raw) = both(id, pdu, None);
             assert_eq!(raw, tree, "{id}");
@@ -333,6 +335,13 @@ mod tests {
         assert_eq!(raw, tree);
         assert_eq!(raw["content"], json!({}));
         assert_eq!(raw["unsigned"]["redacted_because"]["event_id"], "$r");
+        let (_, raw) = both("$n", &nulls, None);
+        assert!(raw["state_key"].is_null() && raw.get("state_key").is_some());
+        // Duplicate keys: what `client_event` makes of them (the last one wins).
+        let text = r#"{"type":"m.x","sender":"@a:x","content":{"a":1},"content":{"b":2}}"#;
+        let tree = client_event("$d", "!r:x", text, None, None);
+        let raw = client_event_json("$d", "!r:x", text, None, None);
+        assert_eq!(serde_json::from_str::<Value>(raw.get()).ok(), Some(tree));
         // Unreadable stored JSON gives what `client_event` gives, not an error.
         let rules = RoomVersionId::V11.rules().map(|r| r.redaction);
         let raw = client_event_json("$b", "!r:x", "{not json", None, rules.as_ref());

@@ -213,16 +213,28 @@ impl RoomService {
             };
             let locked_version = db_lock.as_ref().and_then(RoomWriteLock::locked_version);
             let mut head = self.room_head(room_id, locked_version).await?;
-            let (_, rules) = room_version_rules(&head.room.room_version)?;
-            // Only the state the auth rules look at, not the whole room state.
-            let state = self.auth_state(&mut head, &rules, sender, &draft).await?;
-            let built = self
-                .build_on(&head.room, &rules, sender, &draft, &state)
-                .await?;
-            self.authorize(&rules, &built.pdu, &state).await?;
-            let event = self
-                .new_event(&head.room, &built, &draft, txn.cloned(), sent_with.cloned())
-                .await?;
+            let prepared = async {
+                let (_, rules) = room_version_rules(&head.room.room_version)?;
+                // Only the state the auth rules look at, not the whole room state.
+                let state = self.auth_state(&mut head, &rules, sender, &draft).await?;
+                let built = self
+                    .build_on(&head.room, &rules, sender, &draft, &state)
+                    .await?;
+                self.authorize(&rules, &built.pdu, &state).await?;
+                let event = self
+                    .new_event(&head.room, &built, &draft, txn.cloned(), sent_with.cloned())
+                    .await?;
+                Ok::<_, Error>((built, event))
+            }
+            .await;
+            let (built, event) = match prepared {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    // Refused or malformed: nothing moved, so the head is still the room's.
+                    self.keep_head(head);
+                    return Err(e);
+                }
+            };
             // The head goes back to the cache once the event is queued (messages) or written
             // (state); `None` once given back.
             let mut head = Some(head);
@@ -303,8 +315,9 @@ impl RoomService {
     /// write version: a stale head then fails with a conflict and is read again.
     ///
     /// The kept head is taken out, not copied: the caller holds the room's lock, so no other
-    /// send of this process wants it until the caller gives back the head it moved on. A send
-    /// that fails before leaves none, and the next one reads the room again.
+    /// send of this process wants it until the caller gives back the head it moved on (or the
+    /// same head, when the event is refused before it is written). A send whose write fails,
+    /// or whose request is dropped meanwhile, leaves none: the next one reads the room.
     async fn room_head(&self, room_id: &str, locked_version: Option<i64>) -> Result<RoomHead> {
         let kept = self
             .heads
