@@ -4,7 +4,7 @@
 //! (`ToJSON`), cloning every event in it, and then writes that tree. For the large, hot
 //! answers (`/sync`) [`SerdeJson`] writes the value itself: the same document and schema, one
 //! pass. Its type derives both `Object` (for the OpenAPI schema) and `Serialize` (for the
-//! body); a test per type keeps the two in agreement.
+//! body); a test beside the type (`client/sync.rs`) keeps the two in agreement.
 
 use palpo_core::Error;
 use poem::{IntoResponse, Response, http::header};
