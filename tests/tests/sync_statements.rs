@@ -174,6 +174,54 @@ async fn a_burst_of_messages(app: &TestApp, recorder: &Recorder) -> Vec<String> 
     recorder.stop()
 }
 
+/// The statements while one message wakes four long-polls of four users in its room: the
+/// syncs woken together read the stream's position together (one read each would be four).
+async fn four_woken_at_once(app: &TestApp, recorder: &Recorder) -> Vec<String> {
+    let owner = app.register("frank", "pw").await;
+    let room_id = app
+        .create_room(&owner.access_token, json!({"preset": "public_chat"}))
+        .await;
+    let mut tokens = Vec::new();
+    for n in 0..4 {
+        let listener = app.register(&format!("listener{n}"), "pw").await;
+        app.join_room(&listener.access_token, &room_id).await;
+        tokens.push(listener.access_token);
+    }
+    // Every join done, and every listener online (its first sync's presence): each
+    // long-poll starts where the stream stands.
+    let mut listeners = Vec::new();
+    for token in tokens {
+        let since = next_batch(&sync(app, &token, None, 0).await);
+        listeners.push((token, since));
+    }
+    for (token, since) in &mut listeners {
+        *since = next_batch(&sync(app, token, Some(since), 0).await);
+    }
+    let polls = futures::future::join_all(
+        listeners
+            .iter()
+            .map(|(token, since)| sync(app, token, Some(since), 10_000)),
+    );
+    let send = async {
+        // Long enough for every long-poll to be waiting.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        recorder.start();
+        app.send_text(&owner.access_token, &room_id, "wake up")
+            .await;
+    };
+    let (responses, ()) = tokio::join!(polls, send);
+    let statements = recorder.stop();
+    for response in responses {
+        assert!(
+            response["rooms"]["join"][&room_id]["timeline"]["events"]
+                .as_array()
+                .is_some_and(|events| events.iter().any(|e| e["content"]["body"] == "wake up")),
+            "every listener has the message: {response}"
+        );
+    }
+    statements
+}
+
 fn numbered(statements: &[String]) -> String {
     statements
         .iter()
@@ -256,6 +304,17 @@ async fn an_incremental_sync_pass_issues_few_statements() {
                     );
                 }
             }
+
+            let woken = four_woken_at_once(app, &recorder).await;
+            let shared = woken
+                .iter()
+                .filter(|s| s.starts_with("SELECT counter_value"))
+                .count();
+            assert!(
+                (1..=2).contains(&shared),
+                "{backend:?}: {shared} position reads for four syncs woken at once:\n{}",
+                numbered(&woken)
+            );
 
             let (statements, idle) = woken_by_a_message(app, &recorder).await;
             let positions = idle

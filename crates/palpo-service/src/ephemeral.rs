@@ -24,6 +24,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{RoomService, internal, notifier::Notifier};
 
+mod position_reads;
 mod unread;
 
 /// Longest a typing notification lasts, whatever the client asks for.
@@ -143,6 +144,8 @@ pub struct EphemeralService {
     /// active time: while that is recent, a sync setting the same state neither reads nor
     /// writes presence (see [`EphemeralService::presence_on_sync`]).
     presence_seen: Mutex<HashMap<String, (PresenceState, i64)>>,
+    /// The syncs' reads of the position, shared by those that ask at once.
+    position_reads: position_reads::PositionReads,
 }
 
 impl EphemeralService {
@@ -154,6 +157,7 @@ impl EphemeralService {
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT.as_millis() as i64,
             unread: unread::UnreadCache::default(),
             presence_seen: Mutex::new(HashMap::new()),
+            position_reads: position_reads::PositionReads::default(),
         }
     }
 
@@ -265,13 +269,10 @@ impl EphemeralService {
         device: Option<&str>,
         token: Option<&TokenCheck>,
     ) -> Result<PositionRead> {
-        let now = now_millis();
         let read = self
-            .storage
-            .ephemeral
-            .sync_position(now, user, device, token)
-            .await
-            .map_err(internal)?;
+            .position_reads
+            .read(&*self.storage.ephemeral, user, device, token)
+            .await?;
         if !read.typing_due {
             return Ok(PositionRead {
                 position: read.position,
@@ -283,7 +284,7 @@ impl EphemeralService {
         if let Some(expired) = self
             .storage
             .ephemeral
-            .expire_typing(now)
+            .expire_typing(now_millis())
             .await
             .map_err(internal)?
         {

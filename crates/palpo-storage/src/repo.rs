@@ -311,7 +311,26 @@ pub trait EphemeralRepo: Send + Sync {
         user_id: &str,
         device_id: Option<&str>,
         token: Option<&crate::model::TokenCheck>,
-    ) -> Result<crate::model::SyncPosition>;
+    ) -> Result<crate::model::SyncPosition> {
+        let ask = crate::model::PositionAsk {
+            user_id,
+            device_id,
+            token,
+        };
+        self.sync_positions(now, &[ask])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(crate::StorageError::Corrupt("no position read".into())))
+    }
+    /// [`EphemeralRepo::sync_position`] for several syncs at once, a few statements for all:
+    /// the answers in the order of `asks`, each as that sync alone would have had it from a
+    /// read started when this one started (a token no longer its device's fails only its
+    /// own ask).
+    async fn sync_positions(
+        &self,
+        now: i64,
+        asks: &[crate::model::PositionAsk<'_>],
+    ) -> Result<Vec<Result<crate::model::SyncPosition>>>;
 
     async fn get_presence(&self, user_id: &str) -> Result<Option<crate::model::PresenceRecord>>;
     /// Stores the user's presence (state, status message, last active time). Returns its

@@ -4,15 +4,18 @@
 //! changes, so each writer is checked to move its head (and only its own).
 
 use palpo_storage::{
-    Storage,
+    Storage, StorageError,
     model::{
-        DeviceLogin, DeviceTarget, KeyUpload, ReceiptRecord, StreamHeads, SyncPosition,
-        ToDeviceBatch, ToDeviceMessage,
+        DeviceLogin, DeviceTarget, KeyUpload, OneTimeKeyRecord, PositionAsk, ReceiptRecord,
+        StreamHeads, SyncPosition, ToDeviceBatch, ToDeviceMessage, TokenCheck,
     },
     testing,
 };
 
-palpo_storage::conformance!(each_writer_moves_its_head);
+palpo_storage::conformance!(
+    each_writer_moves_its_head,
+    a_batch_answers_each_ask_as_alone
+);
 
 const ROOM: &str = "!room:test";
 const ALICE: &str = "@alice:test";
@@ -171,5 +174,137 @@ async fn each_writer_moves_its_head(s: Storage) {
             to_device: Some(inbox.position),
             ..presence.heads
         }
+    );
+}
+
+/// The token `login` gave `user_id`'s `device_id`.
+fn token_of(user_id: &str, device_id: &str) -> TokenCheck {
+    TokenCheck {
+        token_hash: format!("{user_id}/{device_id}"),
+        user_id: user_id.to_owned(),
+        device_id: device_id.to_owned(),
+    }
+}
+
+/// Syncs that ask at once share a read: each answer is what that sync alone reads (its own
+/// account data, inbox, token and key counts; the stream's heads), a token that is not its
+/// device's fails only its own ask, and more asks than one statement takes are all answered.
+async fn a_batch_answers_each_ask_as_alone(s: Storage) {
+    testing::room_with_events(&s, ROOM, "12", &[("m.room.member", ALICE, Some("join"))]).await;
+    login(&s, ALICE, "A1").await;
+    login(&s, ALICE, "A2").await;
+    login(&s, BOB, "B1").await;
+    s.e2ee
+        .upload_keys(&KeyUpload {
+            user_id: ALICE.to_owned(),
+            device_id: "A1".to_owned(),
+            device_keys: None,
+            one_time_keys: (0..3)
+                .map(|n| OneTimeKeyRecord {
+                    algorithm: "signed_curve25519".to_owned(),
+                    key_id: format!("k{n}"),
+                    key_json: r#""key""#.to_owned(),
+                })
+                .collect(),
+            fallback_keys: Vec::new(),
+        })
+        .await
+        .expect("Alice's keys");
+    s.account_data
+        .put_account_data(BOB, None, "m.test", "{}")
+        .await
+        .expect("Bob's account data");
+    s.e2ee
+        .send_to_device(&to_device(ALICE, "A1", "t1"))
+        .await
+        .expect("to A1");
+    s.ephemeral.set_typing(ROOM, BOB, 10).await.expect("typing");
+
+    let (alice_a1, alice_a2, bob_b1) = (
+        token_of(ALICE, "A1"),
+        token_of(ALICE, "A2"),
+        token_of(BOB, "B1"),
+    );
+    // A1's token presented as A2's: not that device's.
+    let misattributed = TokenCheck {
+        device_id: "A2".to_owned(),
+        ..alice_a1.clone()
+    };
+    let pattern = [
+        PositionAsk {
+            user_id: ALICE,
+            device_id: Some("A1"),
+            token: Some(&alice_a1),
+        },
+        PositionAsk {
+            user_id: BOB,
+            device_id: None,
+            token: None,
+        },
+        PositionAsk {
+            user_id: ALICE,
+            device_id: Some("A2"),
+            token: Some(&misattributed),
+        },
+        PositionAsk {
+            user_id: BOB,
+            device_id: Some("B1"),
+            token: Some(&bob_b1),
+        },
+        PositionAsk {
+            user_id: ALICE,
+            device_id: Some("A2"),
+            token: Some(&alice_a2),
+        },
+    ];
+    // More asks than one statement takes (8).
+    let asks: Vec<PositionAsk<'_>> = pattern.iter().chain(&pattern).copied().collect();
+    for now in [1, 11] {
+        let answers = s
+            .ephemeral
+            .sync_positions(now, &asks)
+            .await
+            .expect("batch read");
+        assert_eq!(answers.len(), asks.len(), "an answer per ask");
+        for (n, (ask, answer)) in asks.iter().zip(answers).enumerate() {
+            let alone = s
+                .ephemeral
+                .sync_position(now, ask.user_id, ask.device_id, ask.token)
+                .await;
+            match (answer, alone) {
+                (Ok(answer), Ok(alone)) => assert_eq!(answer, alone, "ask {n} at {now}"),
+                (Err(StorageError::UnknownToken), Err(StorageError::UnknownToken)) => {
+                    assert_eq!(n % pattern.len(), 2, "only the misattributed token fails")
+                }
+                (answer, alone) => {
+                    panic!("ask {n} at {now}: {answer:?} in the batch, {alone:?} alone")
+                }
+            }
+        }
+    }
+    // The answers differ where the asks do, so the comparison above tells them apart.
+    let answers = s
+        .ephemeral
+        .sync_positions(11, &asks[..2])
+        .await
+        .expect("two asks");
+    let (Ok(alice), Ok(bob)) = (&answers[0], &answers[1]) else {
+        panic!("both answered: {answers:?}");
+    };
+    assert!(alice.typing_due && bob.typing_due, "typing ran out at 10");
+    assert!(alice.heads.to_device.is_some() && bob.heads.to_device.is_none());
+    assert!(alice.heads.account_data.is_none() && bob.heads.account_data.is_some());
+    assert_eq!(
+        alice.key_counts.as_ref().map(|k| k.one_time_keys.clone()),
+        Some([("signed_curve25519".to_owned(), 3)].into_iter().collect()),
+        "A1's keys counted"
+    );
+    assert_eq!(bob.key_counts, None, "no device asked about");
+    assert!(
+        s.ephemeral
+            .sync_positions(1, &[])
+            .await
+            .expect("no asks")
+            .is_empty()
     );
 }

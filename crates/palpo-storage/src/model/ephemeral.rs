@@ -52,6 +52,16 @@ pub struct PresenceRecord {
     pub stream_position: i64,
 }
 
+/// Who asks for a [`SyncPosition`]: the user, the device whose inbox and keys to read too,
+/// and an access token remembered without asking the database, to check it still belongs
+/// to its device (see [`crate::EphemeralRepo::sync_positions`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PositionAsk<'a> {
+    pub user_id: &'a str,
+    pub device_id: Option<&'a str>,
+    pub token: Option<&'a super::TokenCheck>,
+}
+
 /// Where the stream is, read first by every sync, with the newest position of each kind of
 /// change a sync section reads, in one statement (one snapshot): a section whose newest
 /// change is not after the sync's `since` has nothing to say and is not read. `None`: no

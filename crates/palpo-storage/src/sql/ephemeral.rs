@@ -17,8 +17,8 @@ use crate::{
     db::Text,
     error::{Result, StorageError},
     model::{
-        DeviceKeyCounts, EventRecord, PresenceRecord, ReadPosition, ReceiptRecord,
-        SIGNED_CURVE25519, StreamHeads, SyncPosition, TokenCheck, TypingRecord,
+        DeviceKeyCounts, EventRecord, PositionAsk, PresenceRecord, ReadPosition, ReceiptRecord,
+        SIGNED_CURVE25519, StreamHeads, SyncPosition, TypingRecord,
     },
     on_pool, on_tx,
     repo::EphemeralRepo,
@@ -104,6 +104,174 @@ impl From<PresenceRow> for PresenceRecord {
             last_active_ts: r.last_active_ts,
             stream_position: r.stream_position,
         }
+    }
+}
+
+/// Syncs asking at once per position read: each is a row of the statement, which
+/// PostgreSQL starts (and SQLite prepares) once for all of them. The statement's text
+/// changes with the count, so a few texts cover every batch.
+const ASKS_PER_READ: usize = 8;
+
+/// One row per ask: `n` (its index), the user, the device (`''`: none), the token to
+/// check (`''`s: none). The first row names the columns.
+fn asks_union(asks: usize) -> String {
+    (0..asks)
+        .map(|n| {
+            if n == 0 {
+                "SELECT ? AS n, ? AS user_id, ? AS device_id, ? AS token_hash, \
+                 ? AS token_user, ? AS token_device"
+            } else {
+                "SELECT ?, ?, ?, ?, ?, ?"
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
+}
+
+impl SqlStore {
+    /// [`EphemeralRepo::sync_positions`] for at most [`ASKS_PER_READ`] asks.
+    async fn sync_positions_chunk(
+        &self,
+        now: i64,
+        asks: &[PositionAsk<'_>],
+    ) -> Result<Vec<Result<SyncPosition>>> {
+        // Each head is the end of an index (`MAX` of its leading column, or of the last one
+        // after equalities), so this stays a handful of index lookups however large the
+        // tables grow. Every writer takes its position from the counter in its transaction,
+        // so a counter value read here comes with every change up to it. The heads of the
+        // whole stream are subqueries of their own, run once for the statement; those of a
+        // user or device are run per ask.
+        type Row = (
+            i64,
+            i64,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        );
+        let query = format!(
+            "SELECT counter_value, asks.n, \
+             (SELECT COUNT(*) FROM typing WHERE expires_at > 0 AND expires_at <= ?), \
+             (SELECT MAX(stream_position) FROM typing), \
+             (SELECT MAX(stream_position) FROM receipts), \
+             (SELECT MAX(stream_position) FROM presence), \
+             (SELECT MAX(stream_position) FROM device_list_changes), \
+             (SELECT MAX(stream_ordering) FROM room_memberships), \
+             (SELECT MIN(expires_at) FROM typing WHERE expires_at > ?), \
+             (SELECT MAX(a.stream_position) FROM account_data a WHERE a.user_id = asks.user_id), \
+             (SELECT MAX(m.stream_position) FROM to_device_messages m \
+              WHERE m.user_id = asks.user_id AND m.device_id = asks.device_id), \
+             (SELECT COUNT(*) FROM access_tokens t WHERE t.token_hash = asks.token_hash \
+              AND t.user_id = asks.token_user AND t.device_id = asks.token_device), \
+             (SELECT COUNT(*) FROM e2e_one_time_keys k \
+              WHERE k.user_id = asks.user_id AND k.device_id = asks.device_id), \
+             (SELECT COUNT(*) FROM e2e_one_time_keys k \
+              WHERE k.user_id = asks.user_id AND k.device_id = asks.device_id \
+              AND k.algorithm = ?), \
+             (SELECT COUNT(*) FROM e2e_fallback_keys f \
+              WHERE f.user_id = asks.user_id AND f.device_id = asks.device_id AND f.used = ?), \
+             (SELECT COUNT(*) FROM e2e_fallback_keys f \
+              WHERE f.user_id = asks.user_id AND f.device_id = asks.device_id AND f.used = ? \
+              AND f.algorithm = ?) \
+             FROM id_counters c CROSS JOIN ({}) asks WHERE c.name = ?",
+            asks_union(asks.len())
+        );
+        let rows: Vec<Row> = on_pool!(self.db.fresh(), &query, |p, sql| {
+            let mut q = sqlx::query_as(sql)
+                .bind(now)
+                .bind(now)
+                .bind(SIGNED_CURVE25519)
+                .bind(false)
+                .bind(false)
+                .bind(SIGNED_CURVE25519);
+            for (n, ask) in asks.iter().enumerate() {
+                q = q
+                    .bind(n as i64)
+                    .bind(ask.user_id)
+                    .bind(ask.device_id.unwrap_or_default())
+                    .bind(ask.token.map_or("", |t| t.token_hash.as_str()))
+                    .bind(ask.token.map_or("", |t| t.user_id.as_str()))
+                    .bind(ask.token.map_or("", |t| t.device_id.as_str()));
+            }
+            q.bind(STREAM).fetch_all(p).await?
+        });
+        let mut answers: Vec<Option<Result<SyncPosition>>> = asks.iter().map(|_| None).collect();
+        for row in rows {
+            let (
+                position,
+                n,
+                due,
+                typing,
+                receipts,
+                presence,
+                lists,
+                members,
+                next_typing_expiry,
+                account_data,
+                to_device,
+                token_found,
+                one_time_keys,
+                signed_one_time_keys,
+                fallback_keys,
+                signed_fallback_keys,
+            ) = row;
+            let index = usize::try_from(n)
+                .ok()
+                .filter(|&index| index < asks.len())
+                .ok_or_else(|| StorageError::Corrupt(format!("no ask {n} in a position read")))?;
+            let (ask, slot) = (&asks[index], &mut answers[index]);
+            if ask.token.is_some() && token_found == 0 {
+                *slot = Some(Err(StorageError::UnknownToken));
+                continue;
+            }
+            // The device's keys as counted per algorithm by `key_counts`, when they are all
+            // of the algorithm clients use: the total and that algorithm's share of each kind.
+            let key_counts = (ask.device_id.is_some()
+                && one_time_keys == signed_one_time_keys
+                && fallback_keys == signed_fallback_keys)
+                .then(|| DeviceKeyCounts {
+                    one_time_keys: (one_time_keys > 0)
+                        .then(|| (SIGNED_CURVE25519.to_owned(), one_time_keys))
+                        .into_iter()
+                        .collect(),
+                    unused_fallback_key_types: (fallback_keys > 0)
+                        .then(|| SIGNED_CURVE25519.to_owned())
+                        .into_iter()
+                        .collect(),
+                });
+            *slot = Some(Ok(SyncPosition {
+                position,
+                typing_due: due > 0,
+                next_typing_expiry,
+                heads: StreamHeads {
+                    typing,
+                    receipts,
+                    presence,
+                    account_data,
+                    to_device,
+                    device_lists: lists,
+                    memberships: members,
+                },
+                key_counts,
+            }));
+        }
+        answers
+            .into_iter()
+            .map(|answer| {
+                // No row at all: the counter is missing.
+                answer.ok_or_else(|| StorageError::Corrupt(format!("no counter {STREAM}")))
+            })
+            .collect()
     }
 }
 
@@ -331,134 +499,16 @@ impl EphemeralRepo for SqlStore {
         Ok(next)
     }
 
-    async fn sync_position(
+    async fn sync_positions(
         &self,
         now: i64,
-        user_id: &str,
-        device_id: Option<&str>,
-        token: Option<&TokenCheck>,
-    ) -> Result<SyncPosition> {
-        // Each head is the end of an index (`MAX` of its leading column, or of the last one
-        // after equalities), so this stays a handful of index lookups however large the
-        // tables grow. Every writer takes its position from the counter in its transaction,
-        // so a counter value read here comes with every change up to it.
-        type Row = (
-            i64,
-            i64,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            i64,
-            Option<i64>,
-            i64,
-            i64,
-            i64,
-            i64,
-        );
-        // The device's keys as counted per algorithm by `key_counts`, when they are all of the
-        // algorithm clients use: the total and that algorithm's share of each kind.
-        let row: Row = on_pool!(
-            self.db.fresh(),
-            "SELECT counter_value, \
-             (SELECT COUNT(*) FROM typing WHERE expires_at > 0 AND expires_at <= ?), \
-             (SELECT MAX(stream_position) FROM typing), \
-             (SELECT MAX(stream_position) FROM receipts), \
-             (SELECT MAX(stream_position) FROM presence), \
-             (SELECT MAX(stream_position) FROM account_data WHERE user_id = ?), \
-             (SELECT MAX(stream_position) FROM to_device_messages \
-              WHERE user_id = ? AND device_id = ?), \
-             (SELECT MAX(stream_position) FROM device_list_changes), \
-             (SELECT MAX(stream_ordering) FROM room_memberships), \
-             (SELECT COUNT(*) FROM access_tokens \
-              WHERE token_hash = ? AND user_id = ? AND device_id = ?), \
-             (SELECT MIN(expires_at) FROM typing WHERE expires_at > ?), \
-             (SELECT COUNT(*) FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ?), \
-             (SELECT COUNT(*) FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ? \
-              AND algorithm = ?), \
-             (SELECT COUNT(*) FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ? \
-              AND used = ?), \
-             (SELECT COUNT(*) FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ? \
-              AND used = ? AND algorithm = ?) \
-             FROM id_counters WHERE name = ?",
-            |p, sql| {
-                sqlx::query_as(sql)
-                    .bind(now)
-                    .bind(user_id)
-                    .bind(user_id)
-                    .bind(device_id.unwrap_or_default())
-                    .bind(token.map_or("", |t| t.token_hash.as_str()))
-                    .bind(token.map_or("", |t| t.user_id.as_str()))
-                    .bind(token.map_or("", |t| t.device_id.as_str()))
-                    .bind(now)
-                    .bind(user_id)
-                    .bind(device_id.unwrap_or_default())
-                    .bind(user_id)
-                    .bind(device_id.unwrap_or_default())
-                    .bind(SIGNED_CURVE25519)
-                    .bind(user_id)
-                    .bind(device_id.unwrap_or_default())
-                    .bind(false)
-                    .bind(user_id)
-                    .bind(device_id.unwrap_or_default())
-                    .bind(false)
-                    .bind(SIGNED_CURVE25519)
-                    .bind(STREAM)
-                    .fetch_one(p)
-                    .await?
-            }
-        );
-        let (
-            position,
-            due,
-            typing,
-            receipts,
-            presence,
-            account_data,
-            to_device,
-            lists,
-            members,
-            token_found,
-            next_typing_expiry,
-            one_time_keys,
-            signed_one_time_keys,
-            fallback_keys,
-            signed_fallback_keys,
-        ) = row;
-        if token.is_some() && token_found == 0 {
-            return Err(StorageError::UnknownToken);
+        asks: &[PositionAsk<'_>],
+    ) -> Result<Vec<Result<SyncPosition>>> {
+        let mut answers = Vec::with_capacity(asks.len());
+        for chunk in asks.chunks(ASKS_PER_READ) {
+            answers.extend(self.sync_positions_chunk(now, chunk).await?);
         }
-        let key_counts = (device_id.is_some()
-            && one_time_keys == signed_one_time_keys
-            && fallback_keys == signed_fallback_keys)
-            .then(|| DeviceKeyCounts {
-                one_time_keys: (one_time_keys > 0)
-                    .then(|| (SIGNED_CURVE25519.to_owned(), one_time_keys))
-                    .into_iter()
-                    .collect(),
-                unused_fallback_key_types: (fallback_keys > 0)
-                    .then(|| SIGNED_CURVE25519.to_owned())
-                    .into_iter()
-                    .collect(),
-            });
-        Ok(SyncPosition {
-            position,
-            typing_due: due > 0,
-            next_typing_expiry,
-            heads: StreamHeads {
-                typing,
-                receipts,
-                presence,
-                account_data,
-                to_device,
-                device_lists: lists,
-                memberships: members,
-            },
-            key_counts,
-        })
+        Ok(answers)
     }
 
     async fn get_presence(&self, user_id: &str) -> Result<Option<PresenceRecord>> {

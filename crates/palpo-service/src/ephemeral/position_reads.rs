@@ -1,0 +1,123 @@
+//! Position reads shared by the syncs that ask at once.
+//!
+//! Every sync pass starts by reading the stream's position and the heads of its sections
+//! ([`EphemeralRepo::sync_positions`]). A new event wakes every long-poll of this process at
+//! once, and each would run that statement alone; most of its cost is starting it (a subquery
+//! per head), not its rows. Here the syncs queue their asks, one of them reads for every ask
+//! queued, and the asks queued while it reads go in the next read. A read answers only asks
+//! queued before it started, so each sync sees every change committed before it asked, as if
+//! it had read alone.
+
+use std::sync::{Mutex, PoisonError};
+
+use palpo_core::{Error, Result, now_millis};
+use palpo_storage::{
+    EphemeralRepo,
+    model::{PositionAsk, SyncPosition, TokenCheck},
+};
+use tokio::sync::oneshot;
+
+use crate::internal;
+
+struct QueuedAsk {
+    user: String,
+    device: Option<String>,
+    token: Option<TokenCheck>,
+    answer: oneshot::Sender<Result<SyncPosition>>,
+}
+
+#[derive(Default)]
+pub(crate) struct PositionReads {
+    queue: Mutex<Vec<QueuedAsk>>,
+    /// Held by the sync reading for the queue.
+    reading: tokio::sync::Mutex<()>,
+}
+
+impl PositionReads {
+    /// [`EphemeralRepo::sync_position`] of `user` (`device`, `token`), read with the asks of
+    /// the other syncs asking at the same time.
+    pub(crate) async fn read(
+        &self,
+        repo: &dyn EphemeralRepo,
+        user: &str,
+        device: Option<&str>,
+        token: Option<&TokenCheck>,
+    ) -> Result<SyncPosition> {
+        loop {
+            let (answer, mut answered) = oneshot::channel();
+            self.queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(QueuedAsk {
+                    user: user.to_owned(),
+                    device: device.map(str::to_owned),
+                    token: token.cloned(),
+                    answer,
+                });
+            let turn = tokio::select! {
+                biased;
+                answer = &mut answered => match answer {
+                    Ok(answer) => return answer,
+                    // The sync reading for it was dropped (its client went away): ask again.
+                    Err(_) => continue,
+                },
+                turn = self.reading.lock() => turn,
+            };
+            match answered.try_recv() {
+                Ok(answer) => return answer,
+                Err(oneshot::error::TryRecvError::Closed) => continue,
+                // Still queued: no read is running, so none took it.
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            // Let the syncs woken with this one queue their asks first.
+            tokio::task::yield_now().await;
+            let queued =
+                std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
+            read_for(repo, queued).await;
+            drop(turn);
+            match answered.await {
+                Ok(answer) => return answer,
+                // Cannot happen: this ask was in the read above.
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+/// Reads the position for every ask of `queued` and answers each.
+async fn read_for(repo: &dyn EphemeralRepo, queued: Vec<QueuedAsk>) {
+    let asks: Vec<PositionAsk<'_>> = queued
+        .iter()
+        .map(|ask| PositionAsk {
+            user_id: &ask.user,
+            device_id: ask.device.as_deref(),
+            token: ask.token.as_ref(),
+        })
+        .collect();
+    let answers = repo.sync_positions(now_millis(), &asks).await;
+    drop(asks);
+    match answers {
+        Ok(answers) if answers.len() == queued.len() => {
+            for (ask, answer) in queued.into_iter().zip(answers) {
+                // A sync that went away no longer listens.
+                let _ = ask.answer.send(answer.map_err(internal));
+            }
+        }
+        Ok(answers) => {
+            let error = format!(
+                "{} answers to {} position asks",
+                answers.len(),
+                queued.len()
+            );
+            for ask in queued {
+                let _ = ask.answer.send(Err(Error::internal(&error)));
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "position read failed");
+            for ask in queued {
+                let _ = ask.answer.send(Err(Error::internal(&error)));
+            }
+        }
+    }
+}
