@@ -311,7 +311,9 @@ async fn an_incremental_sync_pass_issues_few_statements() {
                 .filter(|s| s.starts_with("SELECT counter_value"))
                 .count();
             assert!(
-                (1..=2).contains(&shared),
+                // Four alone; how many share the first read depends on when each woken
+                // task runs.
+                (1..=3).contains(&shared),
                 "{backend:?}: {shared} position reads for four syncs woken at once:\n{}",
                 numbered(&woken)
             );

@@ -271,7 +271,7 @@ impl EphemeralService {
     ) -> Result<PositionRead> {
         let read = self
             .position_reads
-            .read(&*self.storage.ephemeral, user, device, token)
+            .read(&self.storage.ephemeral, user, device, token)
             .await?;
         if !read.typing_due {
             return Ok(PositionRead {

@@ -324,8 +324,8 @@ pub trait EphemeralRepo: Send + Sync {
     }
     /// [`EphemeralRepo::sync_position`] for several syncs at once, a few statements for all:
     /// the answers in the order of `asks`, each as that sync alone would have had it from a
-    /// read started when this one started (a token no longer its device's fails only its
-    /// own ask).
+    /// read started after this call began (a token no longer its device's fails only its
+    /// own ask; a failed statement fails the call).
     async fn sync_positions(
         &self,
         now: i64,

@@ -8,7 +8,7 @@
 //! queued before it started, so each sync sees every change committed before it asked, as if
 //! it had read alone.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use palpo_core::{Error, Result, now_millis};
 use palpo_storage::{
@@ -29,8 +29,9 @@ struct QueuedAsk {
 #[derive(Default)]
 pub(crate) struct PositionReads {
     queue: Mutex<Vec<QueuedAsk>>,
-    /// Held by the sync reading for the queue.
-    reading: tokio::sync::Mutex<()>,
+    /// Held while a read for the queue runs: the asks queued meanwhile wait for it to end
+    /// and go in the next read together.
+    reading: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl PositionReads {
@@ -38,7 +39,7 @@ impl PositionReads {
     /// the other syncs asking at the same time.
     pub(crate) async fn read(
         &self,
-        repo: &dyn EphemeralRepo,
+        repo: &Arc<dyn EphemeralRepo>,
         user: &str,
         device: Option<&str>,
         token: Option<&TokenCheck>,
@@ -61,7 +62,7 @@ impl PositionReads {
                     // The sync reading for it was dropped (its client went away): ask again.
                     Err(_) => continue,
                 },
-                turn = self.reading.lock() => turn,
+                turn = self.reading.clone().lock_owned() => turn,
             };
             match answered.try_recv() {
                 Ok(answer) => return answer,
@@ -71,13 +72,20 @@ impl PositionReads {
             }
             // Let the syncs woken with this one queue their asks first.
             tokio::task::yield_now().await;
-            let queued =
+            let mut queued =
                 std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner));
-            read_for(repo, queued).await;
-            drop(turn);
+            // Syncs gone meanwhile need no answer.
+            queued.retain(|ask| !ask.answer.is_closed());
+            // A task of its own: should this sync go away (its client hung up), the read
+            // still answers the others.
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                read_for(&*repo, queued).await;
+                drop(turn);
+            });
             match answered.await {
                 Ok(answer) => return answer,
-                // Cannot happen: this ask was in the read above.
+                // The read's task ended without answering (it panicked): ask again.
                 Err(_) => continue,
             }
         }

@@ -504,11 +504,13 @@ impl EphemeralRepo for SqlStore {
         now: i64,
         asks: &[PositionAsk<'_>],
     ) -> Result<Vec<Result<SyncPosition>>> {
-        let mut answers = Vec::with_capacity(asks.len());
-        for chunk in asks.chunks(ASKS_PER_READ) {
-            answers.extend(self.sync_positions_chunk(now, chunk).await?);
-        }
-        Ok(answers)
+        // The statements of a long list at once, each on a connection of its own.
+        let chunks = try_join_all(
+            asks.chunks(ASKS_PER_READ)
+                .map(|chunk| self.sync_positions_chunk(now, chunk)),
+        )
+        .await?;
+        Ok(chunks.into_iter().flatten().collect())
     }
 
     async fn get_presence(&self, user_id: &str) -> Result<Option<PresenceRecord>> {
