@@ -129,3 +129,62 @@ async fn read_for(repo: &dyn EphemeralRepo, queued: Vec<QueuedAsk>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::poll;
+    use palpo_storage::testing::{backends_under_test, with_storage};
+
+    use super::*;
+
+    async fn answered(
+        read: impl Future<Output = Result<SyncPosition>>,
+        backend: palpo_storage::Backend,
+        what: &str,
+    ) -> SyncPosition {
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .unwrap_or_else(|_| panic!("{backend:?}: {what}: no answer"))
+            .unwrap_or_else(|e| panic!("{backend:?}: {what}: {e}"))
+    }
+
+    /// A sync that goes away (its client hung up) while it holds the turn, before its read or
+    /// during it, leaves the syncs asking with it answered: no error, no wait without end.
+    #[tokio::test]
+    async fn a_sync_that_goes_away_leaves_the_others_answered() {
+        for backend in backends_under_test() {
+            with_storage(backend, |storage| async move {
+                let reads = PositionReads::default();
+                let repo = storage.ephemeral.clone();
+                // Gone before reading: it took the turn and let the others queue.
+                let mut gone = Box::pin(reads.read(&repo, "@gone:test", None, None));
+                assert!(poll!(&mut gone).is_pending(), "holds the turn");
+                let mut other = Box::pin(reads.read(&repo, "@other:test", None, None));
+                assert!(poll!(&mut other).is_pending(), "waits for the turn");
+                drop(gone);
+                let before = answered(other, backend, "gone before its read").await;
+
+                // Gone during its read, which took the other's ask with its own.
+                let mut gone = Box::pin(reads.read(&repo, "@gone:test", None, None));
+                assert!(poll!(&mut gone).is_pending(), "holds the turn");
+                let mut other = Box::pin(reads.read(&repo, "@other:test", None, None));
+                assert!(poll!(&mut other).is_pending(), "queued, waits");
+                assert!(poll!(&mut gone).is_pending(), "reading for both");
+                assert!(
+                    reads
+                        .queue
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .is_empty(),
+                    "the read took both asks"
+                );
+                drop(gone);
+                let during = answered(other, backend, "gone during its read").await;
+                assert_eq!(before.position, during.position, "nothing written between");
+            })
+            .await;
+        }
+    }
+}
