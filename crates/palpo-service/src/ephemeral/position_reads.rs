@@ -92,7 +92,9 @@ impl PositionReads {
     }
 }
 
-/// Reads the position for every ask of `queued` and answers each.
+/// Reads the position for every ask of `queued` and answers each (in a span of its own: it
+/// serves several syncs).
+#[tracing::instrument(skip_all, fields(asks = queued.len()))]
 async fn read_for(repo: &dyn EphemeralRepo, queued: Vec<QueuedAsk>) {
     let asks: Vec<PositionAsk<'_>> = queued
         .iter()
