@@ -96,11 +96,7 @@ async fn woken_by_a_message(app: &TestApp, recorder: &Recorder) -> (Vec<String>,
         let response = sync(app, &alice.access_token, Some(&since), 0).await;
         statements = recorder.stop();
         assert!(
-            response["rooms"]["join"][&room_id]["timeline"]["events"]
-                .as_array()
-                .is_some_and(|events| events
-                    .iter()
-                    .any(|e| e["content"]["body"] == format!("hi {round}"))),
+            timeline_has(&response, &room_id, &format!("hi {round}")),
             "the message is in the sync: {response}"
         );
         since = next_batch(&response);
@@ -213,13 +209,18 @@ async fn four_woken_at_once(app: &TestApp, recorder: &Recorder) -> Vec<String> {
     let statements = recorder.stop();
     for response in responses {
         assert!(
-            response["rooms"]["join"][&room_id]["timeline"]["events"]
-                .as_array()
-                .is_some_and(|events| events.iter().any(|e| e["content"]["body"] == "wake up")),
+            timeline_has(&response, &room_id, "wake up"),
             "every listener has the message: {response}"
         );
     }
     statements
+}
+
+/// Whether the sync `response` has a message `body` in the timeline of `room_id`.
+fn timeline_has(response: &serde_json::Value, room_id: &str, body: &str) -> bool {
+    response["rooms"]["join"][room_id]["timeline"]["events"]
+        .as_array()
+        .is_some_and(|events| events.iter().any(|e| e["content"]["body"] == body))
 }
 
 fn numbered(statements: &[String]) -> String {
