@@ -105,13 +105,6 @@ pub struct EphemeralSync {
 }
 
 impl EphemeralSync {
-    /// Keeps only what concerns the rooms `keep` says yes to.
-    pub fn retain_rooms(&mut self, keep: impl Fn(&str) -> bool) {
-        self.rooms.retain(|room_id, _| keep(room_id));
-        self.unread.retain(|room_id, _| keep(room_id));
-        self.unread_threads.retain(|room_id, _| keep(room_id));
-    }
-
     /// Adds each room's thread counts to its main counts, for clients that did not ask for
     /// counts per thread.
     pub fn fold_thread_counts(&mut self) {

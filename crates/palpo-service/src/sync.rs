@@ -357,60 +357,28 @@ impl SyncService {
             .chain(account_data.rooms.keys())
             .cloned()
             .collect();
-        let rooms = if since.is_none() {
-            // An initial sync counts every joined room, each from the start its membership
-            // gives, which the memberships already say: the counts are read while the rooms
-            // are, then kept for the rooms the response carries (a filter may leave some out).
-            let joined: Vec<(String, i64)> = memberships
-                .iter()
-                .filter(|m| m.membership == "join")
-                .map(|m| (m.room_id.clone(), m.stream_ordering))
-                .collect();
-            let counts = ephemeral.add_unread_counts(
-                user,
-                joined.iter().map(|(id, at)| (id, *at)),
-                upto,
-                heads,
-                None,
-                &mut extra,
-            );
-            let rooms = self.rooms.sync_rooms_of(
+        let rooms = self
+            .rooms
+            .sync_rooms_of(
                 user,
                 Some(memberships),
-                None,
+                recent.as_ref(),
                 since,
                 upto,
                 request,
                 &also,
-            );
-            let (rooms, ()) = futures::try_join!(rooms, counts)?;
-            extra.retain_rooms(|room_id| rooms.join.contains_key(room_id));
-            rooms
-        } else {
-            let rooms = self
-                .rooms
-                .sync_rooms_of(
-                    user,
-                    Some(memberships),
-                    recent.as_ref(),
-                    since,
-                    upto,
-                    request,
-                    &also,
-                )
-                .await?;
-            ephemeral
-                .add_unread_counts(
-                    user,
-                    rooms.join.iter().map(|(id, room)| (id, room.joined_at)),
-                    upto,
-                    heads,
-                    recent.as_ref(),
-                    &mut extra,
-                )
-                .await?;
-            rooms
-        };
+            )
+            .await?;
+        ephemeral
+            .add_unread_counts(
+                user,
+                rooms.join.iter().map(|(id, room)| (id, room.joined_at)),
+                upto,
+                heads,
+                recent.as_ref(),
+                &mut extra,
+            )
+            .await?;
         if !filter.room.timeline.unread_thread_notifications {
             extra.fold_thread_counts();
         }

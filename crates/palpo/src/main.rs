@@ -25,18 +25,34 @@ use crate::cli::{Cli, Command, UserCommand};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read at its start (`MALLOC_CONF` in the environment overrides
+/// jemalloc's options, read at its start (`MALLOC_CONF` in the environment, or
+/// `_RJEM_MALLOC_CONF` where jemalloc stays prefixed, overrides
 /// them): one arena and small thread caches (the server's threads mostly wait, and every
 /// arena and cache holds memory of its own), and freed pages returned to the system within a
 /// quarter of a second (unused pages still count in RSS). Left at its defaults, jemalloc kept
 /// the peak RSS under load at 49–63 MB where these options keep it near 39 (glibc: 35).
 #[cfg(not(target_env = "msvc"))]
 #[allow(unsafe_code, non_upper_case_globals)]
-// SAFETY: the name jemalloc (built unprefixed, as the process's malloc) reads its
-// compiled-in options from: a pointer to a NUL-terminated string that lives forever. (Where
-// the crate cannot replace malloc, on Apple's and Android's systems, jemalloc keeps its
-// `_rjem_` prefix and runs on its defaults.)
-#[unsafe(export_name = "malloc_conf")]
+// SAFETY: the name jemalloc reads its compiled-in options from: a pointer to a NUL-terminated
+// string that lives forever. Built unprefixed (as the process's malloc) it reads
+// `malloc_conf`; on the systems where the crate cannot replace malloc (Apple's, Android,
+// DragonFly) jemalloc keeps its `_rjem_` prefix, and the name with it.
+#[cfg_attr(
+    any(
+        target_vendor = "apple",
+        target_os = "android",
+        target_os = "dragonfly"
+    ),
+    unsafe(export_name = "_rjem_malloc_conf")
+)]
+#[cfg_attr(
+    not(any(
+        target_vendor = "apple",
+        target_os = "android",
+        target_os = "dragonfly"
+    )),
+    unsafe(export_name = "malloc_conf")
+)]
 static malloc_conf: &u8 = &b"narenas:1,tcache_max:1024,dirty_decay_ms:250,muzzy_decay_ms:0\0"[0];
 
 /// A configuration problem: reported in one line, exit status 2.
