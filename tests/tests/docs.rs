@@ -123,6 +123,30 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("post", "/_matrix/client/v3/keys/device_signing/upload"),
     ("post", "/_matrix/client/v3/keys/signatures/upload"),
     ("put", "/_matrix/client/v3/sendToDevice/{eventType}/{txnId}"),
+    ("get", "/_matrix/client/v3/pushrules"),
+    ("get", "/_matrix/client/v3/pushrules/global"),
+    ("get", "/_matrix/client/v3/pushrules/global/{kind}/{ruleId}"),
+    ("put", "/_matrix/client/v3/pushrules/global/{kind}/{ruleId}"),
+    (
+        "delete",
+        "/_matrix/client/v3/pushrules/global/{kind}/{ruleId}",
+    ),
+    (
+        "get",
+        "/_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled",
+    ),
+    (
+        "put",
+        "/_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled",
+    ),
+    (
+        "get",
+        "/_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions",
+    ),
+    (
+        "put",
+        "/_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions",
+    ),
 ];
 
 fn documented_operations(spec: &Value) -> Vec<(String, String)> {

@@ -9,6 +9,7 @@ pub mod ephemeral;
 pub mod keys;
 pub mod membership;
 pub mod profile;
+pub mod push_rules;
 pub mod rooms;
 pub mod session;
 pub mod sliding_sync;

@@ -30,6 +30,7 @@ use poem_openapi::{OpenApiService, Tags};
 
 use crate::client::ephemeral::EphemeralApi;
 use crate::client::keys::KeysApi;
+use crate::client::push_rules::PushRulesApi;
 use crate::client::user_data::UserDataApi;
 use crate::{
     client::{
@@ -75,6 +76,8 @@ pub enum ApiTags {
     EndToEndEncryption,
     /// Send-to-device messaging.
     SendToDevice,
+    /// Push rules: which events notify the user, and how.
+    PushNotifications,
 }
 
 /// What every operation shares.
@@ -98,6 +101,7 @@ type ClientApis = (
     DirectoryApi,
     ProfileApi,
     UserDataApi,
+    PushRulesApi,
     EphemeralApi,
     SyncApi,
     SlidingSyncApi,
@@ -118,6 +122,7 @@ fn client_service() -> OpenApiService<ClientApis, ()> {
         DirectoryApi,
         ProfileApi,
         UserDataApi,
+        PushRulesApi,
         EphemeralApi,
         SyncApi,
         SlidingSyncApi,
@@ -172,7 +177,7 @@ pub fn build_app(services: Services) -> BoxEndpoint<'static> {
             })),
         )
         .around(|ep, mut req| async move {
-            client::rooms::trim_empty_state_key(&mut req);
+            middleware::trim_trailing_slash(&mut req);
             ep.call(req).await
         })
         .data(services)

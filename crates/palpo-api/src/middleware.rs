@@ -15,12 +15,56 @@ use palpo_core::{
 };
 use poem::{
     Endpoint, IntoResponse, Request, Response,
-    http::{HeaderValue, Method, StatusCode, header},
+    http::{HeaderValue, Method, StatusCode, Uri, header, uri::PathAndQuery},
 };
 use poem_openapi::OperationId;
 use tracing::Instrument;
 
 use crate::error::{MatrixError, render_error};
+
+/// Paths the spec writes with a trailing slash, which poem-openapi routes cannot end in: the
+/// empty state key (`/rooms/{roomId}/state/{eventType}/`) and the push rule listings
+/// (`/pushrules/`, `/pushrules/global/`). Such a request is served as the path without the
+/// slash, which is how the OpenAPI document names those operations.
+pub fn trim_trailing_slash(req: &mut Request) {
+    let path = req.uri().path();
+    let Some(trimmed) = path.strip_suffix('/') else {
+        return;
+    };
+    if !ends_in_slash_by_spec(trimmed) {
+        return;
+    }
+    let path_and_query = match req.uri().query() {
+        Some(query) => format!("{trimmed}?{query}"),
+        None => trimmed.to_owned(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    let Ok(path_and_query) = PathAndQuery::try_from(path_and_query) else {
+        return;
+    };
+    parts.path_and_query = Some(path_and_query);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
+/// Whether `path` + `/` is one of the paths [`trim_trailing_slash`] serves without the slash.
+fn ends_in_slash_by_spec(path: &str) -> bool {
+    if matches!(
+        path,
+        "/_matrix/client/v3/pushrules" | "/_matrix/client/v3/pushrules/global"
+    ) {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix("/_matrix/client/v3/rooms/") else {
+        return false;
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    matches!(
+        segments.as_slice(),
+        [room, "state", event_type] if !room.is_empty() && !event_type.is_empty()
+    )
+}
 
 fn matrix_error_response(err: Error) -> Response {
     render_error(MatrixError::from(err).into())
@@ -310,6 +354,42 @@ impl RateLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trailing_slashes_the_spec_writes_are_trimmed() {
+        let rewrite = |uri: &'static str| {
+            let mut req = Request::builder().uri(Uri::from_static(uri)).finish();
+            trim_trailing_slash(&mut req);
+            req.uri().to_string()
+        };
+        assert_eq!(
+            rewrite("/_matrix/client/v3/rooms/%21r%3Ax/state/m.room.name/?format=event"),
+            "/_matrix/client/v3/rooms/%21r%3Ax/state/m.room.name?format=event"
+        );
+        assert_eq!(
+            rewrite("/_matrix/client/v3/rooms/!r:x/state/m.room.name/"),
+            "/_matrix/client/v3/rooms/!r:x/state/m.room.name"
+        );
+        assert_eq!(
+            rewrite("/_matrix/client/v3/pushrules/"),
+            "/_matrix/client/v3/pushrules"
+        );
+        assert_eq!(
+            rewrite("/_matrix/client/v3/pushrules/global/"),
+            "/_matrix/client/v3/pushrules/global"
+        );
+        for untouched in [
+            "/_matrix/client/v3/rooms/!r:x/state/m.room.name/key",
+            "/_matrix/client/v3/rooms/!r:x/state/m.room.name",
+            "/_matrix/client/v3/rooms/!r:x/state/",
+            "/_matrix/client/v3/rooms/!r:x/send/m.room.message/",
+            "/_matrix/client/v3/devices/",
+            "/_matrix/client/v3/pushrules/global/override/",
+            "/_matrix/client/v3/pushrules",
+        ] {
+            assert_eq!(rewrite(untouched), untouched);
+        }
+    }
 
     #[test]
     fn escaped_nul_is_found_and_escaped_backslashes_are_not_taken_for_it() {

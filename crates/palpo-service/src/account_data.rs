@@ -18,6 +18,10 @@ use serde_json::{Map, Value, json};
 
 use crate::{internal, notifier::Notifier};
 
+mod push_rules;
+
+pub use push_rules::PUSH_RULES;
+
 /// The room account data type that holds the room's tags.
 pub const TAG: &str = "m.tag";
 /// Types the server controls: clients set them through other endpoints (`/read_markers`,
@@ -50,8 +54,9 @@ impl AccountDataSync {
 pub struct AccountDataService {
     storage: Storage,
     notifier: Arc<Notifier>,
-    /// Tag changes read, modify and write the room's `m.tag` content: one at a time here.
-    tags: tokio::sync::Mutex<()>,
+    /// Tag and push rule changes read, modify and write one account data content: one at a
+    /// time here.
+    read_modify_write: tokio::sync::Mutex<()>,
 }
 
 /// Only the user themselves may read or write their account data, tags and filters.
@@ -89,7 +94,7 @@ impl AccountDataService {
         AccountDataService {
             storage,
             notifier,
-            tags: tokio::sync::Mutex::new(()),
+            read_modify_write: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -265,7 +270,7 @@ impl AccountDataService {
         if object.get("order").is_some_and(|order| !order.is_number()) {
             return Err(Error::bad_json("The tag's order must be a number"));
         }
-        let _one_at_a_time = self.tags.lock().await;
+        let _one_at_a_time = self.read_modify_write.lock().await;
         let mut tags = self.current_tags(target, room_id).await?;
         tags.insert(tag.to_owned(), value.clone());
         self.put(target, Some(room_id), TAG, &json!({ "tags": tags }))
@@ -283,7 +288,7 @@ impl AccountDataService {
     ) -> Result<()> {
         check_owner(user, target)?;
         check_room_id(room_id)?;
-        let _one_at_a_time = self.tags.lock().await;
+        let _one_at_a_time = self.read_modify_write.lock().await;
         let mut tags = self.current_tags(target, room_id).await?;
         if tags.remove(tag).is_none() {
             return Ok(());
@@ -309,12 +314,26 @@ impl AccountDataService {
             .account_data_since(user, after, upto)
             .await
             .map_err(internal)?;
+        let mut push_rules_seen = false;
         for record in records {
-            let event = json!({ "type": record.data_type, "content": content_of(&record)? });
+            let mut content = content_of(&record)?;
+            if record.room_id.is_none() && record.data_type == PUSH_RULES {
+                content = push_rules::sync_content(user, Some(content))?;
+                push_rules_seen = true;
+            }
+            let event = json!({ "type": record.data_type, "content": content });
             match record.room_id {
                 Some(room_id) => out.rooms.entry(room_id).or_default().push(event),
                 None => out.global.push(event),
             }
+        }
+        // Clients take their push rules from the initial sync (or ask `/pushrules/`): an
+        // account that never changed one has the server's defaults, which come first, as
+        // older than anything stored (a filter's `limit` keeps the newest).
+        if since.is_none() && !push_rules_seen {
+            let content = push_rules::sync_content(user, None)?;
+            out.global
+                .insert(0, json!({ "type": PUSH_RULES, "content": content }));
         }
         Ok(out)
     }

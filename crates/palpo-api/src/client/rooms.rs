@@ -9,11 +9,7 @@ use palpo_core::Error;
 use palpo_service::rooms::{
     CreateRoom, Direction, InitialState, MessagesPage, MessagesQuery, Preset, TimelineFilter,
 };
-use poem::{
-    Request,
-    http::{Uri, uri::PathAndQuery},
-    web::Data,
-};
+use poem::web::Data;
 use poem_openapi::{
     Enum, Object, OpenApi,
     param::{Path, Query},
@@ -80,7 +76,8 @@ pub struct ClientEvent {
     /// Data about the event that is not part of it (e.g. `redacted_because`).
     #[oai(skip_serializing_if_is_none)]
     pub unsigned: Option<JsonObject>,
-    /// For redactions in room versions before 11: the event redacted.
+    /// For redactions: the event redacted. Part of the event in room versions before 11; from
+    /// 11 on a copy of `content.redacts`, served for clients written before them.
     #[oai(skip_serializing_if_is_none)]
     pub redacts: Option<String>,
 }
@@ -309,37 +306,6 @@ fn check_limit(limit: Option<i64>) -> Result<Option<i64>, Error> {
     match limit {
         Some(limit) if limit < 0 => Err(Error::invalid_param("limit must not be negative")),
         other => Ok(other),
-    }
-}
-
-/// The spec lets an empty state key be written as a trailing slash
-/// (`/rooms/{roomId}/state/{eventType}/`), but poem-openapi routes cannot end in an empty
-/// segment: such a request is served as `/rooms/{roomId}/state/{eventType}`.
-pub fn trim_empty_state_key(req: &mut Request) {
-    let path = req.uri().path();
-    let Some(rest) = path.strip_prefix("/_matrix/client/v3/rooms/") else {
-        return;
-    };
-    let segments: Vec<&str> = rest.split('/').collect();
-    let empty_key = matches!(
-        segments.as_slice(),
-        [room, "state", event_type, ""] if !room.is_empty() && !event_type.is_empty()
-    );
-    if !empty_key {
-        return;
-    }
-    let trimmed = &path[..path.len() - 1];
-    let path_and_query = match req.uri().query() {
-        Some(query) => format!("{trimmed}?{query}"),
-        None => trimmed.to_owned(),
-    };
-    let mut parts = req.uri().clone().into_parts();
-    let Ok(path_and_query) = PathAndQuery::try_from(path_and_query) else {
-        return;
-    };
-    parts.path_and_query = Some(path_and_query);
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
     }
 }
 
@@ -778,32 +744,6 @@ mod tests {
         ] {
             let err = parse_filter(Some(bad)).expect_err(bad);
             assert_eq!(err.to_json()["errcode"], "M_BAD_JSON", "{bad}");
-        }
-    }
-
-    #[test]
-    fn a_trailing_slash_is_the_empty_state_key() {
-        let rewrite = |uri: &'static str| {
-            let mut req = Request::builder().uri(Uri::from_static(uri)).finish();
-            trim_empty_state_key(&mut req);
-            req.uri().to_string()
-        };
-        assert_eq!(
-            rewrite("/_matrix/client/v3/rooms/%21r%3Ax/state/m.room.name/?format=event"),
-            "/_matrix/client/v3/rooms/%21r%3Ax/state/m.room.name?format=event"
-        );
-        assert_eq!(
-            rewrite("/_matrix/client/v3/rooms/!r:x/state/m.room.name/"),
-            "/_matrix/client/v3/rooms/!r:x/state/m.room.name"
-        );
-        for untouched in [
-            "/_matrix/client/v3/rooms/!r:x/state/m.room.name/key",
-            "/_matrix/client/v3/rooms/!r:x/state/m.room.name",
-            "/_matrix/client/v3/rooms/!r:x/state/",
-            "/_matrix/client/v3/rooms/!r:x/send/m.room.message/",
-            "/_matrix/client/v3/devices/",
-        ] {
-            assert_eq!(rewrite(untouched), untouched);
         }
     }
 

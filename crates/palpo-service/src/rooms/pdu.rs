@@ -204,6 +204,9 @@ pub fn client_event_json(
         None => serde_json::from_str::<ClientFields>(pdu_json).ok(),
         Some(_) => None,
     };
+    // A redaction whose `redacts` is only in its content (room versions 11 and later) gets the
+    // top-level copy `client_event` adds; redactions are too rare to write that path twice.
+    let fields = fields.filter(|f| f.redacts.is_some() || !is_redaction(f.kind));
     let Some(mut fields) = fields else {
         let value = client_event(event_id, room_id, pdu_json, redacted_by, redaction_rules);
         return to_event_json(&value);
@@ -215,6 +218,10 @@ pub fn client_event_json(
     // Writes the fields' text as it is; it is not parsed again.
     serde_json::value::to_raw_value(&fields)
         .unwrap_or_else(|_| to_event_json(&client_event(event_id, room_id, pdu_json, None, None)))
+}
+
+fn is_redaction(kind: Option<&RawJsonValue>) -> bool {
+    kind.is_some_and(|kind| kind.get() == "\"m.room.redaction\"")
 }
 
 /// A `Value` as [`EventJson`].
@@ -266,6 +273,16 @@ pub fn client_event(
     }
     if !out.contains_key("content") {
         out.insert("content".into(), Value::Object(Map::new()));
+    }
+    // Room versions 11 and later carry `redacts` in the content only. MSC2174 asks servers to
+    // copy it to the top level for clients written before them (matrix-nio, for one, drops a
+    // redaction without it); the copy is not part of the signed event.
+    if !out.contains_key("redacts")
+        && out.get("type").and_then(Value::as_str) == Some("m.room.redaction")
+        && let Some(redacts) = out["content"].get("redacts").filter(|r| r.is_string())
+    {
+        let redacts = redacts.clone();
+        out.insert("redacts".into(), redacts);
     }
     out.insert("event_id".into(), event_id.into());
     out.insert("room_id".into(), room_id.into());
@@ -329,6 +346,14 @@ mod tests {
             let (tree, raw) = both(id, pdu, None);
             assert_eq!(raw, tree, "{id}");
             assert_eq!(raw["event_id"], id);
+        }
+        // Room version 11's redaction is served with the top-level copy older clients read,
+        // also once it is itself redacted (the v11 rules keep `content.redacts`).
+        for redacted_by in [None, Some("$r2")] {
+            let (tree, raw) = both("$r11", &redaction_v11, redacted_by);
+            assert_eq!(raw, tree);
+            assert_eq!(raw["redacts"], "$m", "{redacted_by:?}");
+            assert_eq!(raw["content"]["redacts"], "$m");
         }
         // A redacted event keeps the redaction's path: content stripped, the reason given.
         let (tree, raw) = both("$m", &message, Some("$r"));

@@ -1,0 +1,354 @@
+//! Push rules (`/pushrules`): the user's ruleset, kept as their global `m.push_rules` account
+//! data (`{"global": <ruleset>}`), so that a change reaches their clients through `/sync` like
+//! any account data. Rule handling (insertion order, `before`/`after`, what may be removed) is
+//! ruma's `Ruleset`.
+//!
+//! A stored ruleset keeps the user's own rules and the state (`enabled`, `actions`) of the
+//! server-default ones; the server-default rules themselves are this build's (ruma's), merged
+//! in whenever the ruleset is read, so a server upgrade brings its new default rules to every
+//! account. An account that never changed a rule has nothing stored and gets the defaults.
+
+use palpo_core::{Error, ErrorCode, Result};
+use ruma::{
+    OwnedRoomId, OwnedUserId, UserId,
+    push::{
+        Action, InsertPushRuleError, NewConditionalPushRule, NewPatternedPushRule, NewPushRule,
+        NewSimplePushRule, PushCondition, RemovePushRuleError, RuleKind, Ruleset,
+    },
+};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::AccountDataService;
+
+/// The global account data type that holds the ruleset.
+pub const PUSH_RULES: &str = "m.push_rules";
+
+/// The kinds of rules of the `global` scope, as the path names them.
+const KINDS: &[&str] = &["override", "underride", "sender", "room", "content"];
+
+/// A rule's kind from the path: one of [`KINDS`], else 400 `M_INVALID_PARAM`.
+fn rule_kind(kind: &str) -> Result<RuleKind> {
+    if !KINDS.contains(&kind) {
+        return Err(Error::invalid_param(format!(
+            "Unknown push rule kind {kind:?}: one of {KINDS:?}"
+        )));
+    }
+    Ok(RuleKind::from(kind))
+}
+
+fn rule_not_found() -> Error {
+    Error::not_found("The push rule was not found")
+}
+
+/// The server-default ruleset of `user` (ruma's, which follows the spec's list).
+fn server_default(user: &str) -> Result<Ruleset> {
+    let user = UserId::parse(user).map_err(Error::internal)?;
+    Ok(Ruleset::server_default(&user))
+}
+
+/// The ruleset of stored `m.push_rules` content, with this build's server-default rules;
+/// content that holds no readable ruleset counts as none.
+fn ruleset_of(user: &str, content: Option<Value>) -> Result<Ruleset> {
+    let stored = content
+        .and_then(|mut content| content.get_mut("global").map(Value::take))
+        .and_then(|global| serde_json::from_value::<Ruleset>(global).ok());
+    let defaults = server_default(user)?;
+    Ok(match stored {
+        Some(mut ruleset) => {
+            ruleset.update_with_server_default(defaults);
+            ruleset
+        }
+        None => defaults,
+    })
+}
+
+/// `m.push_rules` content for `ruleset`.
+fn content_of_ruleset(ruleset: &Ruleset) -> Result<Value> {
+    Ok(json!({ "global": serde_json::to_value(ruleset).map_err(Error::internal)? }))
+}
+
+/// The content of an `m.push_rules` account data event for `/sync`: `stored` (or nothing
+/// stored) with this build's server-default rules.
+pub(super) fn sync_content(user: &str, stored: Option<Value>) -> Result<Value> {
+    content_of_ruleset(&ruleset_of(user, stored)?)
+}
+
+/// A field of a request body, as `T`; 400 `M_BAD_JSON` when it is missing or malformed.
+fn field<T: DeserializeOwned>(body: &Value, name: &str) -> Result<T> {
+    let value = body
+        .get(name)
+        .ok_or_else(|| Error::bad_json(format!("Missing field {name:?}")))?;
+    serde_json::from_value(value.clone())
+        .map_err(|e| Error::bad_json(format!("Invalid field {name:?}: {e}")))
+}
+
+/// The rule `body` describes, of `kind` and id `rule_id` (`PUT /pushrules/global/...`).
+fn new_rule(kind: &RuleKind, rule_id: &str, body: &Value) -> Result<NewPushRule> {
+    if !body.is_object() {
+        return Err(Error::bad_json("A push rule must be a JSON object"));
+    }
+    let actions: Vec<Action> = field(body, "actions")?;
+    let id = rule_id.to_owned();
+    let conditions = || -> Result<Vec<PushCondition>> {
+        match body.get("conditions") {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(_) => field(body, "conditions"),
+        }
+    };
+    Ok(match kind {
+        RuleKind::Override => {
+            NewPushRule::Override(NewConditionalPushRule::new(id, conditions()?, actions))
+        }
+        RuleKind::Underride => {
+            NewPushRule::Underride(NewConditionalPushRule::new(id, conditions()?, actions))
+        }
+        RuleKind::Content => {
+            let pattern = field(body, "pattern")?;
+            NewPushRule::Content(NewPatternedPushRule::new(id, pattern, actions))
+        }
+        RuleKind::Room => {
+            let room_id = OwnedRoomId::try_from(rule_id)
+                .map_err(|_| Error::invalid_param("The id of a room rule must be the room's ID"))?;
+            NewPushRule::Room(NewSimplePushRule::new(room_id, actions))
+        }
+        RuleKind::Sender => {
+            let user_id = OwnedUserId::try_from(rule_id).map_err(|_| {
+                Error::invalid_param("The id of a sender rule must be the sender's user ID")
+            })?;
+            NewPushRule::Sender(NewSimplePushRule::new(user_id, actions))
+        }
+        _ => return Err(rule_not_found()),
+    })
+}
+
+impl AccountDataService {
+    /// The user's ruleset (`GET /pushrules/`, the `global` scope).
+    pub async fn push_rules(&self, user: &str) -> Result<Value> {
+        let content = self.content(user, None, PUSH_RULES).await?;
+        let ruleset = ruleset_of(user, content)?;
+        serde_json::to_value(&ruleset).map_err(Error::internal)
+    }
+
+    /// One rule (`GET /pushrules/global/{kind}/{ruleId}`); 404 `M_NOT_FOUND` when there is
+    /// no such rule.
+    pub async fn push_rule(&self, user: &str, kind: &str, rule_id: &str) -> Result<Value> {
+        rule_kind(kind)?;
+        let mut ruleset = self.push_rules(user).await?;
+        let rules = match ruleset.get_mut(kind).map(Value::take) {
+            Some(Value::Array(rules)) => rules,
+            _ => Vec::new(),
+        };
+        rules
+            .into_iter()
+            .find(|rule| rule["rule_id"] == rule_id)
+            .ok_or_else(rule_not_found)
+    }
+
+    /// Adds or replaces a rule of the user's (`PUT /pushrules/global/{kind}/{ruleId}`),
+    /// placed `before` or `after` another user-defined rule of its kind, or first of its kind.
+    pub async fn set_push_rule(
+        &self,
+        user: &str,
+        kind: &str,
+        rule_id: &str,
+        body: &Value,
+        before: Option<&str>,
+        after: Option<&str>,
+    ) -> Result<()> {
+        let kind = rule_kind(kind)?;
+        let rule = new_rule(&kind, rule_id, body)?;
+        self.update_push_rules(user, |ruleset| {
+            ruleset.insert(rule, after, before).map_err(|e| match e {
+                InsertPushRuleError::UnknownRuleId => Error::with_status(
+                    400,
+                    ErrorCode::Unknown,
+                    format!(
+                        "before/after rule not found: {}",
+                        before.or(after).unwrap_or("")
+                    ),
+                ),
+                other => Error::invalid_param(other.to_string()),
+            })
+        })
+        .await
+    }
+
+    /// Removes a rule of the user's (`DELETE /pushrules/global/{kind}/{ruleId}`): 404 when
+    /// there is none, 400 `M_INVALID_PARAM` for a server-default rule (disable it instead).
+    pub async fn delete_push_rule(&self, user: &str, kind: &str, rule_id: &str) -> Result<()> {
+        let kind = rule_kind(kind)?;
+        self.update_push_rules(user, |ruleset| {
+            ruleset.remove(kind, rule_id).map_err(|e| match e {
+                RemovePushRuleError::ServerDefault => Error::invalid_param(
+                    "A server-default rule cannot be removed; it can be disabled",
+                ),
+                _ => rule_not_found(),
+            })
+        })
+        .await
+    }
+
+    /// Whether a rule is enabled (`GET .../enabled`).
+    pub async fn push_rule_enabled(&self, user: &str, kind: &str, rule_id: &str) -> Result<bool> {
+        let rule = self.push_rule(user, kind, rule_id).await?;
+        Ok(rule["enabled"].as_bool().unwrap_or(true))
+    }
+
+    /// Enables or disables a rule (`PUT .../enabled`, body `{"enabled": bool}`).
+    pub async fn set_push_rule_enabled(
+        &self,
+        user: &str,
+        kind: &str,
+        rule_id: &str,
+        body: &Value,
+    ) -> Result<()> {
+        let kind = rule_kind(kind)?;
+        let enabled: bool = field(body, "enabled")?;
+        self.update_push_rules(user, |ruleset| {
+            ruleset
+                .set_enabled(kind, rule_id, enabled)
+                .map_err(|_| rule_not_found())
+        })
+        .await
+    }
+
+    /// A rule's actions (`GET .../actions`).
+    pub async fn push_rule_actions(&self, user: &str, kind: &str, rule_id: &str) -> Result<Value> {
+        let mut rule = self.push_rule(user, kind, rule_id).await?;
+        Ok(rule
+            .get_mut("actions")
+            .map(Value::take)
+            .unwrap_or_else(|| json!([])))
+    }
+
+    /// Sets a rule's actions (`PUT .../actions`, body `{"actions": [...]}`).
+    pub async fn set_push_rule_actions(
+        &self,
+        user: &str,
+        kind: &str,
+        rule_id: &str,
+        body: &Value,
+    ) -> Result<()> {
+        let kind = rule_kind(kind)?;
+        let actions: Vec<Action> = field(body, "actions")?;
+        self.update_push_rules(user, |ruleset| {
+            ruleset
+                .set_actions(kind, rule_id, actions)
+                .map_err(|_| rule_not_found())
+        })
+        .await
+    }
+
+    /// Reads the user's ruleset, changes it with `change` and stores it, one change at a time
+    /// in this process. Nothing is written when `change` fails.
+    async fn update_push_rules(
+        &self,
+        user: &str,
+        change: impl FnOnce(&mut Ruleset) -> Result<()>,
+    ) -> Result<()> {
+        let _one_at_a_time = self.read_modify_write.lock().await;
+        let content = self.content(user, None, PUSH_RULES).await?;
+        let mut ruleset = ruleset_of(user, content)?;
+        change(&mut ruleset)?;
+        self.put(user, None, PUSH_RULES, &content_of_ruleset(&ruleset)?)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_from_the_path() {
+        for kind in KINDS {
+            assert!(rule_kind(kind).is_ok());
+        }
+        for bad in ["", "global", "Override", "postcontent"] {
+            let err = rule_kind(bad).expect_err(bad);
+            assert_eq!(err.status(), 400);
+        }
+    }
+
+    #[test]
+    fn stored_rulesets_get_the_server_defaults() {
+        let user = "@alice:example.org";
+        // Nothing stored, or content without a readable ruleset: the defaults.
+        let defaults = server_default(user).expect("valid user");
+        for content in [None, Some(json!({})), Some(json!({"global": 3}))] {
+            let ruleset = ruleset_of(user, content).expect("ruleset");
+            assert_eq!(
+                serde_json::to_value(&ruleset).ok(),
+                serde_json::to_value(&defaults).ok()
+            );
+        }
+        // A stored ruleset keeps its own rules and the state of the default ones, and gains
+        // the default rules it lacks.
+        let stored = json!({"global": {
+            "override": [
+                {"rule_id": ".m.rule.master", "default": true, "enabled": true,
+                 "conditions": [], "actions": []},
+                {"rule_id": "mine", "default": false, "enabled": true,
+                 "conditions": [], "actions": ["notify"]},
+            ],
+        }});
+        let ruleset = ruleset_of(user, Some(stored)).expect("ruleset");
+        let value = serde_json::to_value(&ruleset).expect("serializes");
+        let overrides = value["override"].as_array().expect("override rules");
+        let rule = |id: &str| overrides.iter().find(|r| r["rule_id"] == id).cloned();
+        assert_eq!(rule(".m.rule.master").expect("master")["enabled"], true);
+        assert!(rule("mine").is_some());
+        assert!(rule(".m.rule.suppress_notices").is_some());
+        assert!(value["underride"].as_array().is_some_and(|u| !u.is_empty()));
+    }
+
+    #[test]
+    fn rules_from_request_bodies() {
+        let notify = json!({"actions": ["notify"]});
+        assert!(new_rule(&RuleKind::Override, "x", &notify).is_ok());
+        assert!(
+            new_rule(
+                &RuleKind::Underride,
+                "x",
+                &json!({"actions": [], "conditions": [{"kind": "event_match", "key": "type", "pattern": "m.x"}]})
+            )
+            .is_ok()
+        );
+        // A content rule needs its pattern; room and sender rules are named by their ids.
+        let err = new_rule(&RuleKind::Content, "x", &notify).expect_err("no pattern");
+        assert_eq!(err.code(), ErrorCode::BadJson);
+        assert!(
+            new_rule(
+                &RuleKind::Content,
+                "x",
+                &json!({"actions": [], "pattern": "cake*"})
+            )
+            .is_ok()
+        );
+        assert!(new_rule(&RuleKind::Room, "!r:x", &notify).is_ok());
+        assert_eq!(
+            new_rule(&RuleKind::Room, "r", &notify)
+                .expect_err("not a room")
+                .status(),
+            400
+        );
+        assert!(new_rule(&RuleKind::Sender, "@u:x", &notify).is_ok());
+        assert_eq!(
+            new_rule(&RuleKind::Sender, "u", &notify)
+                .expect_err("not a user")
+                .status(),
+            400
+        );
+        // Missing or malformed actions, a body that is not an object.
+        for body in [
+            json!({}),
+            json!({"actions": "notify"}),
+            json!([]),
+            json!({"actions": [], "conditions": 1}),
+        ] {
+            let err = new_rule(&RuleKind::Override, "x", &body).expect_err("bad body");
+            assert_eq!(err.code(), ErrorCode::BadJson, "{body}");
+        }
+    }
+}
