@@ -619,6 +619,75 @@ async fn main_receipt_scenario(app: &TestApp) {
     assert_eq!(unread(&initial, &room_id), (1, 0), "{initial}");
 }
 
+backend_matrix!(unread_counts_follow_push_rules, push_rules_scenario);
+
+/// The counts follow the user's push rules: the defaults keep notices and edits quiet; a rule
+/// of the user's own (a keyword that highlights, a room muted the way Element mutes one) is
+/// evaluated, changes the counts of messages already unread, and stops when it is removed.
+async fn push_rules_scenario(app: &TestApp) {
+    let (alice, bob, room_id, since) = two_in_a_room(app).await;
+    let a = alice.access_token.as_str();
+    let b = bob.access_token.as_str();
+    let notice = json!({"msgtype": "m.notice", "body": "a bot says hi bob"});
+    app.send_event(a, &room_id, "m.room.message", notice).await;
+    let hello = app.send_text(a, &room_id, "hello").await;
+    let edit = json!({
+        "msgtype": "m.text",
+        "body": "* hello bob",
+        "m.new_content": {"msgtype": "m.text", "body": "hello bob"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": hello},
+    });
+    app.send_event(a, &room_id, "m.room.message", edit).await;
+    app.send_text(a, &room_id, "I like cake").await;
+    let next = sync(app, b, Some(&since), 0).await;
+    assert_eq!(
+        unread(&next, &room_id),
+        (2, 0),
+        "notices and edits are quiet: {next}"
+    );
+    let since = next_batch(&next);
+
+    // A keyword of Bob's highlights.
+    let rule =
+        |kind: &str, id: &str| format!("/_matrix/client/v3/pushrules/global/{kind}/{}", enc(id));
+    app.put(
+        &rule("content", "cake"),
+        Some(b),
+        json!({"pattern": "cake", "actions": ["notify", {"set_tweak": "highlight"}]}),
+    )
+    .await
+    .expect_ok();
+    // A change of rules alone is no news for the room: the next sync that carries it counts
+    // with the new rules.
+    let initial = sync(app, b, None, 0).await;
+    assert_eq!(unread(&initial, &room_id), (2, 1), "{initial}");
+
+    // Muted, as Element mutes a room: an override rule on the room id without actions.
+    let mute = json!({
+        "actions": [],
+        "conditions": [{"kind": "event_match", "key": "room_id", "pattern": room_id}],
+    });
+    app.put(&rule("override", &room_id), Some(b), mute)
+        .await
+        .expect_ok();
+    app.send_text(a, &room_id, "more cake").await;
+    let next = sync(app, b, Some(&since), 0).await;
+    assert_eq!(unread(&next, &room_id), (0, 0), "{next}");
+    let since = next_batch(&next);
+
+    // Unmuted: the unread messages count again, the new one included.
+    app.delete(&rule("override", &room_id), Some(b), None)
+        .await
+        .expect_ok();
+    app.send_text(a, &room_id, "no cake").await;
+    let next = sync(app, b, Some(&since), 0).await;
+    assert_eq!(unread(&next, &room_id), (4, 3), "{next}");
+    // Alice's counts do not follow Bob's rules.
+    app.send_text(b, &room_id, "cake for everyone").await;
+    let alices = sync(app, a, None, 0).await;
+    assert_eq!(unread(&alices, &room_id), (1, 0), "{alices}");
+}
+
 backend_matrix!(
     unread_counts_across_processes,
     unread_across_processes_scenario

@@ -49,7 +49,7 @@ fn server_default(user: &str) -> Result<Ruleset> {
 
 /// The ruleset of stored `m.push_rules` content, with this build's server-default rules;
 /// content that holds no readable ruleset counts as none.
-fn ruleset_of(user: &str, content: Option<Value>) -> Result<Ruleset> {
+pub(crate) fn ruleset_of(user: &str, content: Option<Value>) -> Result<Ruleset> {
     let stored = content
         .and_then(|mut content| content.get_mut("global").map(Value::take))
         .and_then(|global| serde_json::from_value::<Ruleset>(global).ok());

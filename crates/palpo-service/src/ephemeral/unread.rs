@@ -1,5 +1,12 @@
-//! Unread notification counts: the messages of others a member has not read, and of those
-//! the ones that mention them, per room and per thread.
+//! Unread notification counts: the messages of others a member has not read that notify
+//! them, and of those the ones that highlight (mention them), per room and per thread.
+//!
+//! What notifies is what the member's push rules say. A member who never changed a rule has
+//! the server's defaults, which the counts follow without evaluating them (ruma's evaluation
+//! parses every message, and a first sync counts up to 100 in each room): notices and edits
+//! are quiet, every other message notifies, and one that mentions the member (in
+//! `m.mentions`, or by name in a message without it) highlights. A member with rules of their
+//! own (`m.push_rules` account data) has them evaluated, message by message, by ruma.
 //!
 //! Counting reads events, so a sync would cost as much as the backlog of unread messages. Each
 //! process therefore keeps, per user and room, what it counted and up to which stream
@@ -11,15 +18,23 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use lru::LruCache;
-use palpo_core::Result;
+use palpo_core::{Error, Result};
 use palpo_storage::model::{EventRecord, ReadPosition, StreamHeads};
+use ruma::{
+    OwnedRoomId, OwnedUserId, UInt,
+    push::{Action, PushConditionRoomCtx, Ruleset},
+    serde::Raw,
+};
 use serde_json::Value;
 
-use crate::rooms::RecentEvents;
+use crate::{
+    account_data::{PUSH_RULES, ruleset_of},
+    rooms::RecentEvents,
+};
 
 use super::{
     EphemeralService, EphemeralSync, NOTIFYING_TYPES, PRIVATE_READ, PUBLIC_READ, UnreadCounts,
@@ -49,27 +64,61 @@ impl Default for UnreadCache {
     }
 }
 
-/// A user's read positions in `rooms` and mention names as last read, with the heads
-/// (`StreamHeads`, read with the sync's position before them) they were read at. Every
-/// receipt and every membership change takes a stream position and positions commit in
-/// order, so while the receipts head has not moved no receipt changed, and the positions
-/// are exact; while the membership head has not moved the names are too (a display name
-/// change is stored before the member events that announce it to the user's rooms).
+/// A user's read positions in `rooms` and rules as last read, with the heads (`StreamHeads`,
+/// read with the sync's position before them) they were read at. Every receipt, membership
+/// change and account data change takes a stream position and positions commit in order, so
+/// while the receipts head has not moved no receipt changed, and the positions are exact;
+/// while the membership and account data heads have not moved the rules are too (a display
+/// name change is stored before the member events that announce it to the user's rooms).
 #[derive(Clone)]
 struct Inputs {
     receipts_head: Option<i64>,
     memberships_head: Option<i64>,
+    account_data_head: Option<i64>,
     /// The rooms `positions` hold the receipts of (sorted).
     rooms: Vec<String>,
     positions: Vec<ReadPosition>,
-    mentions: Vec<String>,
+    rules: Rules,
+}
+
+/// What decides which messages notify a user and which highlight.
+#[derive(Debug, Clone)]
+struct Rules {
+    /// What a message body must contain to mention the user (lowercase): their localpart and
+    /// display name. For the server's default rules.
+    names: Vec<String>,
+    /// The user's own push rules, when they have any stored; `None`: the server's defaults.
+    custom: Option<Arc<CustomRules>>,
+}
+
+#[derive(Debug)]
+struct CustomRules {
+    /// The stream position of the change that stored them, which tells them apart.
+    changed_at: i64,
+    ruleset: Ruleset,
+    /// For `contains_display_name` conditions: the display name, else the localpart.
+    display_name: String,
+}
+
+impl PartialEq for Rules {
+    fn eq(&self, other: &Self) -> bool {
+        let changed_at = |rules: &Rules| rules.custom.as_ref().map(|c| c.changed_at);
+        self.names == other.names && changed_at(self) == changed_at(other)
+    }
+}
+
+/// Whether a message notifies, and whether it highlights.
+#[derive(Debug, Clone, Copy, Default)]
+struct Verdict {
+    notify: bool,
+    highlight: bool,
 }
 
 /// The counts of one user in one room over `(start, counted_to]`.
 #[derive(Debug, Clone)]
 struct Counted {
     start: Floors,
-    names: Vec<String>,
+    rules: Rules,
     counted_to: i64,
     main: UnreadCounts,
     threads: BTreeMap<String, UnreadCounts>,
@@ -144,7 +193,7 @@ impl EphemeralService {
         }
         let mut room_ids: Vec<String> = rooms.iter().map(|(r, _)| (*r).clone()).collect();
         room_ids.sort_unstable();
-        let (mentions, positions) = self.count_inputs(user, room_ids, heads).await?;
+        let (rules, positions) = self.count_inputs(user, room_ids, heads).await?;
         let mut reads: HashMap<String, Vec<(Option<String>, i64)>> = HashMap::new();
         for ReadPosition {
             room_id,
@@ -166,7 +215,7 @@ impl EphemeralService {
                 );
                 (
                     *room_id,
-                    self.kept_or_new(user, room_id, floors, up_to, &mentions),
+                    self.kept_or_new(user, room_id, floors, up_to, &rules),
                 )
             })
             .collect();
@@ -214,10 +263,13 @@ impl EphemeralService {
             }
             room.visible.push((event, thread));
         }
+        if let Some(custom) = &rules.custom {
+            self.apply_push_rules(user, custom, &mut by_room).await?;
+        }
         for (room_id, counted) in &mut counts {
             if counted.counted_to < up_to {
                 let candidates = by_room.remove(room_id.as_str()).unwrap_or_default();
-                count_more(user, counted, candidates, up_to, &mentions);
+                count_more(user, counted, candidates, up_to, &rules.names);
                 self.unread
                     .kept
                     .lock()
@@ -234,14 +286,14 @@ impl EphemeralService {
     }
 
     /// The user's read positions in `room_ids` (perhaps with those of other rooms) and their
-    /// mention names: kept from earlier syncs while `heads` say they cannot have changed (see
+    /// rules: kept from earlier syncs while `heads` say they cannot have changed (see
     /// [`Inputs`]).
     async fn count_inputs(
         &self,
         user: &str,
         room_ids: Vec<String>,
         heads: Option<&StreamHeads>,
-    ) -> Result<(Vec<String>, Vec<ReadPosition>)> {
+    ) -> Result<(Rules, Vec<ReadPosition>)> {
         let kept = heads.and_then(|heads| {
             let inputs = self
                 .unread
@@ -263,10 +315,12 @@ impl EphemeralService {
             .into_iter()
             .filter(|r| rooms.binary_search(r).is_err())
             .collect();
-        let kept_mentions = kept
+        let kept_rules = kept
             .as_ref()
-            .filter(|(heads, i)| i.memberships_head == heads.memberships)
-            .map(|(_, i)| i.mentions.clone());
+            .filter(|(heads, i)| {
+                i.memberships_head == heads.memberships && i.account_data_head == heads.account_data
+            })
+            .map(|(_, i)| i.rules.clone());
         let read = async {
             if missing.is_empty() {
                 return Ok(Vec::new());
@@ -277,13 +331,13 @@ impl EphemeralService {
                 .await
                 .map_err(internal)
         };
-        let mentions = async {
-            match kept_mentions {
-                Some(mentions) => Ok(mentions),
-                None => self.mention_names(user).await,
+        let rules = async {
+            match kept_rules {
+                Some(rules) => Ok(rules),
+                None => self.rules(user).await,
             }
         };
-        let (mentions, read) = futures::try_join!(mentions, read)?;
+        let (rules, read) = futures::try_join!(rules, read)?;
         positions.extend(read);
         rooms.extend(missing);
         rooms.sort_unstable();
@@ -297,37 +351,123 @@ impl EphemeralService {
                     Inputs {
                         receipts_head: heads.receipts,
                         memberships_head: heads.memberships,
+                        account_data_head: heads.account_data,
                         rooms,
                         positions: positions.clone(),
-                        mentions: mentions.clone(),
+                        rules: rules.clone(),
                     },
                 );
         }
-        Ok((mentions, positions))
+        Ok((rules, positions))
     }
 
-    /// What a message body must contain to mention `user`: their localpart and display name.
-    async fn mention_names(&self, user: &str) -> Result<Vec<String>> {
-        let mut names = Vec::new();
-        if let Some(localpart) = user
+    /// The user's rules: the names a message body mentions them by (their localpart and
+    /// display name), and their push rules when they have any stored.
+    async fn rules(&self, user: &str) -> Result<Rules> {
+        let localpart = user
             .strip_prefix('@')
             .and_then(|rest| rest.split(':').next())
-            .filter(|l| !l.is_empty())
-        {
-            names.push(localpart.to_lowercase());
+            .filter(|l| !l.is_empty());
+        let display_name = async {
+            Ok::<_, Error>(
+                self.storage
+                    .profiles
+                    .get_profile(user)
+                    .await
+                    .map_err(internal)?
+                    .and_then(|p| p.displayname)
+                    .filter(|n| !n.trim().is_empty()),
+            )
+        };
+        let stored = async {
+            self.storage
+                .account_data
+                .get_account_data(user, None, PUSH_RULES)
+                .await
+                .map_err(internal)
+        };
+        let (display_name, stored) = futures::try_join!(display_name, stored)?;
+        let mut names: Vec<String> = localpart.iter().map(|l| l.to_lowercase()).collect();
+        names.extend(display_name.iter().map(|n| n.to_lowercase()));
+        let custom = match stored {
+            Some(record) => {
+                let content = serde_json::from_str(&record.content).ok();
+                Some(Arc::new(CustomRules {
+                    changed_at: record.stream_position,
+                    ruleset: ruleset_of(user, content)?,
+                    display_name: display_name
+                        .or(localpart.map(str::to_owned))
+                        .unwrap_or_default(),
+                }))
+            }
+            None => None,
+        };
+        Ok(Rules { names, custom })
+    }
+
+    /// Evaluates `custom` on the messages each room's `candidates` hold, in the room's context
+    /// (its joined members counted in one read for all the rooms). Without the room's power
+    /// levels in that context, rules that ask whether the sender may notify the room
+    /// (`@room`) do not match.
+    async fn apply_push_rules(
+        &self,
+        user: &str,
+        custom: &CustomRules,
+        by_room: &mut HashMap<String, Candidates>,
+    ) -> Result<()> {
+        let rooms: Vec<String> = by_room
+            .iter()
+            .filter(|(_, candidates)| !candidates.visible.is_empty())
+            .map(|(room_id, _)| room_id.clone())
+            .collect();
+        if rooms.is_empty() {
+            return Ok(());
         }
-        if let Some(name) = self
+        let members = self
             .storage
-            .profiles
-            .get_profile(user)
+            .rooms
+            .members_of_rooms(&rooms)
             .await
-            .map_err(internal)?
-            .and_then(|p| p.displayname)
-            .filter(|n| !n.trim().is_empty())
-        {
-            names.push(name.to_lowercase());
+            .map_err(internal)?;
+        let mut joined: HashMap<&str, u64> = HashMap::new();
+        for member in members.iter().filter(|m| m.membership == "join") {
+            *joined.entry(member.room_id.as_str()).or_default() += 1;
         }
-        Ok(names)
+        let user_id = OwnedUserId::try_from(user).map_err(Error::internal)?;
+        for room_id in &rooms {
+            let Some(candidates) = by_room.get_mut(room_id) else {
+                continue;
+            };
+            let room = OwnedRoomId::try_from(room_id.as_str()).map_err(Error::internal)?;
+            let member_count =
+                UInt::new_saturating(joined.get(room_id.as_str()).copied().unwrap_or(0));
+            let context = PushConditionRoomCtx::new(
+                room,
+                member_count,
+                user_id.clone(),
+                custom.display_name.clone(),
+            );
+            let mut verdicts = Vec::with_capacity(candidates.visible.len());
+            for (event, _) in &candidates.visible {
+                let verdict = match serde_json::value::RawValue::from_string(event.pdu_json.clone())
+                {
+                    Ok(raw) => {
+                        let actions = custom
+                            .ruleset
+                            .get_actions(&Raw::<Value>::from_json(raw), &context)
+                            .await;
+                        Verdict {
+                            notify: actions.iter().any(Action::should_notify),
+                            highlight: actions.iter().any(Action::is_highlight),
+                        }
+                    }
+                    Err(_) => Verdict::default(),
+                };
+                verdicts.push(verdict);
+            }
+            candidates.verdicts = Some(verdicts);
+        }
+        Ok(())
     }
 
     /// Moves on to `up_to` the kept counts of the rooms where `recent` shows no event after
@@ -362,7 +502,7 @@ impl EphemeralService {
         room_id: &str,
         floors: Floors,
         up_to: i64,
-        mentions: &[String],
+        rules: &Rules,
     ) -> Counted {
         let key = (user.to_owned(), room_id.to_owned());
         let kept = self
@@ -371,14 +511,14 @@ impl EphemeralService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
-            .filter(|c| c.start == floors && c.names == mentions && c.counted_to <= up_to)
+            .filter(|c| c.start == floors && c.rules == *rules && c.counted_to <= up_to)
             .cloned();
         kept.unwrap_or_else(|| Counted {
             // The main timeline may start before the threads do (a `main` receipt older than
             // the join), and the other way round.
             counted_to: floors.base().min(floors.main()),
             start: floors,
-            names: mentions.to_vec(),
+            rules: rules.clone(),
             main: UnreadCounts::default(),
             threads: BTreeMap::new(),
         })
@@ -390,6 +530,8 @@ impl EphemeralService {
 struct Candidates {
     /// Those the user may see, oldest first, each with its thread.
     visible: Vec<(EventRecord, Option<String>)>,
+    /// What the user's own push rules say of each of `visible`; `None`: the defaults'.
+    verdicts: Option<Vec<Verdict>>,
     /// How many were read, and the position of the last.
     read: i64,
     last_read: Option<i64>,
@@ -403,7 +545,7 @@ fn count_more(
     counted: &mut Counted,
     candidates: Candidates,
     up_to: i64,
-    mentions: &[String],
+    names: &[String],
 ) {
     let read_to = match candidates.last_read {
         Some(last) if candidates.read >= MAX_UNREAD_READ => last,
@@ -411,7 +553,8 @@ fn count_more(
     };
     let base = counted.start.base();
     let main_floor = counted.start.main();
-    for (event, thread) in candidates.visible {
+    let verdicts = candidates.verdicts;
+    for (index, (event, thread)) in candidates.visible.into_iter().enumerate() {
         let position = event.stream_ordering.unwrap_or_default();
         let counts = match thread {
             None if position > main_floor => &mut counted.main,
@@ -424,12 +567,45 @@ fn count_more(
                 counted.threads.entry(thread).or_default()
             }
         };
+        let verdict = match &verdicts {
+            Some(verdicts) => verdicts.get(index).copied().unwrap_or_default(),
+            None => default_verdict(&event, user, names),
+        };
+        if !verdict.notify {
+            continue;
+        }
         counts.notification_count += 1;
-        if mentions_user(&event, user, mentions) {
+        if verdict.highlight {
             counts.highlight_count += 1;
         }
     }
     counted.counted_to = read_to;
+}
+
+/// What the server's default push rules say of a message (`m.room.message` or
+/// `m.room.encrypted`), without evaluating them: notices and edits are quiet
+/// (`.m.rule.suppress_notices`, `.m.rule.suppress_edits`); any other message notifies, and
+/// highlights when it mentions `user`.
+fn default_verdict(event: &EventRecord, user: &str, names: &[String]) -> Verdict {
+    if quiet_by_default(&event.pdu_json) {
+        return Verdict::default();
+    }
+    Verdict {
+        notify: true,
+        highlight: mentions_user(event, user, names),
+    }
+}
+
+/// Whether a message is a notice or an edit. Parsed only when its text has either word.
+fn quiet_by_default(pdu_json: &str) -> bool {
+    if !pdu_json.contains("m.notice") && !pdu_json.contains("m.replace") {
+        return false;
+    }
+    let Ok(pdu) = serde_json::from_str::<Value>(pdu_json) else {
+        return false;
+    };
+    let content = &pdu["content"];
+    content["msgtype"] == "m.notice" || content["m.relates_to"]["rel_type"] == "m.replace"
 }
 
 /// Whether a message mentions `user`: listed in `m.mentions.user_ids` or, when the message
@@ -547,6 +723,27 @@ mod tests {
             user,
             &names
         ));
+    }
+
+    #[test]
+    fn notices_and_edits_are_quiet_by_default() {
+        let names = vec!["bob".to_owned()];
+        let verdict = |content: Value| default_verdict(&message(content), "@bob:x", &names);
+        let notice = verdict(json!({"msgtype": "m.notice", "body": "hi bob"}));
+        assert!(!notice.notify && !notice.highlight);
+        let edit = verdict(json!({
+            "msgtype": "m.text", "body": "* hi bob",
+            "m.relates_to": {"rel_type": "m.replace", "event_id": "$e"},
+        }));
+        assert!(!edit.notify && !edit.highlight);
+        // The words elsewhere do not make a message quiet.
+        let text = verdict(json!({"msgtype": "m.text", "body": "m.notice m.replace bob"}));
+        assert!(text.notify && text.highlight);
+        let reply = verdict(json!({
+            "msgtype": "m.text", "body": "yes",
+            "m.relates_to": {"m.in_reply_to": {"event_id": "$e"}},
+        }));
+        assert!(reply.notify && !reply.highlight);
     }
 
     #[test]
