@@ -44,6 +44,9 @@ async fn push_rules_scenario(app: &TestApp) {
     // The server's defaults, also in the initial sync.
     let defaults = app.get(RULES, Some(a)).await.expect_ok().clone();
     let global = &defaults["global"];
+    for kind in ["override", "content", "room", "sender", "underride"] {
+        assert!(global[kind].is_array(), "every kind is listed: {global}");
+    }
     assert_eq!(ids(global, "override")[0], ".m.rule.master");
     assert_eq!(global["override"][0]["enabled"], false);
     assert_eq!(global["override"][0]["default"], true);
@@ -60,6 +63,14 @@ async fn push_rules_scenario(app: &TestApp) {
         synced_rules(&initial).as_ref(),
         Some(&defaults),
         "{initial}"
+    );
+    let as_account_data = format!(
+        "/_matrix/client/v3/user/{}/account_data/m.push_rules",
+        enc(&alice.user_id)
+    );
+    assert_eq!(
+        app.get(&as_account_data, Some(a)).await.expect_ok(),
+        &defaults
     );
     let since = next_batch(&initial);
     let master = app
@@ -188,7 +199,7 @@ async fn push_rules_scenario(app: &TestApp) {
         .expect_error(404, "M_NOT_FOUND");
     app.delete(&rule_path("override", ".m.rule.master", ""), Some(a), None)
         .await
-        .expect_error(400, "M_INVALID_PARAM");
+        .expect_error(404, "M_NOT_FOUND");
 
     // The spec's errors, and nothing stored changes.
     let before_errors = app.get(RULES, Some(a)).await.expect_ok().clone();
@@ -288,4 +299,35 @@ async fn push_rules_scenario(app: &TestApp) {
     assert!(started.elapsed() < Duration::from_secs(10));
     let rules = synced_rules(&woke).unwrap_or_else(|| panic!("no push rules in {woke}"));
     assert_eq!(rules["global"]["override"][0]["enabled"], false);
+    assert_eq!(
+        app.get(&as_account_data, Some(a)).await.expect_ok(),
+        &rules,
+        "read as account data, the rules are those /sync shows"
+    );
+
+    // Stored rules that cannot be read: read as the defaults, but a change is refused rather
+    // than storing the defaults over them.
+    let unreadable = r#"{"global":{"override":3}}"#;
+    app.storage()
+        .account_data
+        .put_account_data(&bob.user_id, None, "m.push_rules", unreadable)
+        .await
+        .expect("stored");
+    let bobs = app.get(RULES, Some(b)).await.expect_ok()["global"].clone();
+    assert_eq!(ids(&bobs, "override")[0], ".m.rule.master");
+    app.put(
+        &rule_path("override", "x", ""),
+        Some(b),
+        json!({"actions": []}),
+    )
+    .await
+    .expect_status(500);
+    let kept = app
+        .storage()
+        .account_data
+        .get_account_data(&bob.user_id, None, "m.push_rules")
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(kept.content, unreadable);
 }

@@ -701,14 +701,28 @@ async fn threads_scenario(app: &TestApp) {
         "the thread's message, counted in the room's total"
     );
 
-    // An edit of a thread message is in the thread.
-    let edit = app
+    // An edit is quiet (the default push rules' `.m.rule.suppress_edits`); another relation
+    // to a thread message is in the thread.
+    app.send_event(
+        a,
+        &room_id,
+        "m.room.message",
+        json!({"msgtype": "m.text", "body": "* t2!", "m.new_content": {"msgtype": "m.text",
+            "body": "t2!"}, "m.relates_to": {"rel_type": "m.replace", "event_id": t2}}),
+    )
+    .await;
+    let response = sync_filtered(app, b, None, Some(&threads)).await;
+    assert_eq!(
+        response["rooms"]["join"][&room_id]["unread_thread_notifications"][&root]["notification_count"],
+        1
+    );
+    let reference = app
         .send_event(
             a,
             &room_id,
             "m.room.message",
-            json!({"msgtype": "m.text", "body": "* t2!", "m.new_content": {"msgtype": "m.text",
-                "body": "t2!"}, "m.relates_to": {"rel_type": "m.replace", "event_id": t2}}),
+            json!({"msgtype": "m.text", "body": "about t2",
+                "m.relates_to": {"rel_type": "m.reference", "event_id": t2}}),
         )
         .await;
     let response = sync_filtered(app, b, None, Some(&threads)).await;
@@ -718,7 +732,7 @@ async fn threads_scenario(app: &TestApp) {
         2
     );
     // An unthreaded receipt reads everything before it, threads included.
-    app.post(&receipt("m.read.private", &edit), Some(b), json!({}))
+    app.post(&receipt("m.read.private", &reference), Some(b), json!({}))
         .await
         .expect_ok();
     let response = sync_filtered(app, b, None, Some(&threads)).await;

@@ -186,9 +186,12 @@ impl AccountDataService {
         if let Some(room_id) = room_id {
             check_room_id(room_id)?;
         }
-        self.content(target, room_id, data_type)
-            .await?
-            .ok_or_else(|| Error::not_found("Account data not found"))
+        let content = self.content(target, room_id, data_type).await?;
+        // The push rules read as `/pushrules/` and `/sync` show them, defaults included.
+        if room_id.is_none() && data_type == PUSH_RULES {
+            return push_rules::client_content(target, content);
+        }
+        content.ok_or_else(|| Error::not_found("Account data not found"))
     }
 
     async fn content(
@@ -306,20 +309,20 @@ impl AccountDataService {
     pub async fn sync(&self, user: &str, since: Option<i64>, upto: i64) -> Result<AccountDataSync> {
         let mut out = AccountDataSync::default();
         let after = since.unwrap_or(0);
-        if after >= upto {
-            return Ok(out);
-        }
-        let records = self
-            .storage
-            .account_data
-            .account_data_since(user, after, upto)
-            .await
-            .map_err(internal)?;
+        let records = if after < upto {
+            self.storage
+                .account_data
+                .account_data_since(user, after, upto)
+                .await
+                .map_err(internal)?
+        } else {
+            Vec::new()
+        };
         let mut push_rules_seen = false;
         for record in records {
             let mut content = content_of(&record)?;
             if record.room_id.is_none() && record.data_type == PUSH_RULES {
-                content = push_rules::sync_content(user, Some(content))?;
+                content = push_rules::client_content(user, Some(content))?;
                 push_rules_seen = true;
             }
             let event = json!({ "type": record.data_type, "content": content });
@@ -332,7 +335,7 @@ impl AccountDataService {
         // account that never changed one has the server's defaults, which come first, as
         // older than anything stored (a filter's `limit` keeps the newest).
         if since.is_none() && !push_rules_seen {
-            let content = push_rules::sync_content(user, None)?;
+            let content = push_rules::client_content(user, None)?;
             out.global
                 .insert(0, json!({ "type": PUSH_RULES, "content": content }));
         }

@@ -175,8 +175,8 @@ impl PushRulesApi {
         Ok(Json(EmptyResponse {}))
     }
 
-    /// Deletes a rule of the user's; server-default rules cannot be deleted (400), only
-    /// disabled.
+    /// Deletes a rule of the user's; 404 `M_NOT_FOUND` when the user has no such rule of
+    /// their own. Server-default rules cannot be deleted (404), only disabled.
     #[oai(
         path = "/_matrix/client/v3/pushrules/global/:kind/:ruleId",
         method = "delete",

@@ -3,10 +3,11 @@
 //! any account data. Rule handling (insertion order, `before`/`after`, what may be removed) is
 //! ruma's `Ruleset`.
 //!
-//! A stored ruleset keeps the user's own rules and the state (`enabled`, `actions`) of the
-//! server-default ones; the server-default rules themselves are this build's (ruma's), merged
-//! in whenever the ruleset is read, so a server upgrade brings its new default rules to every
-//! account. An account that never changed a rule has nothing stored and gets the defaults.
+//! A stored ruleset keeps the user's own rules and the server-default ones the user changed
+//! (`enabled`, `actions`); the server-default rules themselves are this build's (ruma's),
+//! merged in whenever the ruleset is read, so a server upgrade brings its new default rules,
+//! and new actions of the ones the user left alone, to every account. An account that never
+//! changed a rule has nothing stored and gets the defaults.
 
 use palpo_core::{Error, ErrorCode, Result};
 use ruma::{
@@ -47,31 +48,83 @@ fn server_default(user: &str) -> Result<Ruleset> {
     Ok(Ruleset::server_default(&user))
 }
 
-/// The ruleset of stored `m.push_rules` content, with this build's server-default rules;
-/// content that holds no readable ruleset counts as none.
-pub(crate) fn ruleset_of(user: &str, content: Option<Value>) -> Result<Ruleset> {
-    let stored = content
-        .and_then(|mut content| content.get_mut("global").map(Value::take))
-        .and_then(|global| serde_json::from_value::<Ruleset>(global).ok());
+/// The ruleset of stored `m.push_rules` content (`None`: nothing stored) with this build's
+/// server-default rules; `Err` when the content holds no readable ruleset.
+fn merged_ruleset(user: &str, content: Option<Value>) -> Result<Ruleset> {
     let defaults = server_default(user)?;
-    Ok(match stored {
-        Some(mut ruleset) => {
-            ruleset.update_with_server_default(defaults);
-            ruleset
+    let Some(mut content) = content else {
+        return Ok(defaults);
+    };
+    let global = content
+        .get_mut("global")
+        .map(Value::take)
+        .unwrap_or_default();
+    let mut ruleset: Ruleset = serde_json::from_value(global)
+        .map_err(|e| Error::internal(format!("unreadable stored push rules: {e}")))?;
+    ruleset.update_with_server_default(defaults);
+    Ok(ruleset)
+}
+
+/// As [`merged_ruleset`], for reading: unreadable stored rules are logged and read as the
+/// defaults (a write refuses them instead, so that it does not replace what is stored).
+pub(crate) fn ruleset_of(user: &str, content: Option<Value>) -> Result<Ruleset> {
+    match merged_ruleset(user, content) {
+        Ok(ruleset) => Ok(ruleset),
+        Err(err) => {
+            tracing::warn!(user, error = %err, "push rules read as the defaults");
+            server_default(user)
         }
-        None => defaults,
-    })
+    }
 }
 
-/// `m.push_rules` content for `ruleset`.
-fn content_of_ruleset(ruleset: &Ruleset) -> Result<Value> {
-    Ok(json!({ "global": serde_json::to_value(ruleset).map_err(Error::internal)? }))
+/// The kinds a ruleset's JSON always shows, empty or not (ruma leaves empty ones out; the
+/// spec's examples and other servers list all five, and clients index them).
+const SHOWN_KINDS: &[&str] = &["override", "content", "room", "sender", "underride"];
+
+/// A ruleset as clients see it: every kind present.
+fn ruleset_json(ruleset: &Ruleset) -> Result<Value> {
+    let mut value = serde_json::to_value(ruleset).map_err(Error::internal)?;
+    if let Value::Object(kinds) = &mut value {
+        for kind in SHOWN_KINDS {
+            kinds.entry(*kind).or_insert_with(|| json!([]));
+        }
+    }
+    Ok(value)
 }
 
-/// The content of an `m.push_rules` account data event for `/sync`: `stored` (or nothing
-/// stored) with this build's server-default rules.
-pub(super) fn sync_content(user: &str, stored: Option<Value>) -> Result<Value> {
-    content_of_ruleset(&ruleset_of(user, stored)?)
+/// The content to store for `ruleset`: the user's rules and the server-default rules whose
+/// `enabled` or `actions` differ from this build's defaults (the others are merged in again
+/// when read, so they follow the server's defaults as they change).
+fn stored_content(user: &str, ruleset: &Ruleset) -> Result<Value> {
+    let defaults = serde_json::to_value(server_default(user)?).map_err(Error::internal)?;
+    let mut value = serde_json::to_value(ruleset).map_err(Error::internal)?;
+    if let Value::Object(kinds) = &mut value {
+        for (kind, rules) in kinds.iter_mut() {
+            let Value::Array(rules) = rules else {
+                continue;
+            };
+            let default_rules = defaults[kind.as_str()].as_array();
+            rules.retain(|rule| {
+                let unchanged_default = rule["default"] == true
+                    && default_rules.is_some_and(|defaults| {
+                        defaults.iter().any(|d| {
+                            d["rule_id"] == rule["rule_id"]
+                                && d["enabled"] == rule["enabled"]
+                                && d["actions"] == rule["actions"]
+                        })
+                    });
+                !unchanged_default
+            });
+        }
+    }
+    Ok(json!({ "global": value }))
+}
+
+/// The content of an `m.push_rules` account data event as clients get it (in `/sync`, or
+/// read as account data): `stored` (or nothing stored) with this build's server-default
+/// rules, every kind present.
+pub(super) fn client_content(user: &str, stored: Option<Value>) -> Result<Value> {
+    Ok(json!({ "global": ruleset_json(&ruleset_of(user, stored)?)? }))
 }
 
 /// A field of a request body, as `T`; 400 `M_BAD_JSON` when it is missing or malformed.
@@ -126,8 +179,7 @@ impl AccountDataService {
     /// The user's ruleset (`GET /pushrules/`, the `global` scope).
     pub async fn push_rules(&self, user: &str) -> Result<Value> {
         let content = self.content(user, None, PUSH_RULES).await?;
-        let ruleset = ruleset_of(user, content)?;
-        serde_json::to_value(&ruleset).map_err(Error::internal)
+        ruleset_json(&ruleset_of(user, content)?)
     }
 
     /// One rule (`GET /pushrules/global/{kind}/{ruleId}`); 404 `M_NOT_FOUND` when there is
@@ -164,8 +216,9 @@ impl AccountDataService {
                     400,
                     ErrorCode::Unknown,
                     format!(
-                        "before/after rule not found: {}",
-                        before.or(after).unwrap_or("")
+                        "before/after rule not found: before {:?}, after {:?}",
+                        before.unwrap_or_default(),
+                        after.unwrap_or_default()
                     ),
                 ),
                 other => Error::invalid_param(other.to_string()),
@@ -175,14 +228,15 @@ impl AccountDataService {
     }
 
     /// Removes a rule of the user's (`DELETE /pushrules/global/{kind}/{ruleId}`): 404 when
-    /// there is none, 400 `M_INVALID_PARAM` for a server-default rule (disable it instead).
+    /// the user has no such rule of their own, server-default rules included (the spec's only
+    /// error for this; they can be disabled instead).
     pub async fn delete_push_rule(&self, user: &str, kind: &str, rule_id: &str) -> Result<()> {
         let kind = rule_kind(kind)?;
         self.update_push_rules(user, |ruleset| {
             ruleset.remove(kind, rule_id).map_err(|e| match e {
-                RemovePushRuleError::ServerDefault => Error::invalid_param(
-                    "A server-default rule cannot be removed; it can be disabled",
-                ),
+                RemovePushRuleError::ServerDefault => {
+                    Error::not_found("A server-default rule cannot be removed; it can be disabled")
+                }
                 _ => rule_not_found(),
             })
         })
@@ -241,7 +295,8 @@ impl AccountDataService {
     }
 
     /// Reads the user's ruleset, changes it with `change` and stores it, one change at a time
-    /// in this process. Nothing is written when `change` fails.
+    /// in this process. Nothing is written when `change` fails, or when the stored rules cannot
+    /// be read (a 500: storing the defaults plus the change would lose the user's rules).
     async fn update_push_rules(
         &self,
         user: &str,
@@ -249,9 +304,9 @@ impl AccountDataService {
     ) -> Result<()> {
         let _one_at_a_time = self.read_modify_write.lock().await;
         let content = self.content(user, None, PUSH_RULES).await?;
-        let mut ruleset = ruleset_of(user, content)?;
+        let mut ruleset = merged_ruleset(user, content)?;
         change(&mut ruleset)?;
-        self.put(user, None, PUSH_RULES, &content_of_ruleset(&ruleset)?)
+        self.put(user, None, PUSH_RULES, &stored_content(user, &ruleset)?)
             .await
     }
 }
@@ -276,7 +331,7 @@ mod tests {
         let user = "@alice:example.org";
         // Nothing stored, or content without a readable ruleset: the defaults.
         let defaults = server_default(user).expect("valid user");
-        for content in [None, Some(json!({})), Some(json!({"global": 3}))] {
+        for content in [None, Some(json!({"global": 3}))] {
             let ruleset = ruleset_of(user, content).expect("ruleset");
             assert_eq!(
                 serde_json::to_value(&ruleset).ok(),
@@ -301,6 +356,46 @@ mod tests {
         assert!(rule("mine").is_some());
         assert!(rule(".m.rule.suppress_notices").is_some());
         assert!(value["underride"].as_array().is_some_and(|u| !u.is_empty()));
+    }
+
+    #[test]
+    fn stored_rules_leave_out_the_untouched_defaults() {
+        let user = "@alice:example.org";
+        let stored_ids = |ruleset: &Ruleset| -> Vec<String> {
+            let content = stored_content(user, ruleset).expect("content");
+            let mut ids: Vec<String> = SHOWN_KINDS
+                .iter()
+                .flat_map(|kind| {
+                    content["global"][*kind]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .map(|rule| rule["rule_id"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            ids.sort();
+            ids
+        };
+        let mut ruleset = server_default(user).expect("defaults");
+        assert!(stored_ids(&ruleset).is_empty());
+        ruleset
+            .set_enabled(RuleKind::Override, ".m.rule.master", true)
+            .expect("master");
+        let rule = new_rule(&RuleKind::Override, "mine", &json!({"actions": []})).expect("rule");
+        ruleset.insert(rule, None, None).expect("inserted");
+        assert_eq!(stored_ids(&ruleset), [".m.rule.master", "mine"]);
+        // Read back, the defaults are all there again, the changed one as changed.
+        let content = stored_content(user, &ruleset).expect("content");
+        let read = ruleset_json(&ruleset_of(user, Some(content)).expect("read")).expect("json");
+        assert_eq!(read, ruleset_json(&ruleset).expect("json"));
+        assert_eq!(read["override"][0]["enabled"], true);
+        for kind in SHOWN_KINDS {
+            assert!(read[*kind].is_array(), "{kind}: {read}");
+        }
+        // Unreadable stored rules: read as the defaults, refused for a change.
+        let bad = Some(json!({"global": {"override": 3}}));
+        assert!(merged_ruleset(user, bad.clone()).is_err());
+        assert!(ruleset_of(user, bad).is_ok());
     }
 
     #[test]
