@@ -633,8 +633,8 @@ async fn push_rules_scenario(app: &TestApp) {
     let hello = app.send_text(a, &room_id, "hello").await;
     let edit = json!({
         "msgtype": "m.text",
-        "body": "* hello bob",
-        "m.new_content": {"msgtype": "m.text", "body": "hello bob"},
+        "body": "* hello there",
+        "m.new_content": {"msgtype": "m.text", "body": "hello there"},
         "m.relates_to": {"rel_type": "m.replace", "event_id": hello},
     });
     app.send_event(a, &room_id, "m.room.message", edit).await;

@@ -21,7 +21,7 @@ use crate::{internal, notifier::Notifier};
 mod push_rules;
 
 pub use push_rules::PUSH_RULES;
-pub(crate) use push_rules::ruleset_of;
+pub(crate) use push_rules::custom_ruleset;
 
 /// The room account data type that holds the room's tags.
 pub const TAG: &str = "m.tag";

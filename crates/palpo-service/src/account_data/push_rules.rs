@@ -77,6 +77,20 @@ pub(crate) fn ruleset_of(user: &str, content: Option<Value>) -> Result<Ruleset> 
     }
 }
 
+/// The user's ruleset, when their stored content holds rules of their own or server-default
+/// rules they changed; `None` when it says nothing the defaults do not (say, a rule added and
+/// removed again), or cannot be read.
+pub(crate) fn custom_ruleset(user: &str, content: Option<Value>) -> Result<Option<Ruleset>> {
+    let ruleset = ruleset_of(user, content)?;
+    let stored = stored_content(user, &ruleset)?;
+    let any_rule = stored["global"].as_object().is_some_and(|kinds| {
+        kinds
+            .values()
+            .any(|rules| rules.as_array().is_some_and(|rules| !rules.is_empty()))
+    });
+    Ok(any_rule.then_some(ruleset))
+}
+
 /// The kinds a ruleset's JSON always shows, empty or not (ruma leaves empty ones out; the
 /// spec's examples and other servers list all five, and clients index them).
 const SHOWN_KINDS: &[&str] = &["override", "content", "room", "sender", "underride"];
@@ -392,6 +406,16 @@ mod tests {
         for kind in SHOWN_KINDS {
             assert!(read[*kind].is_array(), "{kind}: {read}");
         }
+        // Only the user's rules and changed defaults make a ruleset their own.
+        assert!(custom_ruleset(user, None).expect("read").is_none());
+        let defaults_only = stored_content(user, &server_default(user).expect("defaults"));
+        assert!(
+            custom_ruleset(user, defaults_only.ok())
+                .expect("read")
+                .is_none()
+        );
+        let own = stored_content(user, &ruleset).expect("content");
+        assert!(custom_ruleset(user, Some(own)).expect("read").is_some());
         // Unreadable stored rules: read as the defaults, refused for a change.
         let bad = Some(json!({"global": {"override": 3}}));
         assert!(merged_ruleset(user, bad.clone()).is_err());

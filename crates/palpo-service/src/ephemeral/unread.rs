@@ -22,8 +22,8 @@ use std::{
 };
 
 use lru::LruCache;
-use palpo_core::{Error, Result};
-use palpo_storage::model::{EventRecord, ReadPosition, StreamHeads};
+use palpo_core::Result;
+use palpo_storage::model::{AccountDataRecord, EventRecord, ReadPosition, StreamHeads};
 use ruma::{
     OwnedRoomId, OwnedUserId, UInt,
     push::{Action, PushConditionRoomCtx, Ruleset},
@@ -32,7 +32,7 @@ use ruma::{
 use serde_json::Value;
 
 use crate::{
-    account_data::{PUSH_RULES, ruleset_of},
+    account_data::{PUSH_RULES, custom_ruleset},
     rooms::RecentEvents,
 };
 
@@ -68,8 +68,9 @@ impl Default for UnreadCache {
 /// read with the sync's position before them) they were read at. Every receipt, membership
 /// change and account data change takes a stream position and positions commit in order, so
 /// while the receipts head has not moved no receipt changed, and the positions are exact;
-/// while the membership and account data heads have not moved the rules are too (a display
-/// name change is stored before the member events that announce it to the user's rooms).
+/// while the membership head has not moved the names are exact (a display name change is
+/// stored before the member events that announce it to the user's rooms), and while the
+/// user's account data head has not moved so are their push rules.
 #[derive(Clone)]
 struct Inputs {
     receipts_head: Option<i64>,
@@ -79,6 +80,14 @@ struct Inputs {
     rooms: Vec<String>,
     positions: Vec<ReadPosition>,
     rules: Rules,
+    /// The display name the names were read with.
+    display_name: Option<String>,
+}
+
+/// The user's push rules as read for [`Inputs`]: kept from it, or read again.
+enum PushRulesRead {
+    Kept(Option<Arc<CustomRules>>),
+    Read(Option<AccountDataRecord>),
 }
 
 /// What decides which messages notify a user and which highlight.
@@ -315,12 +324,14 @@ impl EphemeralService {
             .into_iter()
             .filter(|r| rooms.binary_search(r).is_err())
             .collect();
-        let kept_rules = kept
+        let kept_names = kept
             .as_ref()
-            .filter(|(heads, i)| {
-                i.memberships_head == heads.memberships && i.account_data_head == heads.account_data
-            })
-            .map(|(_, i)| i.rules.clone());
+            .filter(|(heads, i)| i.memberships_head == heads.memberships)
+            .map(|(_, i)| (i.rules.names.clone(), i.display_name.clone()));
+        let kept_push_rules = kept
+            .as_ref()
+            .filter(|(heads, i)| i.account_data_head == heads.account_data)
+            .map(|(_, i)| i.rules.custom.clone());
         let read = async {
             if missing.is_empty() {
                 return Ok(Vec::new());
@@ -331,13 +342,54 @@ impl EphemeralService {
                 .await
                 .map_err(internal)
         };
-        let rules = async {
-            match kept_rules {
-                Some(rules) => Ok(rules),
-                None => self.rules(user).await,
+        let names = async {
+            match kept_names {
+                Some(names) => Ok(names),
+                None => self.mention_names(user).await,
             }
         };
-        let (rules, read) = futures::try_join!(rules, read)?;
+        let push_rules = async {
+            match kept_push_rules {
+                Some(custom) => Ok(PushRulesRead::Kept(custom)),
+                None => self
+                    .storage
+                    .account_data
+                    .get_account_data(user, None, PUSH_RULES)
+                    .await
+                    .map(PushRulesRead::Read)
+                    .map_err(internal),
+            }
+        };
+        let ((names, display_name), push_rules, read) =
+            futures::try_join!(names, push_rules, read)?;
+        let display_name_or_localpart = display_name
+            .clone()
+            .or_else(|| localpart(user).map(str::to_owned))
+            .unwrap_or_default();
+        let custom = match push_rules {
+            PushRulesRead::Kept(Some(custom))
+                if custom.display_name != display_name_or_localpart =>
+            {
+                Some(Arc::new(CustomRules {
+                    changed_at: custom.changed_at,
+                    ruleset: custom.ruleset.clone(),
+                    display_name: display_name_or_localpart,
+                }))
+            }
+            PushRulesRead::Kept(custom) => custom,
+            PushRulesRead::Read(None) => None,
+            PushRulesRead::Read(Some(record)) => {
+                let content = serde_json::from_str(&record.content).ok();
+                custom_ruleset(user, content)?.map(|ruleset| {
+                    Arc::new(CustomRules {
+                        changed_at: record.stream_position,
+                        ruleset,
+                        display_name: display_name_or_localpart,
+                    })
+                })
+            }
+        };
+        let rules = Rules { names, custom };
         positions.extend(read);
         rooms.extend(missing);
         rooms.sort_unstable();
@@ -355,54 +407,27 @@ impl EphemeralService {
                         rooms,
                         positions: positions.clone(),
                         rules: rules.clone(),
+                        display_name,
                     },
                 );
         }
         Ok((rules, positions))
     }
 
-    /// The user's rules: the names a message body mentions them by (their localpart and
-    /// display name), and their push rules when they have any stored.
-    async fn rules(&self, user: &str) -> Result<Rules> {
-        let localpart = user
-            .strip_prefix('@')
-            .and_then(|rest| rest.split(':').next())
-            .filter(|l| !l.is_empty());
-        let display_name = async {
-            Ok::<_, Error>(
-                self.storage
-                    .profiles
-                    .get_profile(user)
-                    .await
-                    .map_err(internal)?
-                    .and_then(|p| p.displayname)
-                    .filter(|n| !n.trim().is_empty()),
-            )
-        };
-        let stored = async {
-            self.storage
-                .account_data
-                .get_account_data(user, None, PUSH_RULES)
-                .await
-                .map_err(internal)
-        };
-        let (display_name, stored) = futures::try_join!(display_name, stored)?;
-        let mut names: Vec<String> = localpart.iter().map(|l| l.to_lowercase()).collect();
+    /// What a message body must contain to mention `user` (lowercase): their localpart and
+    /// display name; and the display name.
+    async fn mention_names(&self, user: &str) -> Result<(Vec<String>, Option<String>)> {
+        let display_name = self
+            .storage
+            .profiles
+            .get_profile(user)
+            .await
+            .map_err(internal)?
+            .and_then(|p| p.displayname)
+            .filter(|n| !n.trim().is_empty());
+        let mut names: Vec<String> = localpart(user).iter().map(|l| l.to_lowercase()).collect();
         names.extend(display_name.iter().map(|n| n.to_lowercase()));
-        let custom = match stored {
-            Some(record) => {
-                let content = serde_json::from_str(&record.content).ok();
-                Some(Arc::new(CustomRules {
-                    changed_at: record.stream_position,
-                    ruleset: ruleset_of(user, content)?,
-                    display_name: display_name
-                        .or(localpart.map(str::to_owned))
-                        .unwrap_or_default(),
-                }))
-            }
-            None => None,
-        };
-        Ok(Rules { names, custom })
+        Ok((names, display_name))
     }
 
     /// Evaluates `custom` on the messages each room's `candidates` hold, in the room's context
@@ -433,12 +458,19 @@ impl EphemeralService {
         for member in members.iter().filter(|m| m.membership == "join") {
             *joined.entry(member.room_id.as_str()).or_default() += 1;
         }
-        let user_id = OwnedUserId::try_from(user).map_err(Error::internal)?;
+        // Ids that do not parse (never ours) leave their rooms to the built-in verdicts.
+        let Ok(user_id) = OwnedUserId::try_from(user) else {
+            tracing::warn!(user, "push rules not evaluated: unreadable user id");
+            return Ok(());
+        };
         for room_id in &rooms {
             let Some(candidates) = by_room.get_mut(room_id) else {
                 continue;
             };
-            let room = OwnedRoomId::try_from(room_id.as_str()).map_err(Error::internal)?;
+            let Ok(room) = OwnedRoomId::try_from(room_id.as_str()) else {
+                tracing::warn!(room_id, "push rules not evaluated: unreadable room id");
+                continue;
+            };
             let member_count =
                 UInt::new_saturating(joined.get(room_id.as_str()).copied().unwrap_or(0));
             let context = PushConditionRoomCtx::new(
@@ -554,6 +586,11 @@ fn count_more(
     let base = counted.start.base();
     let main_floor = counted.start.main();
     let verdicts = candidates.verdicts;
+    debug_assert!(
+        verdicts
+            .as_ref()
+            .is_none_or(|v| v.len() == candidates.visible.len())
+    );
     for (index, (event, thread)) in candidates.visible.into_iter().enumerate() {
         let position = event.stream_ordering.unwrap_or_default();
         let counts = match thread {
@@ -583,29 +620,43 @@ fn count_more(
 }
 
 /// What the server's default push rules say of a message (`m.room.message` or
-/// `m.room.encrypted`), without evaluating them: notices and edits are quiet
-/// (`.m.rule.suppress_notices`, `.m.rule.suppress_edits`); any other message notifies, and
-/// highlights when it mentions `user`.
+/// `m.room.encrypted`), without evaluating them, in their order: a notice is quiet
+/// (`.m.rule.suppress_notices`); a message that mentions `user` notifies and highlights
+/// (`.m.rule.is_user_mention`, and the body's names as the deprecated name rules did); an
+/// edit is quiet (`.m.rule.suppress_edits`); any other message notifies.
 fn default_verdict(event: &EventRecord, user: &str, names: &[String]) -> Verdict {
-    if quiet_by_default(&event.pdu_json) {
+    let (notice, edit) = notice_or_edit(&event.pdu_json);
+    if notice {
         return Verdict::default();
     }
+    let highlight = mentions_user(event, user, names);
     Verdict {
-        notify: true,
-        highlight: mentions_user(event, user, names),
+        notify: highlight || !edit,
+        highlight,
     }
 }
 
-/// Whether a message is a notice or an edit. Parsed only when its text has either word.
-fn quiet_by_default(pdu_json: &str) -> bool {
+/// Whether a message is a notice, and whether it is an edit. Parsed only when its text has
+/// either word.
+fn notice_or_edit(pdu_json: &str) -> (bool, bool) {
     if !pdu_json.contains("m.notice") && !pdu_json.contains("m.replace") {
-        return false;
+        return (false, false);
     }
     let Ok(pdu) = serde_json::from_str::<Value>(pdu_json) else {
-        return false;
+        return (false, false);
     };
     let content = &pdu["content"];
-    content["msgtype"] == "m.notice" || content["m.relates_to"]["rel_type"] == "m.replace"
+    (
+        content["msgtype"] == "m.notice",
+        content["m.relates_to"]["rel_type"] == "m.replace",
+    )
+}
+
+/// The localpart of a user id.
+fn localpart(user: &str) -> Option<&str> {
+    user.strip_prefix('@')
+        .and_then(|rest| rest.split(':').next())
+        .filter(|l| !l.is_empty())
 }
 
 /// Whether a message mentions `user`: listed in `m.mentions.user_ids` or, when the message
@@ -732,10 +783,17 @@ mod tests {
         let notice = verdict(json!({"msgtype": "m.notice", "body": "hi bob"}));
         assert!(!notice.notify && !notice.highlight);
         let edit = verdict(json!({
-            "msgtype": "m.text", "body": "* hi bob",
+            "msgtype": "m.text", "body": "* hi there",
             "m.relates_to": {"rel_type": "m.replace", "event_id": "$e"},
         }));
         assert!(!edit.notify && !edit.highlight);
+        // The name rules came before `.m.rule.suppress_edits`: an edit naming the user in a
+        // message without `m.mentions` is a mention.
+        let named_edit = verdict(json!({
+            "msgtype": "m.text", "body": "* hi bob",
+            "m.relates_to": {"rel_type": "m.replace", "event_id": "$e"},
+        }));
+        assert!(named_edit.notify && named_edit.highlight);
         // The words elsewhere do not make a message quiet.
         let text = verdict(json!({"msgtype": "m.text", "body": "m.notice m.replace bob"}));
         assert!(text.notify && text.highlight);
@@ -744,6 +802,62 @@ mod tests {
             "m.relates_to": {"m.in_reply_to": {"event_id": "$e"}},
         }));
         assert!(reply.notify && !reply.highlight);
+        // An edit that mentions the user is a mention first.
+        let mentioning_edit = verdict(json!({
+            "msgtype": "m.text", "body": "* hi", "m.mentions": {"user_ids": ["@bob:x"]},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": "$e"},
+        }));
+        assert!(mentioning_edit.notify && mentioning_edit.highlight);
+    }
+
+    /// The built-in verdicts are what ruma's evaluation of the server-default rules gives,
+    /// for every message that does not mention the user by name only (the deprecated name
+    /// rules, which the built-in verdicts keep and ruma's defaults no longer have).
+    #[test]
+    fn built_in_verdicts_are_the_default_rules() {
+        let user = "@bob:x";
+        let ruleset = Ruleset::server_default(&OwnedUserId::try_from(user).expect("user"));
+        let context = PushConditionRoomCtx::new(
+            OwnedRoomId::try_from("!r:x").expect("room"),
+            UInt::from(3_u32),
+            OwnedUserId::try_from(user).expect("user"),
+            "Bob".to_owned(),
+        );
+        let edit = json!({"rel_type": "m.replace", "event_id": "$e"});
+        let mention = json!({"user_ids": [user]});
+        let other = json!({"user_ids": ["@carol:x"]});
+        let contents = [
+            json!({"msgtype": "m.text", "body": "hello"}),
+            json!({"msgtype": "m.notice", "body": "hello"}),
+            json!({"msgtype": "m.notice", "body": "hi", "m.mentions": mention}),
+            json!({"msgtype": "m.text", "body": "* hello", "m.relates_to": edit}),
+            json!({"msgtype": "m.text", "body": "* hi", "m.relates_to": edit, "m.mentions": mention}),
+            json!({"msgtype": "m.text", "body": "* hi", "m.relates_to": edit, "m.mentions": other}),
+            json!({"msgtype": "m.text", "body": "hi", "m.mentions": mention}),
+            json!({"msgtype": "m.text", "body": "hi", "m.mentions": other}),
+            json!({"msgtype": "m.emote", "body": "waves", "m.mentions": {}}),
+        ];
+        for content in contents {
+            let mut event = message(content.clone());
+            event.pdu_json = json!({
+                "type": "m.room.message", "room_id": "!r:x", "sender": "@a:x",
+                "content": content,
+            })
+            .to_string();
+            let built_in = default_verdict(&event, user, &["bob".to_owned()]);
+            let raw =
+                serde_json::value::RawValue::from_string(event.pdu_json.clone()).expect("JSON");
+            let actions = futures::executor::block_on(
+                ruleset.get_actions(&Raw::<Value>::from_json(raw), &context),
+            );
+            let notify = actions.iter().any(Action::should_notify);
+            let highlight = actions.iter().any(Action::is_highlight);
+            assert_eq!(
+                (built_in.notify, built_in.highlight),
+                (notify, highlight),
+                "{content}"
+            );
+        }
     }
 
     #[test]
