@@ -228,6 +228,13 @@ async fn unknown_endpoints_and_methods_are_m_unrecognized() {
                 "GET, PUT, DELETE",
             ),
             (Method::POST, "/_palpo/openapi.json", "GET"),
+            // The spec's trailing slash: served (and matched) without it.
+            (Method::PUT, "/_matrix/client/v3/pushrules/", "GET"),
+            (
+                Method::POST,
+                "/_matrix/client/v3/rooms/!r:x/state/m.room.name/",
+                "GET, PUT",
+            ),
         ] {
             let resp = app.request(method.clone(), path, None, None).await;
             assert_eq!(resp.status, 405, "{method} {path}: {}", resp.text);

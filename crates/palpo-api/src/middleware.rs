@@ -28,10 +28,8 @@ use crate::error::{MatrixError, render_error};
 /// slash, which is how the OpenAPI document names those operations.
 pub fn trim_trailing_slash(req: &mut Request) {
     let path = req.uri().path();
-    let Some(trimmed) = path.strip_suffix('/') else {
-        return;
-    };
-    if !ends_in_slash_by_spec(trimmed) {
+    let trimmed = served_path(path);
+    if trimmed.len() == path.len() {
         return;
     }
     let path_and_query = match req.uri().query() {
@@ -45,6 +43,15 @@ pub fn trim_trailing_slash(req: &mut Request) {
     parts.path_and_query = Some(path_and_query);
     if let Ok(uri) = Uri::from_parts(parts) {
         *req.uri_mut() = uri;
+    }
+}
+
+/// The path a request for `path` is served at: without the trailing slash of the paths
+/// [`trim_trailing_slash`] trims, else `path`.
+fn served_path(path: &str) -> &str {
+    match path.strip_suffix('/') {
+        Some(trimmed) if ends_in_slash_by_spec(trimmed) => trimmed,
+        _ => path,
     }
 }
 
@@ -256,7 +263,7 @@ pub async fn allow_on_405<E: Endpoint>(
     let uri = req.uri().clone();
     let mut resp = next.call(req).await?.into_response();
     if resp.status() == StatusCode::METHOD_NOT_ALLOWED
-        && let Some(allow) = allowed().of(uri.path())
+        && let Some(allow) = allowed().of(served_path(uri.path()))
     {
         resp.headers_mut().insert(header::ALLOW, allow.clone());
     }
