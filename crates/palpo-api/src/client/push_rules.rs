@@ -235,11 +235,10 @@ impl PushRulesApi {
         #[oai(name = "ruleId")] rule_id: Path<String>,
         body: Json<PushRuleEnabled>,
     ) -> ApiResult<Json<EmptyResponse>> {
-        let body = serde_json::json!({ "enabled": body.0.enabled });
         state
             .services
             .account_data
-            .set_push_rule_enabled(&auth.0.user_id, kind.0.as_str(), &rule_id.0, &body)
+            .set_push_rule_enabled(&auth.0.user_id, kind.0.as_str(), &rule_id.0, body.0.enabled)
             .await?;
         Ok(Json(EmptyResponse {}))
     }

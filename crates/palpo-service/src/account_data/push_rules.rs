@@ -25,8 +25,9 @@ use super::AccountDataService;
 /// The global account data type that holds the ruleset.
 pub const PUSH_RULES: &str = "m.push_rules";
 
-/// The kinds of rules of the `global` scope, as the path names them.
-const KINDS: &[&str] = &["override", "underride", "sender", "room", "content"];
+/// The kinds of rules of the `global` scope, as the path names them, in the order of their
+/// priority (the order a ruleset's JSON lists them in).
+const KINDS: &[&str] = &["override", "content", "room", "sender", "underride"];
 
 /// A rule's kind from the path: one of [`KINDS`], else 400 `M_INVALID_PARAM`.
 fn rule_kind(kind: &str) -> Result<RuleKind> {
@@ -91,15 +92,12 @@ pub(crate) fn custom_ruleset(user: &str, content: Option<Value>) -> Result<Optio
     Ok(any_rule.then_some(ruleset))
 }
 
-/// The kinds a ruleset's JSON always shows, empty or not (ruma leaves empty ones out; the
-/// spec's examples and other servers list all five, and clients index them).
-const SHOWN_KINDS: &[&str] = &["override", "content", "room", "sender", "underride"];
-
-/// A ruleset as clients see it: every kind present.
+/// A ruleset as clients see it: every kind present, empty or not (ruma leaves empty ones out;
+/// the spec's examples and other servers list all five, and clients index them).
 fn ruleset_json(ruleset: &Ruleset) -> Result<Value> {
     let mut value = serde_json::to_value(ruleset).map_err(Error::internal)?;
     if let Value::Object(kinds) = &mut value {
-        for kind in SHOWN_KINDS {
+        for kind in KINDS {
             kinds.entry(*kind).or_insert_with(|| json!([]));
         }
     }
@@ -263,16 +261,15 @@ impl AccountDataService {
         Ok(rule["enabled"].as_bool().unwrap_or(true))
     }
 
-    /// Enables or disables a rule (`PUT .../enabled`, body `{"enabled": bool}`).
+    /// Enables or disables a rule (`PUT .../enabled`).
     pub async fn set_push_rule_enabled(
         &self,
         user: &str,
         kind: &str,
         rule_id: &str,
-        body: &Value,
+        enabled: bool,
     ) -> Result<()> {
         let kind = rule_kind(kind)?;
-        let enabled: bool = field(body, "enabled")?;
         self.update_push_rules(user, |ruleset| {
             ruleset
                 .set_enabled(kind, rule_id, enabled)
@@ -290,7 +287,8 @@ impl AccountDataService {
             .unwrap_or_else(|| json!([])))
     }
 
-    /// Sets a rule's actions (`PUT .../actions`, body `{"actions": [...]}`).
+    /// Sets a rule's actions (`PUT .../actions`, body `{"actions": [...]}`); 400 `M_BAD_JSON`
+    /// for actions that are not a list of actions.
     pub async fn set_push_rule_actions(
         &self,
         user: &str,
@@ -377,7 +375,7 @@ mod tests {
         let user = "@alice:example.org";
         let stored_ids = |ruleset: &Ruleset| -> Vec<String> {
             let content = stored_content(user, ruleset).expect("content");
-            let mut ids: Vec<String> = SHOWN_KINDS
+            let mut ids: Vec<String> = KINDS
                 .iter()
                 .flat_map(|kind| {
                     content["global"][*kind]
@@ -403,7 +401,7 @@ mod tests {
         let read = ruleset_json(&ruleset_of(user, Some(content)).expect("read")).expect("json");
         assert_eq!(read, ruleset_json(&ruleset).expect("json"));
         assert_eq!(read["override"][0]["enabled"], true);
-        for kind in SHOWN_KINDS {
+        for kind in KINDS {
             assert!(read[*kind].is_array(), "{kind}: {read}");
         }
         // Only the user's rules and changed defaults make a ruleset their own.

@@ -23,7 +23,7 @@ use std::{
 
 use lru::LruCache;
 use palpo_core::Result;
-use palpo_storage::model::{AccountDataRecord, EventRecord, ReadPosition, StreamHeads};
+use palpo_storage::model::{EventRecord, ReadPosition, StreamHeads};
 use ruma::{
     OwnedRoomId, OwnedUserId, UInt,
     push::{Action, PushConditionRoomCtx, Ruleset},
@@ -80,14 +80,6 @@ struct Inputs {
     rooms: Vec<String>,
     positions: Vec<ReadPosition>,
     rules: Rules,
-    /// The display name the names were read with.
-    display_name: Option<String>,
-}
-
-/// The user's push rules as read for [`Inputs`]: kept from it, or read again.
-enum PushRulesRead {
-    Kept(Option<Arc<CustomRules>>),
-    Read(Option<AccountDataRecord>),
 }
 
 /// What decides which messages notify a user and which highlight.
@@ -96,6 +88,9 @@ struct Rules {
     /// What a message body must contain to mention the user (lowercase): their localpart and
     /// display name. For the server's default rules.
     names: Vec<String>,
+    /// For the `contains_display_name` conditions of the user's own rules: their display
+    /// name, else their localpart (read with `names`).
+    display_name: String,
     /// The user's own push rules, when they have any stored; `None`: the server's defaults.
     custom: Option<Arc<CustomRules>>,
 }
@@ -105,8 +100,6 @@ struct CustomRules {
     /// The stream position of the change that stored them, which tells them apart.
     changed_at: i64,
     ruleset: Ruleset,
-    /// For `contains_display_name` conditions: the display name, else the localpart.
-    display_name: String,
 }
 
 impl PartialEq for Rules {
@@ -273,7 +266,8 @@ impl EphemeralService {
             room.visible.push((event, thread));
         }
         if let Some(custom) = &rules.custom {
-            self.apply_push_rules(user, custom, &mut by_room).await?;
+            self.apply_push_rules(user, custom, &rules.display_name, &mut by_room)
+                .await?;
         }
         for (room_id, counted) in &mut counts {
             if counted.counted_to < up_to {
@@ -327,7 +321,7 @@ impl EphemeralService {
         let kept_names = kept
             .as_ref()
             .filter(|(heads, i)| i.memberships_head == heads.memberships)
-            .map(|(_, i)| (i.rules.names.clone(), i.display_name.clone()));
+            .map(|(_, i)| (i.rules.names.clone(), i.rules.display_name.clone()));
         let kept_push_rules = kept
             .as_ref()
             .filter(|(heads, i)| i.account_data_head == heads.account_data)
@@ -348,48 +342,18 @@ impl EphemeralService {
                 None => self.mention_names(user).await,
             }
         };
-        let push_rules = async {
+        let custom = async {
             match kept_push_rules {
-                Some(custom) => Ok(PushRulesRead::Kept(custom)),
-                None => self
-                    .storage
-                    .account_data
-                    .get_account_data(user, None, PUSH_RULES)
-                    .await
-                    .map(PushRulesRead::Read)
-                    .map_err(internal),
+                Some(custom) => Ok(custom),
+                None => self.custom_rules(user).await,
             }
         };
-        let ((names, display_name), push_rules, read) =
-            futures::try_join!(names, push_rules, read)?;
-        let display_name_or_localpart = display_name
-            .clone()
-            .or_else(|| localpart(user).map(str::to_owned))
-            .unwrap_or_default();
-        let custom = match push_rules {
-            PushRulesRead::Kept(Some(custom))
-                if custom.display_name != display_name_or_localpart =>
-            {
-                Some(Arc::new(CustomRules {
-                    changed_at: custom.changed_at,
-                    ruleset: custom.ruleset.clone(),
-                    display_name: display_name_or_localpart,
-                }))
-            }
-            PushRulesRead::Kept(custom) => custom,
-            PushRulesRead::Read(None) => None,
-            PushRulesRead::Read(Some(record)) => {
-                let content = serde_json::from_str(&record.content).ok();
-                custom_ruleset(user, content)?.map(|ruleset| {
-                    Arc::new(CustomRules {
-                        changed_at: record.stream_position,
-                        ruleset,
-                        display_name: display_name_or_localpart,
-                    })
-                })
-            }
+        let ((names, display_name), custom, read) = futures::try_join!(names, custom, read)?;
+        let rules = Rules {
+            names,
+            display_name,
+            custom,
         };
-        let rules = Rules { names, custom };
         positions.extend(read);
         rooms.extend(missing);
         rooms.sort_unstable();
@@ -407,7 +371,6 @@ impl EphemeralService {
                         rooms,
                         positions: positions.clone(),
                         rules: rules.clone(),
-                        display_name,
                     },
                 );
         }
@@ -415,8 +378,8 @@ impl EphemeralService {
     }
 
     /// What a message body must contain to mention `user` (lowercase): their localpart and
-    /// display name; and the display name.
-    async fn mention_names(&self, user: &str) -> Result<(Vec<String>, Option<String>)> {
+    /// display name; and the display name as it is, else the localpart.
+    async fn mention_names(&self, user: &str) -> Result<(Vec<String>, String)> {
         let display_name = self
             .storage
             .profiles
@@ -427,7 +390,30 @@ impl EphemeralService {
             .filter(|n| !n.trim().is_empty());
         let mut names: Vec<String> = localpart(user).iter().map(|l| l.to_lowercase()).collect();
         names.extend(display_name.iter().map(|n| n.to_lowercase()));
+        let display_name = display_name
+            .or_else(|| localpart(user).map(str::to_owned))
+            .unwrap_or_default();
         Ok((names, display_name))
+    }
+
+    /// The user's own push rules ([`custom_ruleset`]), with the position of their last change.
+    async fn custom_rules(&self, user: &str) -> Result<Option<Arc<CustomRules>>> {
+        let Some(record) = self
+            .storage
+            .account_data
+            .get_account_data(user, None, PUSH_RULES)
+            .await
+            .map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        let content = serde_json::from_str(&record.content).ok();
+        Ok(custom_ruleset(user, content)?.map(|ruleset| {
+            Arc::new(CustomRules {
+                changed_at: record.stream_position,
+                ruleset,
+            })
+        }))
     }
 
     /// Evaluates `custom` on the messages each room's `candidates` hold, in the room's context
@@ -438,6 +424,7 @@ impl EphemeralService {
         &self,
         user: &str,
         custom: &CustomRules,
+        display_name: &str,
         by_room: &mut HashMap<String, Candidates>,
     ) -> Result<()> {
         let rooms: Vec<String> = by_room
@@ -477,7 +464,7 @@ impl EphemeralService {
                 room,
                 member_count,
                 user_id.clone(),
-                custom.display_name.clone(),
+                display_name.to_owned(),
             );
             let mut verdicts = Vec::with_capacity(candidates.visible.len());
             for (event, _) in &candidates.visible {
