@@ -81,6 +81,21 @@ mod logout_elsewhere {
     }
 }
 
+mod tags_and_push_rules_across_processes {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite() {
+        super::tags_and_push_rules_across_processes(super::Backend::Sqlite).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() {
+        super::tags_and_push_rules_across_processes(super::Backend::Postgres).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn mysql() {
+        super::tags_and_push_rules_across_processes(super::Backend::MySql).await;
+    }
+}
+
 /// Runs `scenario` on `a` (with Redis) and peers on its database, one per entry of
 /// `peers_with_redis`; tears them all down, panic or not.
 async fn with_processes<F>(backend: Backend, peers_with_redis: &[bool], scenario: F)
@@ -461,6 +476,74 @@ async fn logout_elsewhere(backend: Backend) {
             messages(seen.expect_ok(), &room_id),
             ["phone", "tablet", "still here"]
         );
+    })
+    .await;
+}
+
+/// Tags and push rules are each one piece of account data, which a change reads, modifies and
+/// writes back. Changes made at once through two processes all stay: none writes over
+/// another's with what it read before it.
+async fn tags_and_push_rules_across_processes(backend: Backend) {
+    const CHANGES: usize = 8;
+    with_processes(backend, &[true], async |a: &TestApp, peers: &[TestApp]| {
+        let b = &peers[0];
+        let on_a = a.register("alice", "pw").await;
+        let on_b = b.login("alice", "pw").await;
+        let room_id = a
+            .create_room(&on_a.access_token, json!({"preset": "private_chat"}))
+            .await;
+        let user_path = &format!("/_matrix/client/v3/user/{}", enc(&on_a.user_id));
+        let (room_id, on_a, on_b) = (&room_id, &on_a, &on_b);
+        let changes =
+            (0..CHANGES)
+                .flat_map(|n| [(n, true), (n, false)])
+                .map(|(n, is_tag)| async move {
+                    let (app, session) = if n % 2 == 0 { (a, on_a) } else { (b, on_b) };
+                    let token = Some(session.access_token.as_str());
+                    if is_tag {
+                        let path = format!("{user_path}/rooms/{}/tags/u.t{n}", enc(room_id));
+                        app.put(&path, token, json!({"order": n})).await
+                    } else {
+                        let path = format!("/_matrix/client/v3/pushrules/global/content/r{n}");
+                        let rule = json!({"pattern": format!("word{n}"), "actions": ["notify"]});
+                        app.put(&path, token, rule).await
+                    }
+                });
+        for resp in futures::future::join_all(changes).await {
+            resp.expect_ok();
+        }
+
+        let tags = a
+            .get(
+                &format!("{user_path}/rooms/{}/tags", enc(room_id)),
+                Some(&on_a.access_token),
+            )
+            .await;
+        let mut names: Vec<&String> = tags.expect_ok()["tags"]
+            .as_object()
+            .expect("tags")
+            .keys()
+            .collect();
+        names.sort();
+        let expected: Vec<String> = (0..CHANGES).map(|n| format!("u.t{n}")).collect();
+        assert_eq!(names, expected.iter().collect::<Vec<_>>(), "{}", tags.text);
+
+        let rules = b
+            .get(
+                "/_matrix/client/v3/pushrules/global/",
+                Some(&on_b.access_token),
+            )
+            .await;
+        let mut ids: Vec<&str> = rules.expect_ok()["content"]
+            .as_array()
+            .expect("content rules")
+            .iter()
+            .filter(|rule| rule["default"] == false)
+            .filter_map(|rule| rule["rule_id"].as_str())
+            .collect();
+        ids.sort_unstable();
+        let expected: Vec<String> = (0..CHANGES).map(|n| format!("r{n}")).collect();
+        assert_eq!(ids, expected.iter().map(String::as_str).collect::<Vec<_>>());
     })
     .await;
 }

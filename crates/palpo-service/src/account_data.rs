@@ -55,8 +55,9 @@ impl AccountDataSync {
 pub struct AccountDataService {
     storage: Storage,
     notifier: Arc<Notifier>,
-    /// Tag and push rule changes read, modify and write one account data content: one at a
-    /// time here.
+    /// Tag and push rule changes read, modify and write one account data content
+    /// ([`AccountDataService::modify`]): one at a time in this process, so that they seldom
+    /// have to read again (only when another process wrote meanwhile).
     read_modify_write: tokio::sync::Mutex<()>,
 }
 
@@ -85,9 +86,23 @@ fn check_type(data_type: &str) -> Result<()> {
     Ok(())
 }
 
+/// How often a read-modify-write reads again when another writer overtook it.
+const MODIFY_ATTEMPTS: usize = 16;
+
 /// The content of a stored record, as JSON.
 fn content_of(record: &AccountDataRecord) -> Result<Value> {
     serde_json::from_str(&record.content).map_err(Error::internal)
+}
+
+/// The tags of a room's `m.tag` content (none when there is none, or it holds no tag object).
+fn tags_of(content: Option<Value>) -> Map<String, Value> {
+    match content {
+        Some(Value::Object(mut content)) => match content.remove("tags") {
+            Some(Value::Object(tags)) => tags,
+            _ => Map::new(),
+        },
+        _ => Map::new(),
+    }
 }
 
 impl AccountDataService {
@@ -209,6 +224,43 @@ impl AccountDataService {
         record.as_ref().map(content_of).transpose()
     }
 
+    /// Changes one piece of account data from its stored content (`None`: there is none):
+    /// `change` answers the new content, or `None` to leave it as it is. Other requests, here
+    /// or in another process, may change it at the same time: a write that one of them
+    /// overtook is refused by the database, and `change` runs again on the newer content.
+    async fn modify(
+        &self,
+        user: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+        mut change: impl FnMut(Option<Value>) -> Result<Option<Value>>,
+    ) -> Result<()> {
+        let repo = &self.storage.account_data;
+        let _one_at_a_time = self.read_modify_write.lock().await;
+        for _ in 0..MODIFY_ATTEMPTS {
+            let record = repo
+                .get_account_data(user, room_id, data_type)
+                .await
+                .map_err(internal)?;
+            let read_at = record.as_ref().map(|record| record.stream_position);
+            let content = record.as_ref().map(content_of).transpose()?;
+            let Some(content) = change(content)? else {
+                return Ok(());
+            };
+            let written = repo
+                .replace_account_data(user, room_id, data_type, &content.to_string(), read_at)
+                .await
+                .map_err(internal)?;
+            if let Some(position) = written {
+                self.notifier.stream_advanced(position);
+                return Ok(());
+            }
+        }
+        Err(Error::internal(format!(
+            "{data_type} of {user} changed by others {MODIFY_ATTEMPTS} times while being changed"
+        )))
+    }
+
     /// Writes, and wakes the syncs.
     async fn put(
         &self,
@@ -243,14 +295,7 @@ impl AccountDataService {
     }
 
     async fn current_tags(&self, user: &str, room_id: &str) -> Result<Map<String, Value>> {
-        let content = self.content(user, Some(room_id), TAG).await?;
-        Ok(match content {
-            Some(Value::Object(mut content)) => match content.remove("tags") {
-                Some(Value::Object(tags)) => tags,
-                _ => Map::new(),
-            },
-            _ => Map::new(),
-        })
+        Ok(tags_of(self.content(user, Some(room_id), TAG).await?))
     }
 
     /// `PUT /user/{userId}/rooms/{roomId}/tags/{tag}`: adds (or replaces) a tag. `tag` is the
@@ -274,11 +319,12 @@ impl AccountDataService {
         if object.get("order").is_some_and(|order| !order.is_number()) {
             return Err(Error::bad_json("The tag's order must be a number"));
         }
-        let _one_at_a_time = self.read_modify_write.lock().await;
-        let mut tags = self.current_tags(target, room_id).await?;
-        tags.insert(tag.to_owned(), value.clone());
-        self.put(target, Some(room_id), TAG, &json!({ "tags": tags }))
-            .await
+        self.modify(target, Some(room_id), TAG, |content| {
+            let mut tags = tags_of(content);
+            tags.insert(tag.to_owned(), value.clone());
+            Ok(Some(json!({ "tags": tags })))
+        })
+        .await
     }
 
     /// `DELETE /user/{userId}/rooms/{roomId}/tags/{tag}`: removes a tag (a tag that is not
@@ -292,13 +338,11 @@ impl AccountDataService {
     ) -> Result<()> {
         check_owner(user, target)?;
         check_room_id(room_id)?;
-        let _one_at_a_time = self.read_modify_write.lock().await;
-        let mut tags = self.current_tags(target, room_id).await?;
-        if tags.remove(tag).is_none() {
-            return Ok(());
-        }
-        self.put(target, Some(room_id), TAG, &json!({ "tags": tags }))
-            .await
+        self.modify(target, Some(room_id), TAG, |content| {
+            let mut tags = tags_of(content);
+            Ok(tags.remove(tag).is_some().then(|| json!({ "tags": tags })))
+        })
+        .await
     }
 
     // -----------------------------------------------------------------------------------------

@@ -394,6 +394,18 @@ pub trait AccountDataRepo: Send + Sync {
         data_type: &str,
         content: &str,
     ) -> Result<i64>;
+    /// As [`AccountDataRepo::put_account_data`], for a read-modify-write: only when the
+    /// stored piece is still the one read, the one written at `read_at` (its
+    /// `stream_position`; `None`: there was none). When another writer, in this process or
+    /// another, wrote it since, nothing is written and the answer is `None`: read again.
+    async fn replace_account_data(
+        &self,
+        user_id: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+        content: &str,
+        read_at: Option<i64>,
+    ) -> Result<Option<i64>>;
     async fn get_account_data(
         &self,
         user_id: &str,

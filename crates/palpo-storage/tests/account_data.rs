@@ -10,6 +10,8 @@ palpo_storage::conformance!(cached:
     account_data_round_trips,
     account_data_positions_follow_the_event_stream,
     account_data_since_reads_a_range,
+    replace_writes_only_over_what_was_read,
+    concurrent_read_modify_writes_lose_nothing,
 );
 
 const ALICE: &str = "@alice:example.org";
@@ -265,4 +267,117 @@ async fn account_data_since_reads_a_range(storage: Storage) {
             (None, "a".to_owned(), p5),
         ]
     );
+}
+
+async fn replace_writes_only_over_what_was_read(storage: Storage) {
+    let repo = &storage.account_data;
+    let content = async |room_id| {
+        repo.get_account_data(ALICE, room_id, "m.tag")
+            .await
+            .expect("get")
+            .map(|record| (record.content, record.stream_position))
+    };
+    // Read as missing: written only while there is none.
+    let first = repo
+        .replace_account_data(ALICE, Some(ROOM), "m.tag", r#"{"n":1}"#, None)
+        .await
+        .expect("replace")
+        .expect("nothing was stored");
+    assert_eq!(
+        content(Some(ROOM)).await,
+        Some((r#"{"n":1}"#.into(), first))
+    );
+    let refused = repo
+        .replace_account_data(ALICE, Some(ROOM), "m.tag", r#"{"n":0}"#, None)
+        .await
+        .expect("replace");
+    assert_eq!(refused, None, "another write came first");
+    assert_eq!(
+        content(Some(ROOM)).await,
+        Some((r#"{"n":1}"#.into(), first))
+    );
+
+    // Read at a position: written only while that write is the stored one.
+    let second = repo
+        .replace_account_data(ALICE, Some(ROOM), "m.tag", r#"{"n":2}"#, Some(first))
+        .await
+        .expect("replace")
+        .expect("still the one read");
+    assert!(second > first);
+    let stale = repo
+        .replace_account_data(ALICE, Some(ROOM), "m.tag", r#"{"n":0}"#, Some(first))
+        .await
+        .expect("replace");
+    assert_eq!(stale, None, "overtaken");
+    assert_eq!(
+        content(Some(ROOM)).await,
+        Some((r#"{"n":2}"#.into(), second))
+    );
+    // A refused write took no position: the stream is where the last write left it.
+    assert_eq!(
+        storage.rooms.max_stream_ordering().await.expect("max"),
+        second
+    );
+
+    // Another room's, another user's and global data are other pieces.
+    assert_eq!(content(None).await, None);
+    let global = repo
+        .replace_account_data(ALICE, None, "m.tag", "{}", None)
+        .await
+        .expect("replace");
+    assert!(global.is_some());
+    let bobs = repo
+        .replace_account_data(BOB, Some(ROOM), "m.tag", "{}", None)
+        .await
+        .expect("replace");
+    assert!(bobs.is_some());
+    assert_eq!(
+        content(Some(ROOM)).await,
+        Some((r#"{"n":2}"#.into(), second))
+    );
+}
+
+/// Writers each adding their own key to one JSON object, all at once, the way tag and push
+/// rule changes do (read, change, replace, again when overtaken): every key is kept.
+async fn concurrent_read_modify_writes_lose_nothing(storage: Storage) {
+    const WRITERS: usize = 6;
+    let writers = (0..WRITERS).map(|n| {
+        let repo = storage.account_data.clone();
+        async move {
+            for _ in 0..100 {
+                let record = repo
+                    .get_account_data(ALICE, Some(ROOM), "m.tag")
+                    .await
+                    .expect("get");
+                let read_at = record.as_ref().map(|r| r.stream_position);
+                let mut object: serde_json::Map<String, serde_json::Value> = record
+                    .map(|r| serde_json::from_str(&r.content).expect("stored JSON"))
+                    .unwrap_or_default();
+                object.insert(format!("w{n}"), serde_json::Value::from(n));
+                let content = serde_json::Value::Object(object).to_string();
+                let written = repo
+                    .replace_account_data(ALICE, Some(ROOM), "m.tag", &content, read_at)
+                    .await
+                    .expect("replace");
+                if written.is_some() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            panic!("writer {n} overtaken 100 times");
+        }
+    });
+    futures::future::join_all(writers).await;
+    let stored = storage
+        .account_data
+        .get_account_data(ALICE, Some(ROOM), "m.tag")
+        .await
+        .expect("get")
+        .expect("written");
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&stored.content).expect("JSON");
+    let mut keys: Vec<&String> = object.keys().collect();
+    keys.sort();
+    let expected: Vec<String> = (0..WRITERS).map(|n| format!("w{n}")).collect();
+    assert_eq!(keys, expected.iter().collect::<Vec<_>>());
 }

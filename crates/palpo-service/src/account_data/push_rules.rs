@@ -223,18 +223,20 @@ impl AccountDataService {
         let kind = rule_kind(kind)?;
         let rule = new_rule(&kind, rule_id, body)?;
         self.update_push_rules(user, |ruleset| {
-            ruleset.insert(rule, after, before).map_err(|e| match e {
-                InsertPushRuleError::UnknownRuleId => Error::with_status(
-                    400,
-                    ErrorCode::Unknown,
-                    format!(
-                        "before/after rule not found: before {:?}, after {:?}",
-                        before.unwrap_or_default(),
-                        after.unwrap_or_default()
+            ruleset
+                .insert(rule.clone(), after, before)
+                .map_err(|e| match e {
+                    InsertPushRuleError::UnknownRuleId => Error::with_status(
+                        400,
+                        ErrorCode::Unknown,
+                        format!(
+                            "before/after rule not found: before {:?}, after {:?}",
+                            before.unwrap_or_default(),
+                            after.unwrap_or_default()
+                        ),
                     ),
-                ),
-                other => Error::invalid_param(other.to_string()),
-            })
+                    other => Error::invalid_param(other.to_string()),
+                })
         })
         .await
     }
@@ -245,7 +247,7 @@ impl AccountDataService {
     pub async fn delete_push_rule(&self, user: &str, kind: &str, rule_id: &str) -> Result<()> {
         let kind = rule_kind(kind)?;
         self.update_push_rules(user, |ruleset| {
-            ruleset.remove(kind, rule_id).map_err(|e| match e {
+            ruleset.remove(kind.clone(), rule_id).map_err(|e| match e {
                 RemovePushRuleError::ServerDefault => {
                     Error::not_found("A server-default rule cannot be removed; it can be disabled")
                 }
@@ -272,7 +274,7 @@ impl AccountDataService {
         let kind = rule_kind(kind)?;
         self.update_push_rules(user, |ruleset| {
             ruleset
-                .set_enabled(kind, rule_id, enabled)
+                .set_enabled(kind.clone(), rule_id, enabled)
                 .map_err(|_| rule_not_found())
         })
         .await
@@ -300,26 +302,27 @@ impl AccountDataService {
         let actions: Vec<Action> = field(body, "actions")?;
         self.update_push_rules(user, |ruleset| {
             ruleset
-                .set_actions(kind, rule_id, actions)
+                .set_actions(kind.clone(), rule_id, actions.clone())
                 .map_err(|_| rule_not_found())
         })
         .await
     }
 
-    /// Reads the user's ruleset, changes it with `change` and stores it, one change at a time
-    /// in this process. Nothing is written when `change` fails, or when the stored rules cannot
-    /// be read (a 500: storing the defaults plus the change would lose the user's rules).
+    /// Reads the user's ruleset, changes it with `change` and stores it (again on the newer
+    /// rules should another change overtake it: see `modify`). Nothing is written when `change`
+    /// fails, or when the stored rules cannot be read (a 500: storing the defaults plus the
+    /// change would lose the user's rules).
     async fn update_push_rules(
         &self,
         user: &str,
-        change: impl FnOnce(&mut Ruleset) -> Result<()>,
+        mut change: impl FnMut(&mut Ruleset) -> Result<()>,
     ) -> Result<()> {
-        let _one_at_a_time = self.read_modify_write.lock().await;
-        let content = self.content(user, None, PUSH_RULES).await?;
-        let mut ruleset = merged_ruleset(user, content)?;
-        change(&mut ruleset)?;
-        self.put(user, None, PUSH_RULES, &stored_content(user, &ruleset)?)
-            .await
+        self.modify(user, None, PUSH_RULES, |content| {
+            let mut ruleset = merged_ruleset(user, content)?;
+            change(&mut ruleset)?;
+            stored_content(user, &ruleset).map(Some)
+        })
+        .await
     }
 }
 

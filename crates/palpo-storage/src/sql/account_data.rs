@@ -47,6 +47,86 @@ impl From<AccountDataRow> for AccountDataRecord {
 
 const ACCOUNT_DATA_COLUMNS: &str = "user_id, room_id, data_type, content, stream_position";
 
+/// Which stored piece of account data a write may replace.
+#[derive(Clone, Copy)]
+enum Overwrite {
+    /// Whatever is stored.
+    Always,
+    /// Only the piece written at this position (`None`: only when there is none).
+    IfReadAt(Option<i64>),
+}
+
+impl SqlStore {
+    /// Writes one piece of account data at the next stream position, which it answers;
+    /// `None`, writing nothing, when `overwrite` refuses what is stored.
+    async fn write_account_data(
+        &self,
+        user_id: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+        content: &str,
+        overwrite: Overwrite,
+    ) -> Result<Option<i64>> {
+        let room_id = stored_room(room_id);
+        let mut tx = self.db.begin().await?;
+        // Taken first: the counter row lock then serializes account data writes, so the
+        // delete-and-insert below cannot deadlock on MySQL's gap locks (a delete of a missing
+        // row locks the gap the insert goes into), and what the check below reads cannot
+        // change before this transaction commits, in any process. Events take the counter
+        // after their room lock and never touch these rows, so the lock order has no cycle.
+        let position = next_counter(&mut tx, "events_stream").await?;
+        if let Overwrite::IfReadAt(read_at) = overwrite {
+            let stored: Option<i64> = on_tx!(
+                &mut tx,
+                "SELECT stream_position FROM account_data WHERE user_id = ? AND room_id = ? AND data_type = ?",
+                |c, sql| {
+                    sqlx::query_scalar(sql)
+                        .bind(user_id)
+                        .bind(room_id)
+                        .bind(data_type)
+                        .fetch_optional(&mut *c)
+                        .await?
+                }
+            );
+            if stored != read_at {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+        }
+        on_tx!(
+            &mut tx,
+            "DELETE FROM account_data WHERE user_id = ? AND room_id = ? AND data_type = ?",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(user_id)
+                    .bind(room_id)
+                    .bind(data_type)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        on_tx!(
+            &mut tx,
+            "INSERT INTO account_data (user_id, room_id, data_type, content, stream_position) VALUES (?, ?, ?, ?, ?)",
+            |c, sql| {
+                sqlx::query(sql)
+                    .bind(user_id)
+                    .bind(room_id)
+                    .bind(data_type)
+                    .bind(content)
+                    .bind(position)
+                    .execute(&mut *c)
+                    .await
+                    .map_err(|e| StorageError::conflict_or(e, "account data"))?
+                    .rows_affected()
+            }
+        );
+        tx.commit().await?;
+        Ok(Some(position))
+    }
+}
+
 #[async_trait]
 impl AccountDataRepo for SqlStore {
     async fn create_filter(&self, user_id: &str, filter_json: &str, now: i64) -> Result<String> {
@@ -107,44 +187,22 @@ impl AccountDataRepo for SqlStore {
         data_type: &str,
         content: &str,
     ) -> Result<i64> {
-        let room_id = stored_room(room_id);
-        let mut tx = self.db.begin().await?;
-        // Taken first: the counter row lock then serializes account data writes, so the
-        // delete-and-insert below cannot deadlock on MySQL's gap locks (a delete of a missing
-        // row locks the gap the insert goes into). Events take the counter after their room
-        // lock and never touch these rows, so the lock order has no cycle.
-        let position = next_counter(&mut tx, "events_stream").await?;
-        on_tx!(
-            &mut tx,
-            "DELETE FROM account_data WHERE user_id = ? AND room_id = ? AND data_type = ?",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(user_id)
-                    .bind(room_id)
-                    .bind(data_type)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected()
-            }
-        );
-        on_tx!(
-            &mut tx,
-            "INSERT INTO account_data (user_id, room_id, data_type, content, stream_position) VALUES (?, ?, ?, ?, ?)",
-            |c, sql| {
-                sqlx::query(sql)
-                    .bind(user_id)
-                    .bind(room_id)
-                    .bind(data_type)
-                    .bind(content)
-                    .bind(position)
-                    .execute(&mut *c)
-                    .await
-                    .map_err(|e| StorageError::conflict_or(e, "account data"))?
-                    .rows_affected()
-            }
-        );
-        tx.commit().await?;
-        Ok(position)
+        self.write_account_data(user_id, room_id, data_type, content, Overwrite::Always)
+            .await?
+            .ok_or_else(|| StorageError::Corrupt("an unconditional write was refused".into()))
+    }
+
+    async fn replace_account_data(
+        &self,
+        user_id: &str,
+        room_id: Option<&str>,
+        data_type: &str,
+        content: &str,
+        read_at: Option<i64>,
+    ) -> Result<Option<i64>> {
+        let overwrite = Overwrite::IfReadAt(read_at);
+        self.write_account_data(user_id, room_id, data_type, content, overwrite)
+            .await
     }
 
     async fn get_account_data(
