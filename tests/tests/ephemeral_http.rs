@@ -689,6 +689,71 @@ async fn push_rules_scenario(app: &TestApp) {
 }
 
 backend_matrix!(
+    room_mentions_need_the_power_to_notify,
+    room_mentions_scenario
+);
+
+/// A message that mentions the whole room (`m.mentions.room`, or `@room` in the body of one
+/// without `m.mentions`) highlights when its sender's power level lets them notify the room
+/// (50 unless the power levels say otherwise), with the default rules and with rules of the
+/// user's own; from a sender without that power it only notifies.
+async fn room_mentions_scenario(app: &TestApp) {
+    let (alice, bob, room_id, bobs_since) = two_in_a_room(app).await;
+    let a = alice.access_token.as_str();
+    let b = bob.access_token.as_str();
+    let alices_since = next_batch(&sync(app, a, None, 0).await);
+    let room_mention =
+        |body: &str| json!({"msgtype": "m.text", "body": body, "m.mentions": {"room": true}});
+    let legacy = |body: &str| json!({"msgtype": "m.text", "body": body});
+
+    // Alice created the room (100): her mentions of the room highlight for Bob.
+    app.send_event(a, &room_id, "m.room.message", room_mention("all hands"))
+        .await;
+    app.send_event(a, &room_id, "m.room.message", legacy("@room meeting now"))
+        .await;
+    app.send_event(a, &room_id, "m.room.message", legacy("@roomba is charging"))
+        .await;
+    let next = sync(app, b, Some(&bobs_since), 0).await;
+    assert_eq!(unread(&next, &room_id), (3, 2), "{next}");
+    let bobs_since = next_batch(&next);
+
+    // Bob (0) may not notify the room: his only notify Alice.
+    app.send_event(b, &room_id, "m.room.message", room_mention("hey all"))
+        .await;
+    app.send_event(b, &room_id, "m.room.message", legacy("@room please"))
+        .await;
+    let next = sync(app, a, Some(&alices_since), 0).await;
+    assert_eq!(unread(&next, &room_id), (2, 0), "{next}");
+    let alices_since = next_batch(&next);
+
+    // Once the power levels give him 50, they highlight.
+    let levels_path = app.room_path(&room_id, "/state/m.room.power_levels/");
+    let mut levels = app.get(&levels_path, Some(a)).await.expect_ok().clone();
+    levels["users"][bob.user_id.as_str()] = json!(50);
+    app.put(&levels_path, Some(a), levels).await.expect_ok();
+    app.send_event(
+        b,
+        &room_id,
+        "m.room.message",
+        room_mention("now with power"),
+    )
+    .await;
+    let next = sync(app, a, Some(&alices_since), 0).await;
+    assert_eq!(unread(&next, &room_id), (3, 1), "{next}");
+
+    // With rules of his own, evaluated by ruma on all his unread messages, Bob still gets
+    // Alice's `m.mentions` of the room. ruma's defaults no longer have the deprecated
+    // `.m.rule.roomnotif`, so her `@room` without `m.mentions` then only notifies.
+    let rule = "/_matrix/client/v3/pushrules/global/content/cake";
+    let cake = json!({"pattern": "cake", "actions": ["notify"]});
+    app.put(rule, Some(b), cake).await.expect_ok();
+    app.send_event(a, &room_id, "m.room.message", room_mention("cake time"))
+        .await;
+    let next = sync(app, b, Some(&bobs_since), 0).await;
+    assert_eq!(unread(&next, &room_id), (4, 2), "{next}");
+}
+
+backend_matrix!(
     unread_counts_across_processes,
     unread_across_processes_scenario
 );

@@ -5,8 +5,12 @@
 //! the server's defaults, which the counts follow without evaluating them (ruma's evaluation
 //! parses every message, and a first sync counts up to 100 in each room): notices and edits
 //! are quiet, every other message notifies, and one that mentions the member (in
-//! `m.mentions`, or by name in a message without it) highlights. A member with rules of their
-//! own (`m.push_rules` account data) has them evaluated, message by message, by ruma.
+//! `m.mentions`, or by name in a message without it) highlights, as does one that mentions
+//! the whole room (`m.mentions.room`, or `@room` in a message without `m.mentions`) from a
+//! sender the room's current power levels let notify it. A member with rules of their own
+//! (`m.push_rules` account data) has them evaluated, message by message, by ruma, with the
+//! same power levels. The power levels are read only for rooms where a message may mention
+//! the whole room.
 //!
 //! Counting reads events, so a sync would cost as much as the backlog of unread messages. Each
 //! process therefore keeps, per user and room, what it counted and up to which stream
@@ -25,8 +29,9 @@ use lru::LruCache;
 use palpo_core::Result;
 use palpo_storage::model::{EventRecord, ReadPosition, StreamHeads};
 use ruma::{
-    OwnedRoomId, OwnedUserId, UInt,
-    push::{Action, PushConditionRoomCtx, Ruleset},
+    OwnedRoomId, OwnedUserId, UInt, UserId,
+    power_levels::NotificationPowerLevelsKey,
+    push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
     serde::Raw,
 };
 use serde_json::Value;
@@ -265,14 +270,16 @@ impl EphemeralService {
             }
             room.visible.push((event, thread));
         }
+        let levels = self.room_mention_levels(&by_room).await?;
         if let Some(custom) = &rules.custom {
-            self.apply_push_rules(user, custom, &rules.display_name, &mut by_room)
+            self.apply_push_rules(user, custom, &rules.display_name, &levels, &mut by_room)
                 .await?;
         }
         for (room_id, counted) in &mut counts {
             if counted.counted_to < up_to {
                 let candidates = by_room.remove(room_id.as_str()).unwrap_or_default();
-                count_more(user, counted, candidates, up_to, &rules.names);
+                let levels = levels.get(room_id.as_str());
+                count_more(user, counted, candidates, up_to, &rules.names, levels);
                 self.unread
                     .kept
                     .lock()
@@ -416,15 +423,38 @@ impl EphemeralService {
         }))
     }
 
-    /// Evaluates `custom` on the messages each room's `candidates` hold, in the room's context
-    /// (its joined members counted in one read for all the rooms). Without the room's power
-    /// levels in that context, rules that ask whether the sender may notify the room
-    /// (`@room`) do not match.
+    /// The current power levels of the rooms where a message of `by_room` may mention the
+    /// whole room (`@room`), which only notifies when its sender may notify the room. Read
+    /// for those rooms only: most messages mention no one.
+    async fn room_mention_levels(
+        &self,
+        by_room: &HashMap<String, Candidates>,
+    ) -> Result<HashMap<String, PushConditionPowerLevelsCtx>> {
+        let mut levels = HashMap::new();
+        for (room_id, candidates) in by_room {
+            if !candidates
+                .visible
+                .iter()
+                .any(|(event, _)| may_mention_room(&event.pdu_json))
+            {
+                continue;
+            }
+            if let Some(room_levels) = self.rooms.push_power_levels(room_id).await? {
+                levels.insert(room_id.clone(), room_levels);
+            }
+        }
+        Ok(levels)
+    }
+
+    /// Evaluates `custom` on the messages each room's `candidates` hold, in the room's context:
+    /// its joined members (counted in one read for all the rooms) and, where a message may
+    /// mention the whole room, its power `levels` (without them no one may notify the room).
     async fn apply_push_rules(
         &self,
         user: &str,
         custom: &CustomRules,
         display_name: &str,
+        levels: &HashMap<String, PushConditionPowerLevelsCtx>,
         by_room: &mut HashMap<String, Candidates>,
     ) -> Result<()> {
         let rooms: Vec<String> = by_room
@@ -460,12 +490,15 @@ impl EphemeralService {
             };
             let member_count =
                 UInt::new_saturating(joined.get(room_id.as_str()).copied().unwrap_or(0));
-            let context = PushConditionRoomCtx::new(
+            let mut context = PushConditionRoomCtx::new(
                 room,
                 member_count,
                 user_id.clone(),
                 display_name.to_owned(),
             );
+            if let Some(levels) = levels.get(room_id.as_str()) {
+                context = context.with_power_levels(levels.clone());
+            }
             let mut verdicts = Vec::with_capacity(candidates.visible.len());
             for (event, _) in &candidates.visible {
                 let verdict = match serde_json::value::RawValue::from_string(event.pdu_json.clone())
@@ -565,6 +598,7 @@ fn count_more(
     candidates: Candidates,
     up_to: i64,
     names: &[String],
+    levels: Option<&PushConditionPowerLevelsCtx>,
 ) {
     let read_to = match candidates.last_read {
         Some(last) if candidates.read >= MAX_UNREAD_READ => last,
@@ -593,7 +627,7 @@ fn count_more(
         };
         let verdict = match &verdicts {
             Some(verdicts) => verdicts.get(index).copied().unwrap_or_default(),
-            None => default_verdict(&event, user, names),
+            None => default_verdict(&event, user, names, levels),
         };
         if !verdict.notify {
             continue;
@@ -609,14 +643,24 @@ fn count_more(
 /// What the server's default push rules say of a message (`m.room.message` or
 /// `m.room.encrypted`), without evaluating them, in their order: a notice is quiet
 /// (`.m.rule.suppress_notices`); a message that mentions `user` notifies and highlights
-/// (`.m.rule.is_user_mention`, and the body's names as the deprecated name rules did); an
-/// edit is quiet (`.m.rule.suppress_edits`); any other message notifies.
-fn default_verdict(event: &EventRecord, user: &str, names: &[String]) -> Verdict {
+/// (`.m.rule.is_user_mention`, and the body's names as the deprecated name rules did), as does
+/// one that mentions the whole room from a sender the room's power `levels` let notify it
+/// (`.m.rule.is_room_mention`, `.m.rule.roomnotif`; without `levels`, no one); an edit is
+/// quiet (`.m.rule.suppress_edits`); any other message notifies.
+fn default_verdict(
+    event: &EventRecord,
+    user: &str,
+    names: &[String],
+    levels: Option<&PushConditionPowerLevelsCtx>,
+) -> Verdict {
     let (notice, edit) = notice_or_edit(&event.pdu_json);
     if notice {
         return Verdict::default();
     }
-    let highlight = mentions_user(event, user, names);
+    let highlight = mentions_user(event, user, names)
+        || levels.is_some_and(|levels| {
+            mentions_room(&event.pdu_json) && may_notify_room(levels, &event.sender)
+        });
     Verdict {
         notify: highlight || !edit,
         highlight,
@@ -668,6 +712,51 @@ fn mentions_user(event: &EventRecord, user: &str, names: &[String]) -> bool {
     names.iter().any(|name| body.contains(name.as_str()))
 }
 
+/// Whether a message mentions the whole room: `m.mentions.room` is true or, when the message
+/// has no `m.mentions`, its body has the word `@room` (any case, as ruma matches it).
+fn mentions_room(pdu_json: &str) -> bool {
+    if !may_mention_room(pdu_json) {
+        return false;
+    }
+    let Ok(pdu) = serde_json::from_str::<Value>(pdu_json) else {
+        return false;
+    };
+    let content = &pdu["content"];
+    if let Some(mentions) = content.get("m.mentions") {
+        return mentions["room"] == true;
+    }
+    content["body"].as_str().is_some_and(has_room_word)
+}
+
+/// Whether `body` has `@room` (any case) not followed by a word character.
+fn has_room_word(body: &str) -> bool {
+    const WORD: &[u8] = b"@room";
+    let bytes = body.as_bytes();
+    bytes.windows(WORD.len()).enumerate().any(|(at, window)| {
+        window.eq_ignore_ascii_case(WORD)
+            && bytes
+                .get(at + WORD.len())
+                .is_none_or(|&next| !(next.is_ascii_alphanumeric() || next == b'_'))
+    })
+}
+
+/// A cheap test on the stored JSON before parsing it: a message can only mention the whole
+/// room with `m.mentions` or with `@room` in its text.
+fn may_mention_room(pdu_json: &str) -> bool {
+    pdu_json.contains("m.mentions")
+        || pdu_json
+            .as_bytes()
+            .windows(5)
+            .any(|window| window.eq_ignore_ascii_case(b"@room"))
+}
+
+/// Whether the room's power `levels` let `sender` notify the whole room.
+fn may_notify_room(levels: &PushConditionPowerLevelsCtx, sender: &str) -> bool {
+    UserId::parse(sender).is_ok_and(|sender| {
+        levels.has_sender_notification_permission(&sender, &NotificationPowerLevelsKey::Room)
+    })
+}
+
 /// A cheap test on the stored JSON before parsing it: most messages mention nobody, and
 /// parsing each one was most of a count's cost. A message can only mention the user when it
 /// has `m.mentions` or its text holds one of `names`. Stored PDUs are canonical JSON, which
@@ -690,6 +779,7 @@ fn may_mention(pdu_json: &str, names: &[String]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use ruma::events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsSource};
     use serde_json::json;
 
     use super::*;
@@ -766,7 +856,7 @@ mod tests {
     #[test]
     fn notices_and_edits_are_quiet_by_default() {
         let names = vec!["bob".to_owned()];
-        let verdict = |content: Value| default_verdict(&message(content), "@bob:x", &names);
+        let verdict = |content: Value| default_verdict(&message(content), "@bob:x", &names, None);
         let notice = verdict(json!({"msgtype": "m.notice", "body": "hi bob"}));
         assert!(!notice.notify && !notice.highlight);
         let edit = verdict(json!({
@@ -799,7 +889,9 @@ mod tests {
 
     /// The built-in verdicts are what ruma's evaluation of the server-default rules gives,
     /// for every message that does not mention the user by name only (the deprecated name
-    /// rules, which the built-in verdicts keep and ruma's defaults no longer have).
+    /// rules, which the built-in verdicts keep and ruma's defaults no longer have): without
+    /// the room's power levels, and with levels that do or do not let the sender notify the
+    /// room.
     #[test]
     fn built_in_verdicts_are_the_default_rules() {
         let user = "@bob:x";
@@ -810,9 +902,17 @@ mod tests {
             OwnedUserId::try_from(user).expect("user"),
             "Bob".to_owned(),
         );
+        // No power levels event: the creator has 100, everyone else 0; `@room` needs 50.
+        let rules = ruma::RoomVersionId::V11.rules().expect("v11").authorization;
+        let created_by = |creator: &str| -> PushConditionPowerLevelsCtx {
+            let creator = OwnedUserId::try_from(creator).expect("user");
+            RoomPowerLevels::new(RoomPowerLevelsSource::None, &rules, [creator]).into()
+        };
+        let (sender_may, sender_may_not) = (created_by("@a:x"), created_by("@carol:x"));
         let edit = json!({"rel_type": "m.replace", "event_id": "$e"});
         let mention = json!({"user_ids": [user]});
         let other = json!({"user_ids": ["@carol:x"]});
+        let room = json!({"room": true});
         let contents = [
             json!({"msgtype": "m.text", "body": "hello"}),
             json!({"msgtype": "m.notice", "body": "hello"}),
@@ -823,26 +923,76 @@ mod tests {
             json!({"msgtype": "m.text", "body": "hi", "m.mentions": mention}),
             json!({"msgtype": "m.text", "body": "hi", "m.mentions": other}),
             json!({"msgtype": "m.emote", "body": "waves", "m.mentions": {}}),
+            // The whole room, by `m.mentions` (the body's word does not count with it).
+            json!({"msgtype": "m.text", "body": "all", "m.mentions": room}),
+            json!({"msgtype": "m.text", "body": "@room all", "m.mentions": {}}),
+            json!({"msgtype": "m.text", "body": "@roomba and @room_x"}),
+            json!({"msgtype": "m.notice", "body": "@room", "m.mentions": room}),
+            json!({"msgtype": "m.text", "body": "* all", "m.relates_to": edit, "m.mentions": room}),
         ];
-        for content in contents {
-            let mut event = message(content.clone());
-            event.pdu_json = json!({
-                "type": "m.room.message", "room_id": "!r:x", "sender": "@a:x",
-                "content": content,
-            })
-            .to_string();
-            let built_in = default_verdict(&event, user, &["bob".to_owned()]);
-            let raw =
-                serde_json::value::RawValue::from_string(event.pdu_json.clone()).expect("JSON");
-            let actions = futures::executor::block_on(
-                ruleset.get_actions(&Raw::<Value>::from_json(raw), &context),
+        for levels in [None, Some(&sender_may), Some(&sender_may_not)] {
+            let context = match levels {
+                Some(levels) => context.clone().with_power_levels(levels.clone()),
+                None => context.clone(),
+            };
+            for content in &contents {
+                let mut event = message(content.clone());
+                event.pdu_json = json!({
+                    "type": "m.room.message", "room_id": "!r:x", "sender": "@a:x",
+                    "content": content,
+                })
+                .to_string();
+                let built_in = default_verdict(&event, user, &["bob".to_owned()], levels);
+                let raw =
+                    serde_json::value::RawValue::from_string(event.pdu_json.clone()).expect("JSON");
+                let actions = futures::executor::block_on(
+                    ruleset.get_actions(&Raw::<Value>::from_json(raw), &context),
+                );
+                let notify = actions.iter().any(Action::should_notify);
+                let highlight = actions.iter().any(Action::is_highlight);
+                assert_eq!(
+                    (built_in.notify, built_in.highlight),
+                    (notify, highlight),
+                    "{content} with levels: {}",
+                    levels.is_some()
+                );
+            }
+        }
+        // The cases above do reach both sides of the sender's permission.
+        let names = ["bob".to_owned()];
+        let highlights = |content: Value, levels| {
+            let verdict = default_verdict(&message(content), user, &names, levels);
+            assert!(verdict.notify);
+            verdict.highlight
+        };
+        let all = json!({"body": "all", "m.mentions": room});
+        assert!(highlights(all.clone(), Some(&sender_may)));
+        assert!(!highlights(all, Some(&sender_may_not)));
+        // Without `m.mentions`, the word `@room` in the body mentions the whole room as the
+        // deprecated `.m.rule.roomnotif` did (ruma's defaults no longer have it; the built-in
+        // verdicts keep it, as they keep the name rules, for clients that do not send
+        // `m.mentions`).
+        for body in [
+            "hey @room",
+            "HEY @Room!",
+            "x@room, then",
+            "@roomy @room",
+            "* @room",
+        ] {
+            assert!(
+                highlights(json!({"body": body}), Some(&sender_may)),
+                "{body}"
             );
-            let notify = actions.iter().any(Action::should_notify);
-            let highlight = actions.iter().any(Action::is_highlight);
-            assert_eq!(
-                (built_in.notify, built_in.highlight),
-                (notify, highlight),
-                "{content}"
+            assert!(
+                !highlights(json!({"body": body}), Some(&sender_may_not)),
+                "{body}"
+            );
+            assert!(!highlights(json!({"body": body}), None), "{body}");
+        }
+        for body in ["@roomba", "@room_x", "room", "@ room"] {
+            assert!(
+                !highlights(json!({"body": body}), Some(&sender_may)),
+                "{body}"
             );
         }
     }

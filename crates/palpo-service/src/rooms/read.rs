@@ -5,7 +5,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use palpo_core::{Error, Result};
 use palpo_storage::model::{Direction, EventRecord, MembershipRecord, StateMap};
-use ruma::room_version_rules::RedactionRules;
+use ruma::{
+    OwnedUserId,
+    events::room::power_levels::{
+        RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource,
+    },
+    push::PushConditionPowerLevelsCtx,
+    room_version_rules::RedactionRules,
+};
 use serde_json::Value;
 
 use super::{RoomService, internal, pdu::client_event, room_version_rules};
@@ -789,6 +796,54 @@ impl RoomService {
             .as_i64()
             .or_else(|| levels["users_default"].as_i64())
             .unwrap_or(0))
+    }
+
+    /// The room's current power levels as push rules read them, to tell whether a sender may
+    /// notify the whole room (`@room`); `None` for a room this server does not know, or whose
+    /// power levels cannot be read (no one may then notify the room).
+    pub(crate) async fn push_power_levels(
+        &self,
+        room_id: &str,
+    ) -> Result<Option<PushConditionPowerLevelsCtx>> {
+        let Some(room) = self
+            .storage
+            .rooms
+            .get_room(room_id)
+            .await
+            .map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        let (_, rules) = room_version_rules(&room.room_version)?;
+        let state = self.power_state(room_id).await?;
+        let create = self.state_content(&state, "m.room.create", "").await?;
+        let additional = create
+            .as_ref()
+            .and_then(|c| c.get("additional_creators"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str);
+        let creators: Vec<OwnedUserId> = std::iter::once(room.creator.as_str())
+            .chain(additional)
+            .filter_map(|user| OwnedUserId::try_from(user).ok())
+            .collect();
+        let source = match self
+            .state_content(&state, "m.room.power_levels", "")
+            .await?
+        {
+            None => RoomPowerLevelsSource::None,
+            Some(content) => match serde_json::from_value::<RoomPowerLevelsEventContent>(content) {
+                Ok(content) => RoomPowerLevelsSource::Original(content),
+                Err(error) => {
+                    tracing::warn!(room_id, %error, "unreadable power levels");
+                    return Ok(None);
+                }
+            },
+        };
+        Ok(Some(
+            RoomPowerLevels::new(source, &rules.authorization, creators).into(),
+        ))
     }
 
     /// The level a power-levels key (`redact`, `kick`...) requires.
