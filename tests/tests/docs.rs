@@ -78,6 +78,7 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("get", "/_matrix/client/v3/profile/{userId}/{keyName}"),
     ("put", "/_matrix/client/v3/profile/{userId}/{keyName}"),
     ("delete", "/_matrix/client/v3/profile/{userId}/{keyName}"),
+    ("post", "/_matrix/client/v3/user_directory/search"),
     ("post", "/_matrix/client/v3/user/{userId}/filter"),
     ("get", "/_matrix/client/v3/user/{userId}/filter/{filterId}"),
     (

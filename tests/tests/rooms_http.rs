@@ -1716,3 +1716,117 @@ backend_matrix!(history_visibility_http, history_visibility);
 backend_matrix!(redactions_http, redactions);
 backend_matrix!(aliases_http, aliases);
 backend_matrix!(profiles_http, profiles);
+backend_matrix!(user_directory_http, user_directory);
+
+/// `POST /user_directory/search`: users sharing a room with the searcher and members of
+/// published rooms, found by user id or display name in any case, wildcards taken literally,
+/// deactivated accounts left out, `limit` and `limited` honoured.
+async fn user_directory(app: &TestApp) {
+    let alice = app.register("alice", "pw").await;
+    let bob = app.register("bob", "pw").await;
+    let carol = app.register("carol", "pw").await;
+    let dave = app.register("dave", "pw").await;
+    let erin = app.register("erin", "pw").await;
+    let a = alice.access_token.as_str();
+    // Bob shares a private room with Alice; Carol and Dave are in a published room; Erin is in
+    // a private room of her own.
+    let private = app
+        .create_room(
+            a,
+            json!({"preset": "private_chat", "invite": [bob.user_id]}),
+        )
+        .await;
+    app.join_room(&bob.access_token, &private).await;
+    let published = app
+        .create_room(
+            &carol.access_token,
+            json!({"preset": "public_chat", "visibility": "public"}),
+        )
+        .await;
+    app.join_room(&dave.access_token, &published).await;
+    app.create_room(&erin.access_token, json!({"preset": "private_chat"}))
+        .await;
+    app.set_displayname(&bob, "Bobby Tables").await;
+    app.set_displayname(&dave, "Dåve_100%").await;
+
+    let path = "/_matrix/client/v3/user_directory/search";
+    let search = async |body: Value| {
+        let resp = app.post(path, Some(a), body).await;
+        let answer = resp.expect_ok();
+        let ids: Vec<String> = answer["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|user| user["user_id"].as_str().expect("user_id").to_owned())
+            .collect();
+        (
+            ids,
+            answer["limited"].as_bool().expect("limited"),
+            answer.clone(),
+        )
+    };
+    let found = async |term: &str| search(json!({"search_term": term})).await.0;
+
+    let (ids, limited, answer) = search(json!({"search_term": "TABLES"})).await;
+    assert_eq!((ids, limited), (vec![bob.user_id.clone()], false));
+    assert_eq!(
+        answer["results"][0]["display_name"], "Bobby Tables",
+        "{answer}"
+    );
+    assert_eq!(found("bob").await, [bob.user_id.clone()]);
+    assert_eq!(
+        found("carol").await,
+        [carol.user_id.clone()],
+        "in a published room"
+    );
+    assert!(found("erin").await.is_empty(), "shares no room with Alice");
+    // `%` and `_` are themselves, not wildcards.
+    assert_eq!(found("e_1").await, [dave.user_id.clone()]);
+    assert_eq!(found("100%").await, [dave.user_id.clone()]);
+    assert!(found("%").await.len() == 1 && found("_").await.len() == 1);
+    assert!(found("b!b").await.is_empty());
+
+    // Everyone Alice may find, in user id order; `limit` cuts and says so.
+    let everyone = vec![
+        alice.user_id.clone(),
+        bob.user_id.clone(),
+        carol.user_id.clone(),
+        dave.user_id.clone(),
+    ];
+    assert_eq!(search(json!({"search_term": ":"})).await.0, everyone);
+    let (ids, limited, _) = search(json!({"search_term": ":", "limit": 2})).await;
+    assert_eq!((ids, limited), (everyone[..2].to_vec(), true));
+    let (ids, limited, _) = search(json!({"search_term": ":", "limit": 4})).await;
+    assert_eq!((ids, limited), (everyone.clone(), false));
+
+    // A deactivated account is no longer found.
+    let deactivate = "/_matrix/client/v3/account/deactivate";
+    let session = app
+        .post(deactivate, Some(&dave.access_token), json!({}))
+        .await
+        .expect_uia(&[&["m.login.password"]]);
+    let auth = json!({"auth": {
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": "dave"},
+        "password": "pw",
+        "session": session,
+    }});
+    app.post(deactivate, Some(&dave.access_token), auth)
+        .await
+        .expect_ok();
+    assert!(found("dave").await.is_empty());
+
+    // Bad requests.
+    app.post(path, None, json!({"search_term": "bob"}))
+        .await
+        .expect_error(401, "M_MISSING_TOKEN");
+    app.post(path, Some(a), json!({}))
+        .await
+        .expect_error(400, "M_BAD_JSON");
+    app.post(path, Some(a), json!({"search_term": 3}))
+        .await
+        .expect_error(400, "M_BAD_JSON");
+    app.post(path, Some(a), json!({"search_term": "bob", "limit": -1}))
+        .await
+        .expect_error(400, "M_INVALID_PARAM");
+}

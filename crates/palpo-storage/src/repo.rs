@@ -231,6 +231,17 @@ pub trait AliasRepo: Send + Sync {
 pub trait ProfileRepo: Send + Sync {
     async fn get_profile(&self, user_id: &str) -> Result<Option<ProfileRecord>>;
     async fn set_profile(&self, user_id: &str, profile: &ProfileRecord) -> Result<()>;
+    /// The user directory as `searcher` sees it: users who share a joined room with them, and
+    /// members of rooms published in the room directory; active accounts only (users this
+    /// server knows nothing else of count as active). Those whose user id or display name
+    /// contains `term`, ignoring case (SQLite folds the case of ASCII letters only), ordered by
+    /// user id, at most `limit`.
+    async fn search_user_directory(
+        &self,
+        searcher: &str,
+        term: &str,
+        limit: i64,
+    ) -> Result<Vec<crate::model::DirectoryUser>>;
 }
 
 /// Server signing keys.

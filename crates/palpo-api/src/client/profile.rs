@@ -1,12 +1,13 @@
 //! User profiles: `/profile/{userId}` and `/profile/{userId}/{keyName}`. A new display name
-//! or avatar is announced in every room the user has joined.
+//! or avatar is announced in every room the user has joined. The user directory:
+//! `/user_directory/search`.
 
 use crate::path_ids::UserIdParam;
 use std::sync::Arc;
 
 use palpo_core::Error;
 use poem::web::Data;
-use poem_openapi::{OpenApi, param::Path, payload::Json};
+use poem_openapi::{Object, OpenApi, param::Path, payload::Json};
 
 use crate::{
     ApiTags, AppState,
@@ -21,6 +22,32 @@ fn check_owner(auth: &AccessToken, user_id: &str) -> Result<(), Error> {
         return Err(Error::forbidden("You may only change your own profile"));
     }
     Ok(())
+}
+
+#[derive(Debug, Object)]
+pub struct UserDirectorySearchRequest {
+    /// What to look for in user ids and display names (any case).
+    #[oai(deserialize_with = "crate::strict::string")]
+    pub search_term: String,
+    /// Most users to answer: 10 when absent, at most 50.
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Object)]
+pub struct UserDirectoryResponse {
+    /// Whether more users matched than the answer holds.
+    pub limited: bool,
+    pub results: Vec<DirectoryUserEntry>,
+}
+
+/// A user found, with their profile.
+#[derive(Debug, Object)]
+pub struct DirectoryUserEntry {
+    pub user_id: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub display_name: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub avatar_url: Option<String>,
 }
 
 pub struct ProfileApi;
@@ -113,5 +140,35 @@ impl ProfileApi {
             .set_profile_field(&user_id.0, &key_name.0, None)
             .await?;
         Ok(Json(EmptyResponse {}))
+    }
+
+    /// Searches the user directory: users sharing a room with the caller and members of
+    /// rooms published in the room directory, by user id or display name (any case).
+    #[oai(
+        path = "/_matrix/client/v3/user_directory/search",
+        method = "post",
+        tag = "ApiTags::UserData",
+        operation_id = "searchUserDirectory"
+    )]
+    async fn search_user_directory(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AccessToken,
+        body: Json<UserDirectorySearchRequest>,
+    ) -> ApiResult<Json<UserDirectoryResponse>> {
+        let (found, limited) = state
+            .services
+            .rooms
+            .search_user_directory(&auth.0.user_id, &body.0.search_term, body.0.limit)
+            .await?;
+        let results = found
+            .into_iter()
+            .map(|user| DirectoryUserEntry {
+                user_id: user.user_id,
+                display_name: user.displayname,
+                avatar_url: user.avatar_url,
+            })
+            .collect();
+        Ok(Json(UserDirectoryResponse { limited, results }))
     }
 }

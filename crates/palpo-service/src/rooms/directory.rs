@@ -1,10 +1,11 @@
-//! Room aliases and user profiles. A profile change is announced in every room the user has
-//! joined, as a new `m.room.member` event carrying the new display name and avatar.
+//! Room aliases, user profiles and the user directory. A profile change is announced in every
+//! room the user has joined, as a new `m.room.member` event carrying the new display name and
+//! avatar.
 
 use palpo_core::{Error, ErrorCode, Result};
 use palpo_storage::{
     StorageError,
-    model::{AliasRecord, ProfileRecord},
+    model::{AliasRecord, DirectoryUser, ProfileRecord},
 };
 use serde_json::{Map, Value};
 
@@ -12,6 +13,11 @@ use super::{RoomService, create::member_draft, internal};
 
 /// Largest size of one profile field value, in bytes of JSON.
 const MAX_PROFILE_FIELD_BYTES: usize = 4096;
+
+/// Users a user directory search answers when the request sets no `limit` (the spec's default).
+const DEFAULT_DIRECTORY_RESULTS: i64 = 10;
+/// Most users one user directory search answers.
+pub const MAX_DIRECTORY_RESULTS: i64 = 50;
 
 impl RoomService {
     fn check_local_alias(&self, alias: &str) -> Result<()> {
@@ -110,6 +116,35 @@ impl RoomService {
             .aliases_of_room(room_id)
             .await
             .map_err(internal)
+    }
+
+    /// `POST /user_directory/search`: the users `searcher` may find (those sharing a joined
+    /// room with them, and members of rooms published in the room directory) whose user id
+    /// or display name contains `term`, ignoring case; at most `limit` (10 by default, at most
+    /// [`MAX_DIRECTORY_RESULTS`]), and whether more matched.
+    pub async fn search_user_directory(
+        &self,
+        searcher: &str,
+        term: &str,
+        limit: Option<i64>,
+    ) -> Result<(Vec<DirectoryUser>, bool)> {
+        let limit = match limit {
+            None => DEFAULT_DIRECTORY_RESULTS,
+            Some(limit) if limit < 0 => {
+                return Err(Error::invalid_param("limit must not be negative"));
+            }
+            Some(limit) => limit.min(MAX_DIRECTORY_RESULTS),
+        };
+        // One more than asked for tells whether the answer is `limited`.
+        let mut found = self
+            .storage
+            .profiles
+            .search_user_directory(searcher, term, limit + 1)
+            .await
+            .map_err(internal)?;
+        let limited = found.len() as i64 > limit;
+        found.truncate(usize::try_from(limit).unwrap_or_default());
+        Ok((found, limited))
     }
 
     /// `GET /profile/{userId}`: display name, avatar and custom fields, as one JSON object.

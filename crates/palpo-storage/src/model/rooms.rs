@@ -154,6 +154,14 @@ pub struct ProfileRecord {
     pub fields: String,
 }
 
+/// A user found by a user directory search, with their global profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryUser {
+    pub user_id: String,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AliasRecord {
     pub room_alias: String,

@@ -10,8 +10,8 @@ use crate::{
     db::{ArrayBind, Bind, DeferredWrites, LockTurn, RoomWriteLock, Text, Tx},
     error::{Result, StorageError},
     model::{
-        AliasRecord, Direction, EventRecord, MembershipRecord, NewEvent, NewRoom, PersistedEvent,
-        ProfileRecord, RoomRecord, SigningKeyRecord, StateMap, TokenCheck, TxnKey,
+        AliasRecord, Direction, DirectoryUser, EventRecord, MembershipRecord, NewEvent, NewRoom,
+        PersistedEvent, ProfileRecord, RoomRecord, SigningKeyRecord, StateMap, TokenCheck, TxnKey,
     },
     on_pool, on_tx,
     repo::{AliasRepo, KeyRepo, ProfileRepo, RoomRepo},
@@ -2028,6 +2028,59 @@ impl ProfileRepo for SqlStore {
         );
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn search_user_directory(
+        &self,
+        searcher: &str,
+        term: &str,
+        limit: i64,
+    ) -> Result<Vec<DirectoryUser>> {
+        // `!` escapes LIKE's wildcards in the term: a backslash means different things in
+        // MySQL's string literals and the others'.
+        let mut escaped = String::with_capacity(term.len() + 2);
+        for c in term.to_lowercase().chars() {
+            if matches!(c, '!' | '%' | '_') {
+                escaped.push('!');
+            }
+            escaped.push(c);
+        }
+        let pattern = format!("%{escaped}%");
+        let rows: Vec<(Text, Option<Text>, Option<Text>)> = on_pool!(
+            self.db.fresh(),
+            "SELECT found.user_id, p.displayname, p.avatar_url FROM ( \
+                SELECT theirs.user_id FROM room_memberships mine \
+                JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
+                WHERE mine.user_id = ? AND mine.membership = 'join' AND theirs.membership = 'join' \
+                UNION \
+                SELECT m.user_id FROM room_memberships m JOIN rooms r ON r.room_id = m.room_id \
+                WHERE r.is_public = ? AND m.membership = 'join' \
+             ) found \
+             LEFT JOIN profiles p ON p.user_id = found.user_id \
+             LEFT JOIN users u ON u.user_id = found.user_id \
+             WHERE (u.is_deactivated IS NULL OR u.is_deactivated = ?) \
+             AND (LOWER(found.user_id) LIKE ? ESCAPE '!' OR LOWER(p.displayname) LIKE ? ESCAPE '!') \
+             ORDER BY found.user_id LIMIT ?",
+            |p, sql| {
+                sqlx::query_as(sql)
+                    .bind(searcher)
+                    .bind(true)
+                    .bind(false)
+                    .bind(&pattern)
+                    .bind(&pattern)
+                    .bind(limit)
+                    .fetch_all(p)
+                    .await?
+            }
+        );
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, displayname, avatar_url)| DirectoryUser {
+                user_id: user_id.into(),
+                displayname: displayname.map(String::from),
+                avatar_url: avatar_url.map(String::from),
+            })
+            .collect())
     }
 }
 
