@@ -1717,6 +1717,176 @@ backend_matrix!(redactions_http, redactions);
 backend_matrix!(aliases_http, aliases);
 backend_matrix!(profiles_http, profiles);
 backend_matrix!(user_directory_http, user_directory);
+backend_matrix!(published_room_directory_http, published_room_directory);
+
+/// The published room directory: `/directory/list/room/{roomId}` reads and sets whether a
+/// room is listed (members who may set its canonical alias), `/publicRooms` lists the listed
+/// rooms with what their state says of them, the most joined first, a page at a time,
+/// filtered by a search term and room types.
+async fn published_room_directory(app: &TestApp) {
+    let alice = app.register("alice", "pw").await;
+    let bob = app.register("bob", "pw").await;
+    let (a, b) = (alice.access_token.as_str(), bob.access_token.as_str());
+    let cooking = app
+        .create_room(
+            a,
+            json!({
+                "preset": "public_chat", "visibility": "public", "name": "Cooking Club",
+                "topic": "Recipes and more", "room_alias_name": "cooking",
+            }),
+        )
+        .await;
+    app.join_room(b, &cooking).await;
+    let space = app
+        .create_room(
+            a,
+            json!({
+                "preset": "public_chat", "visibility": "public", "name": "Knitting",
+                "creation_content": {"type": "m.space"},
+            }),
+        )
+        .await;
+    let private = app.create_room(a, json!({"preset": "private_chat"})).await;
+    let list = |room_id: &str| format!("/_matrix/client/v3/directory/list/room/{}", enc(room_id));
+    let public_rooms = "/_matrix/client/v3/publicRooms";
+    let ids = |answer: &Value| -> Vec<String> {
+        answer["chunk"]
+            .as_array()
+            .expect("chunk")
+            .iter()
+            .map(|room| room["room_id"].as_str().expect("room_id").to_owned())
+            .collect()
+    };
+
+    // Visibility, read without a token.
+    let visibility = |room_id: &str| {
+        let path = list(room_id);
+        async move { app.get(&path, None).await.expect_ok()["visibility"].clone() }
+    };
+    assert_eq!(visibility(&cooking).await, "public");
+    assert_eq!(visibility(&private).await, "private");
+    app.get(&list("!nowhere:test.local"), None)
+        .await
+        .expect_error(404, "M_NOT_FOUND");
+
+    // The directory, without a token: the most joined first, with the rooms' state.
+    let answer = app.get(public_rooms, None).await.expect_ok().clone();
+    assert_eq!(ids(&answer), [cooking.clone(), space.clone()], "{answer}");
+    assert_eq!(answer["total_room_count_estimate"], 2);
+    assert!(answer.get("next_batch").is_none() && answer.get("prev_batch").is_none());
+    let first = &answer["chunk"][0];
+    assert_eq!(first["name"], "Cooking Club");
+    assert_eq!(first["topic"], "Recipes and more");
+    assert_eq!(first["canonical_alias"], "#cooking:test.local");
+    assert_eq!(first["join_rule"], "public");
+    assert_eq!(first["num_joined_members"], 2);
+    assert_eq!(first["world_readable"], false);
+    assert_eq!(first["guest_can_join"], false);
+    assert!(first.get("room_type").is_none(), "{first}");
+    assert_eq!(answer["chunk"][1]["room_type"], "m.space");
+
+    // A page at a time.
+    let page = app
+        .get(&format!("{public_rooms}?limit=1"), None)
+        .await
+        .expect_ok()
+        .clone();
+    assert_eq!(ids(&page), [cooking.clone()]);
+    let next = page["next_batch"].as_str().expect("next_batch");
+    let page = app
+        .get(&format!("{public_rooms}?limit=1&since={}", enc(next)), None)
+        .await
+        .expect_ok()
+        .clone();
+    assert_eq!(ids(&page), [space.clone()]);
+    assert!(page.get("next_batch").is_none(), "{page}");
+    let prev = page["prev_batch"].as_str().expect("prev_batch");
+    let back = app
+        .get(&format!("{public_rooms}?limit=1&since={}", enc(prev)), None)
+        .await;
+    assert_eq!(ids(back.expect_ok()), [cooking.clone()]);
+
+    // Filtered.
+    let filtered = async |filter: Value| {
+        let resp = app
+            .post(public_rooms, Some(b), json!({"filter": filter}))
+            .await;
+        ids(resp.expect_ok())
+    };
+    assert_eq!(
+        filtered(json!({"generic_search_term": "RECIPES"})).await,
+        [cooking.clone()]
+    );
+    assert_eq!(
+        filtered(json!({"generic_search_term": "#cooking"})).await,
+        [cooking.clone()]
+    );
+    assert!(
+        filtered(json!({"generic_search_term": "sailing"}))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        filtered(json!({"room_types": [null]})).await,
+        [cooking.clone()]
+    );
+    assert_eq!(
+        filtered(json!({"room_types": ["m.space"]})).await,
+        [space.clone()]
+    );
+    assert_eq!(filtered(json!({})).await.len(), 2);
+
+    // Listing and unlisting: Bob (0) may not; Alice may.
+    app.put(&list(&cooking), Some(b), json!({"visibility": "private"}))
+        .await
+        .expect_error(403, "M_FORBIDDEN");
+    app.put(&list(&private), Some(b), json!({"visibility": "public"}))
+        .await
+        .expect_error(403, "M_FORBIDDEN");
+    app.put(&list(&private), Some(a), json!({}))
+        .await
+        .expect_ok();
+    app.put(&list(&cooking), Some(a), json!({"visibility": "private"}))
+        .await
+        .expect_ok();
+    assert_eq!(visibility(&cooking).await, "private");
+    let answer = app.get(public_rooms, None).await.expect_ok().clone();
+    let mut listed = ids(&answer);
+    listed.sort();
+    let mut expected = vec![space.clone(), private.clone()];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    // Bad requests.
+    app.put(&list(&cooking), Some(a), json!({"visibility": "secret"}))
+        .await
+        .expect_error(400, "M_INVALID_PARAM");
+    app.put(&list("!nowhere:test.local"), Some(a), json!({}))
+        .await
+        .expect_error(404, "M_NOT_FOUND");
+    app.put(&list(&cooking), None, json!({}))
+        .await
+        .expect_error(401, "M_MISSING_TOKEN");
+    app.post(public_rooms, None, json!({}))
+        .await
+        .expect_error(401, "M_MISSING_TOKEN");
+    app.get(&format!("{public_rooms}?since=x"), None)
+        .await
+        .expect_error(400, "M_INVALID_PARAM");
+    app.get(&format!("{public_rooms}?limit=-1"), None)
+        .await
+        .expect_error(400, "M_INVALID_PARAM");
+    app.get(&format!("{public_rooms}?server=elsewhere.example"), None)
+        .await
+        .expect_error(400, "M_INVALID_PARAM");
+    app.post(
+        public_rooms,
+        Some(a),
+        json!({"filter": {"room_types": [3]}}),
+    )
+    .await
+    .expect_error(400, "M_BAD_JSON");
+}
 
 /// `POST /user_directory/search`: users sharing a room with the searcher and members of
 /// published rooms, found by user id or display name in any case, wildcards taken literally,
@@ -1746,6 +1916,21 @@ async fn user_directory(app: &TestApp) {
     app.join_room(&dave.access_token, &published).await;
     app.create_room(&erin.access_token, json!({"preset": "private_chat"}))
         .await;
+    // Frank's room is not published, but anyone may join it; Grace's history is
+    // world-readable: the spec has their members found too.
+    let frank = app.register("frank", "pw").await;
+    let grace = app.register("grace", "pw").await;
+    app.create_room(&frank.access_token, json!({"preset": "public_chat"}))
+        .await;
+    let world_readable = json!({
+        "type": "m.room.history_visibility", "state_key": "",
+        "content": {"history_visibility": "world_readable"},
+    });
+    app.create_room(
+        &grace.access_token,
+        json!({"preset": "private_chat", "initial_state": [world_readable]}),
+    )
+    .await;
     app.set_displayname(&bob, "Bobby Tables").await;
     app.set_displayname(&dave, "Dåve_100%").await;
 
@@ -1780,6 +1965,16 @@ async fn user_directory(app: &TestApp) {
         "in a published room"
     );
     assert!(found("erin").await.is_empty(), "shares no room with Alice");
+    assert_eq!(
+        found("frank").await,
+        [frank.user_id.clone()],
+        "in a public room"
+    );
+    assert_eq!(
+        found("grace").await,
+        [grace.user_id.clone()],
+        "in a world-readable room"
+    );
     // `%` and `_` are themselves, not wildcards.
     assert_eq!(found("e_1").await, [dave.user_id.clone()]);
     assert_eq!(found("100%").await, [dave.user_id.clone()]);
@@ -1792,11 +1987,13 @@ async fn user_directory(app: &TestApp) {
         bob.user_id.clone(),
         carol.user_id.clone(),
         dave.user_id.clone(),
+        frank.user_id.clone(),
+        grace.user_id.clone(),
     ];
     assert_eq!(search(json!({"search_term": ":"})).await.0, everyone);
     let (ids, limited, _) = search(json!({"search_term": ":", "limit": 2})).await;
     assert_eq!((ids, limited), (everyone[..2].to_vec(), true));
-    let (ids, limited, _) = search(json!({"search_term": ":", "limit": 4})).await;
+    let (ids, limited, _) = search(json!({"search_term": ":", "limit": 6})).await;
     assert_eq!((ids, limited), (everyone.clone(), false));
 
     // A deactivated account is no longer found.

@@ -32,6 +32,7 @@ use palpo_storage::Storage;
 use ruma::{RoomVersionId, room_version_rules::RoomVersionRules};
 
 pub use create::{CreateRoom, InitialState, Preset};
+pub use directory::{PublishedRoom, PublishedRoomsPage, PublishedRoomsQuery};
 pub use lazy::LazyMembers;
 pub use palpo_storage::model::Direction;
 pub use pdu::EventJson;

@@ -77,6 +77,12 @@ pub trait RoomRepo: Send + Sync {
     async fn create_room(&self, room: &NewRoom) -> Result<()>;
     /// The room as the primary sees it (event creation builds on it).
     async fn get_room(&self, room_id: &str) -> Result<Option<RoomRecord>>;
+    /// Publishes the room in the room directory (`is_public`), or takes it out; `false` for
+    /// a room that does not exist.
+    async fn set_room_published(&self, room_id: &str, published: bool) -> Result<bool>;
+    /// The rooms published in the room directory, each with its joined member count: the
+    /// most joined first, then by room id.
+    async fn published_rooms(&self) -> Result<Vec<(String, i64)>>;
     /// Takes the room's write lock, which every process on the database honours: take it
     /// before reading the room to build an event, and hand it to
     /// [`RoomRepo::persist_event_locked`].
@@ -232,10 +238,11 @@ pub trait ProfileRepo: Send + Sync {
     async fn get_profile(&self, user_id: &str) -> Result<Option<ProfileRecord>>;
     async fn set_profile(&self, user_id: &str, profile: &ProfileRecord) -> Result<()>;
     /// The user directory as `searcher` sees it: users who share a joined room with them, and
-    /// members of rooms published in the room directory; active accounts only (users this
-    /// server knows nothing else of count as active). Those whose user id or display name
-    /// contains `term`, ignoring case (SQLite folds the case of ASCII letters only), ordered by
-    /// user id, at most `limit`.
+    /// members of rooms published in the room directory or whose join rule is public or
+    /// history world-readable; active accounts only (users this server knows nothing else of
+    /// count as active). Those whose user id or global display name contains `term`, ignoring
+    /// case as the database's `LOWER` folds it (SQLite, and PostgreSQL with a C locale, fold
+    /// ASCII letters only), ordered by user id, at most `limit`.
     async fn search_user_directory(
         &self,
         searcher: &str,

@@ -263,3 +263,244 @@ impl RoomService {
         }
     }
 }
+
+/// Rooms one `/publicRooms` page holds when the request sets no `limit`, and at most.
+const DEFAULT_PUBLISHED_PAGE: usize = 100;
+const MAX_PUBLISHED_PAGE: usize = 500;
+
+/// A room of the published room directory, as `/publicRooms` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedRoom {
+    pub room_id: String,
+    pub num_joined_members: i64,
+    pub name: Option<String>,
+    pub topic: Option<String>,
+    pub avatar_url: Option<String>,
+    pub canonical_alias: Option<String>,
+    pub join_rule: Option<String>,
+    pub room_type: Option<String>,
+    pub world_readable: bool,
+    pub guest_can_join: bool,
+}
+
+impl PublishedRoom {
+    /// Whether `term` (lowercase) is in the room's name, topic, canonical alias or id.
+    fn matches(&self, term: &str) -> bool {
+        [&self.name, &self.topic, &self.canonical_alias]
+            .into_iter()
+            .flatten()
+            .chain(std::iter::once(&self.room_id))
+            .any(|text| text.to_lowercase().contains(term))
+    }
+}
+
+/// One page of the published room directory.
+#[derive(Debug, Default)]
+pub struct PublishedRoomsPage {
+    pub chunk: Vec<PublishedRoom>,
+    pub next_batch: Option<String>,
+    pub prev_batch: Option<String>,
+    pub total_room_count_estimate: i64,
+}
+
+/// What `/publicRooms` asks for.
+#[derive(Debug, Default)]
+pub struct PublishedRoomsQuery {
+    pub limit: Option<i64>,
+    pub since: Option<String>,
+    /// Words to look for in the rooms' names, topics and aliases (any case).
+    pub search_term: Option<String>,
+    /// Room types to list (`None` in the list: rooms without a type); all when absent.
+    pub room_types: Option<Vec<Option<String>>>,
+}
+
+/// A `/publicRooms` pagination token: the offset in the (filtered) directory.
+fn page_token(offset: usize) -> String {
+    format!("p{offset}")
+}
+
+fn parse_page_token(token: &str) -> Result<usize> {
+    token
+        .strip_prefix('p')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::invalid_param("Unknown pagination token"))
+}
+
+impl RoomService {
+    /// `GET /directory/list/room/{roomId}`: `public` or `private`; 404 for an unknown room.
+    pub async fn room_visibility(&self, room_id: &str) -> Result<&'static str> {
+        let room = self
+            .storage
+            .rooms
+            .get_room(room_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Error::not_found("Room not found"))?;
+        Ok(if room.is_public { "public" } else { "private" })
+    }
+
+    /// `PUT /directory/list/room/{roomId}`: publishes the room or takes it out. Only a member
+    /// who may change the room's canonical alias may (as Synapse asks); 404 for an unknown
+    /// room, 400 for a visibility other than `public` or `private`.
+    pub async fn set_room_visibility(
+        &self,
+        user: &str,
+        room_id: &str,
+        visibility: &str,
+    ) -> Result<()> {
+        let published = match visibility {
+            "public" => true,
+            "private" => false,
+            other => {
+                return Err(Error::invalid_param(format!(
+                    "Unknown visibility {other:?}: public or private"
+                )));
+            }
+        };
+        if self
+            .storage
+            .rooms
+            .get_room(room_id)
+            .await
+            .map_err(internal)?
+            .is_none()
+        {
+            return Err(Error::not_found("Room not found"));
+        }
+        let membership = self
+            .storage
+            .rooms
+            .membership(room_id, user)
+            .await
+            .map_err(internal)?;
+        if membership.as_ref().is_none_or(|m| m.membership != "join") {
+            return Err(Error::forbidden(
+                "You must be joined to the room to publish it",
+            ));
+        }
+        let state_default = self.power_needed(room_id, "state_default", 50).await?;
+        let needed = self
+            .power_needed_for_event(room_id, "m.room.canonical_alias", state_default)
+            .await?;
+        if self.power_of(room_id, user).await? < needed {
+            return Err(Error::forbidden(
+                "Your power level is too low to publish the room",
+            ));
+        }
+        let found = self
+            .storage
+            .rooms
+            .set_room_published(room_id, published)
+            .await
+            .map_err(internal)?;
+        if !found {
+            return Err(Error::not_found("Room not found"));
+        }
+        Ok(())
+    }
+
+    /// `GET`/`POST /publicRooms`: the published rooms, the most joined first, a page at a time.
+    /// With a search term or room types the directory's rooms are all read to filter them
+    /// (directories are small); otherwise only the page's.
+    pub async fn published_rooms(&self, query: PublishedRoomsQuery) -> Result<PublishedRoomsPage> {
+        let limit = match query.limit {
+            None => DEFAULT_PUBLISHED_PAGE,
+            Some(limit) if limit < 0 => {
+                return Err(Error::invalid_param("limit must not be negative"));
+            }
+            Some(limit) => usize::try_from(limit)
+                .unwrap_or(MAX_PUBLISHED_PAGE)
+                .min(MAX_PUBLISHED_PAGE),
+        };
+        let offset = query
+            .since
+            .as_deref()
+            .map(parse_page_token)
+            .transpose()?
+            .unwrap_or(0);
+        let listed = self
+            .storage
+            .rooms
+            .published_rooms()
+            .await
+            .map_err(internal)?;
+        let total = listed.len();
+        let term = query
+            .search_term
+            .as_deref()
+            .map(str::trim)
+            .filter(|term| !term.is_empty())
+            .map(str::to_lowercase);
+        let (rooms, matched) = if term.is_some() || query.room_types.is_some() {
+            let mut rooms = Vec::with_capacity(listed.len());
+            for (room_id, joined) in listed {
+                rooms.push(self.published_room(room_id, joined).await?);
+            }
+            rooms.retain(|room| {
+                term.as_deref().is_none_or(|term| room.matches(term))
+                    && query
+                        .room_types
+                        .as_ref()
+                        .is_none_or(|types| types.contains(&room.room_type))
+            });
+            let matched = rooms.len();
+            let page = rooms.into_iter().skip(offset).take(limit).collect();
+            (page, matched)
+        } else {
+            let mut page = Vec::with_capacity(limit.min(total));
+            for (room_id, joined) in listed.into_iter().skip(offset).take(limit) {
+                page.push(self.published_room(room_id, joined).await?);
+            }
+            (page, total)
+        };
+        let end = offset + rooms.len();
+        Ok(PublishedRoomsPage {
+            chunk: rooms,
+            next_batch: (end < matched).then(|| page_token(end)),
+            prev_batch: (offset > 0).then(|| page_token(offset.saturating_sub(limit))),
+            total_room_count_estimate: i64::try_from(matched).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// A published room's entry, from its current state.
+    async fn published_room(&self, room_id: String, joined: i64) -> Result<PublishedRoom> {
+        let keys: Vec<(String, String)> = [
+            "m.room.create",
+            "m.room.name",
+            "m.room.topic",
+            "m.room.avatar",
+            "m.room.canonical_alias",
+            "m.room.join_rules",
+            "m.room.history_visibility",
+            "m.room.guest_access",
+        ]
+        .into_iter()
+        .map(|kind| (kind.to_owned(), String::new()))
+        .collect();
+        let state = self
+            .storage
+            .rooms
+            .current_state_entries(&room_id, &keys)
+            .await
+            .map_err(internal)?;
+        let text = async |kind: &str, field: &str| self.state_text(&state, kind, field).await;
+        Ok(PublishedRoom {
+            name: text("m.room.name", "name").await?,
+            topic: text("m.room.topic", "topic").await?,
+            avatar_url: text("m.room.avatar", "url").await?,
+            canonical_alias: text("m.room.canonical_alias", "alias").await?,
+            join_rule: text("m.room.join_rules", "join_rule").await?,
+            room_type: text("m.room.create", "type").await?,
+            world_readable: text("m.room.history_visibility", "history_visibility")
+                .await?
+                .as_deref()
+                == Some("world_readable"),
+            guest_can_join: text("m.room.guest_access", "guest_access")
+                .await?
+                .as_deref()
+                == Some("can_join"),
+            num_joined_members: joined,
+            room_id,
+        })
+    }
+}

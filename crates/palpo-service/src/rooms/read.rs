@@ -799,8 +799,9 @@ impl RoomService {
     }
 
     /// The room's current power levels as push rules read them, to tell whether a sender may
-    /// notify the whole room (`@room`); `None` for a room this server does not know, or whose
-    /// power levels cannot be read (no one may then notify the room).
+    /// notify the whole room (`@room`); `None` for a room this server does not know or whose
+    /// version it does not support, or whose power levels cannot be read (no one may then
+    /// notify the room).
     pub(crate) async fn push_power_levels(
         &self,
         room_id: &str,
@@ -814,9 +815,15 @@ impl RoomService {
         else {
             return Ok(None);
         };
-        let (_, rules) = room_version_rules(&room.room_version)?;
+        let Ok((_, rules)) = room_version_rules(&room.room_version) else {
+            return Ok(None);
+        };
         let state = self.power_state(room_id).await?;
-        let create = self.state_content(&state, "m.room.create", "").await?;
+        // Additional creators only count in the versions that privilege creators.
+        let create = match rules.authorization.explicitly_privilege_room_creators {
+            true => self.state_content(&state, "m.room.create", "").await?,
+            false => None,
+        };
         let additional = create
             .as_ref()
             .and_then(|c| c.get("additional_creators"))
@@ -853,6 +860,22 @@ impl RoomService {
             .state_content(&state, "m.room.power_levels", "")
             .await?
             .and_then(|levels| levels[key].as_i64())
+            .unwrap_or(default))
+    }
+
+    /// The level sending an event of `event_type` requires, by the power levels' `events`
+    /// (`default` when they do not name it).
+    pub(super) async fn power_needed_for_event(
+        &self,
+        room_id: &str,
+        event_type: &str,
+        default: i64,
+    ) -> Result<i64> {
+        let state = self.power_state(room_id).await?;
+        Ok(self
+            .state_content(&state, "m.room.power_levels", "")
+            .await?
+            .and_then(|levels| levels["events"][event_type].as_i64())
             .unwrap_or(default))
     }
 }

@@ -774,7 +774,7 @@ impl RoomService {
     }
 
     /// A string field of a current state event's content (`m.room.name` → `name`...).
-    async fn state_text(
+    pub(super) async fn state_text(
         &self,
         state: &StateMap,
         kind: &str,

@@ -1334,6 +1334,45 @@ impl RoomRepo for SqlStore {
         Ok(())
     }
 
+    async fn set_room_published(&self, room_id: &str, published: bool) -> Result<bool> {
+        // Found, changed or not: MySQL counts only the rows an update changed.
+        let found: i64 = on_pool!(
+            self.db.primary(),
+            "SELECT COUNT(*) FROM rooms WHERE room_id = ?",
+            |p, sql| { sqlx::query_scalar(sql).bind(room_id).fetch_one(p).await? }
+        );
+        if found == 0 {
+            return Ok(false);
+        }
+        on_pool!(
+            self.db.primary(),
+            "UPDATE rooms SET is_public = ? WHERE room_id = ?",
+            |p, sql| {
+                sqlx::query(sql)
+                    .bind(published)
+                    .bind(room_id)
+                    .execute(p)
+                    .await?
+                    .rows_affected()
+            }
+        );
+        Ok(true)
+    }
+
+    async fn published_rooms(&self) -> Result<Vec<(String, i64)>> {
+        let rows: Vec<(Text, i64)> = on_pool!(
+            self.db.fresh(),
+            "SELECT r.room_id, COUNT(m.user_id) AS joined FROM rooms r \
+             LEFT JOIN room_memberships m ON m.room_id = r.room_id AND m.membership = 'join' \
+             WHERE r.is_public = ? GROUP BY r.room_id ORDER BY joined DESC, r.room_id",
+            |p, sql| { sqlx::query_as(sql).bind(true).fetch_all(p).await? }
+        );
+        Ok(rows
+            .into_iter()
+            .map(|(room_id, joined)| (room_id.into(), joined))
+            .collect())
+    }
+
     async fn get_room(&self, room_id: &str) -> Result<Option<RoomRecord>> {
         let pool = self.db.fresh();
         let row: Option<(Text, Text, Text, bool, Option<i64>, i64, i64)> = on_pool!(
@@ -2037,15 +2076,19 @@ impl ProfileRepo for SqlStore {
         limit: i64,
     ) -> Result<Vec<DirectoryUser>> {
         // `!` escapes LIKE's wildcards in the term: a backslash means different things in
-        // MySQL's string literals and the others'.
+        // MySQL's string literals and the others'. The term is lowercased by the database,
+        // as the columns are, so that both sides fold case alike.
         let mut escaped = String::with_capacity(term.len() + 2);
-        for c in term.to_lowercase().chars() {
+        for c in term.chars() {
             if matches!(c, '!' | '%' | '_') {
                 escaped.push('!');
             }
             escaped.push(c);
         }
         let pattern = format!("%{escaped}%");
+        // Rooms whose members anyone may see: published in the directory, or whose current
+        // join rule is public or history world-readable (stored PDUs are canonical JSON, so
+        // the content's pair has this text).
         let rows: Vec<(Text, Option<Text>, Option<Text>)> = on_pool!(
             self.db.fresh(),
             "SELECT found.user_id, p.displayname, p.avatar_url FROM ( \
@@ -2055,11 +2098,20 @@ impl ProfileRepo for SqlStore {
                 UNION \
                 SELECT m.user_id FROM room_memberships m JOIN rooms r ON r.room_id = m.room_id \
                 WHERE r.is_public = ? AND m.membership = 'join' \
+                UNION \
+                SELECT m.user_id FROM room_memberships m \
+                JOIN room_current_state cs ON cs.room_id = m.room_id AND cs.state_key = '' \
+                JOIN events e ON e.event_id = cs.event_id \
+                WHERE m.membership = 'join' AND ( \
+                    (cs.event_type = 'm.room.join_rules' AND e.pdu_json LIKE '%\"join_rule\":\"public\"%') \
+                    OR (cs.event_type = 'm.room.history_visibility' \
+                        AND e.pdu_json LIKE '%\"history_visibility\":\"world_readable\"%')) \
              ) found \
              LEFT JOIN profiles p ON p.user_id = found.user_id \
              LEFT JOIN users u ON u.user_id = found.user_id \
              WHERE (u.is_deactivated IS NULL OR u.is_deactivated = ?) \
-             AND (LOWER(found.user_id) LIKE ? ESCAPE '!' OR LOWER(p.displayname) LIKE ? ESCAPE '!') \
+             AND (LOWER(found.user_id) LIKE LOWER(?) ESCAPE '!' \
+                  OR LOWER(p.displayname) LIKE LOWER(?) ESCAPE '!') \
              ORDER BY found.user_id LIMIT ?",
             |p, sql| {
                 sqlx::query_as(sql)
