@@ -1791,20 +1791,20 @@ async fn published_room_directory(app: &TestApp) {
         .await
         .expect_ok()
         .clone();
-    assert_eq!(ids(&page), [cooking.clone()]);
+    assert_eq!(ids(&page), [cooking.as_str()]);
     let next = page["next_batch"].as_str().expect("next_batch");
     let page = app
         .get(&format!("{public_rooms}?limit=1&since={}", enc(next)), None)
         .await
         .expect_ok()
         .clone();
-    assert_eq!(ids(&page), [space.clone()]);
+    assert_eq!(ids(&page), [space.as_str()]);
     assert!(page.get("next_batch").is_none(), "{page}");
     let prev = page["prev_batch"].as_str().expect("prev_batch");
     let back = app
         .get(&format!("{public_rooms}?limit=1&since={}", enc(prev)), None)
         .await;
-    assert_eq!(ids(back.expect_ok()), [cooking.clone()]);
+    assert_eq!(ids(back.expect_ok()), [cooking.as_str()]);
 
     // Filtered.
     let filtered = async |filter: Value| {
@@ -1815,11 +1815,11 @@ async fn published_room_directory(app: &TestApp) {
     };
     assert_eq!(
         filtered(json!({"generic_search_term": "RECIPES"})).await,
-        [cooking.clone()]
+        [cooking.as_str()]
     );
     assert_eq!(
         filtered(json!({"generic_search_term": "#cooking"})).await,
-        [cooking.clone()]
+        [cooking.as_str()]
     );
     assert!(
         filtered(json!({"generic_search_term": "sailing"}))
@@ -1828,13 +1828,45 @@ async fn published_room_directory(app: &TestApp) {
     );
     assert_eq!(
         filtered(json!({"room_types": [null]})).await,
-        [cooking.clone()]
+        [cooking.as_str()]
     );
     assert_eq!(
         filtered(json!({"room_types": ["m.space"]})).await,
-        [space.clone()]
+        [space.as_str()]
     );
     assert_eq!(filtered(json!({})).await.len(), 2);
+    assert_eq!(
+        filtered(json!({"room_types": []})).await.len(),
+        2,
+        "no filter"
+    );
+    let nothing = app.get(&format!("{public_rooms}?limit=0"), None).await;
+    assert_eq!(ids(nothing.expect_ok()), Vec::<String>::new());
+    assert!(
+        nothing.expect_ok().get("next_batch").is_none(),
+        "{}",
+        nothing.text
+    );
+
+    // A redacted topic is gone from the directory too.
+    let state = app
+        .get(&app.room_path(&cooking, "/state"), Some(a))
+        .await
+        .json;
+    let topic_id = state
+        .as_array()
+        .expect("state")
+        .iter()
+        .find(|event| event["type"] == "m.room.topic")
+        .and_then(|event| event["event_id"].as_str())
+        .expect("topic event")
+        .to_owned();
+    let redact = app.room_path(&cooking, &format!("/redact/{}/r1", enc(&topic_id)));
+    app.put(&redact, Some(a), json!({})).await.expect_ok();
+    let answer = app.get(public_rooms, None).await.expect_ok().clone();
+    assert_eq!(answer["chunk"][0]["room_id"], cooking.as_str());
+    assert!(answer["chunk"][0].get("topic").is_none(), "{answer}");
+    assert_eq!(answer["chunk"][0]["name"], "Cooking Club");
 
     // Listing and unlisting: Bob (0) may not; Alice may.
     app.put(&list(&cooking), Some(b), json!({"visibility": "private"}))
@@ -1886,6 +1918,10 @@ async fn published_room_directory(app: &TestApp) {
     )
     .await
     .expect_error(400, "M_BAD_JSON");
+    let both = json!({"include_all_networks": true, "third_party_instance_id": "irc"});
+    app.post(public_rooms, Some(a), both)
+        .await
+        .expect_error(400, "M_INVALID_PARAM");
 }
 
 /// `POST /user_directory/search`: users sharing a room with the searcher and members of
@@ -1931,6 +1967,17 @@ async fn user_directory(app: &TestApp) {
         json!({"preset": "private_chat", "initial_state": [world_readable]}),
     )
     .await;
+    // Henry's room only looks public to a text search: its join rule is `invite`.
+    let henry = app.register("henry", "pw").await;
+    let disguised = json!({
+        "type": "m.room.join_rules", "state_key": "",
+        "content": {"join_rule": "invite", "x": {"join_rule": "public"}},
+    });
+    app.create_room(
+        &henry.access_token,
+        json!({"preset": "private_chat", "initial_state": [disguised]}),
+    )
+    .await;
     app.set_displayname(&bob, "Bobby Tables").await;
     app.set_displayname(&dave, "Dåve_100%").await;
 
@@ -1958,26 +2005,27 @@ async fn user_directory(app: &TestApp) {
         answer["results"][0]["display_name"], "Bobby Tables",
         "{answer}"
     );
-    assert_eq!(found("bob").await, [bob.user_id.clone()]);
+    assert_eq!(found("bob").await, [bob.user_id.as_str()]);
     assert_eq!(
         found("carol").await,
-        [carol.user_id.clone()],
+        [carol.user_id.as_str()],
         "in a published room"
     );
     assert!(found("erin").await.is_empty(), "shares no room with Alice");
+    assert!(found("henry").await.is_empty(), "in an invite-only room");
     assert_eq!(
         found("frank").await,
-        [frank.user_id.clone()],
+        [frank.user_id.as_str()],
         "in a public room"
     );
     assert_eq!(
         found("grace").await,
-        [grace.user_id.clone()],
+        [grace.user_id.as_str()],
         "in a world-readable room"
     );
     // `%` and `_` are themselves, not wildcards.
-    assert_eq!(found("e_1").await, [dave.user_id.clone()]);
-    assert_eq!(found("100%").await, [dave.user_id.clone()]);
+    assert_eq!(found("e_1").await, [dave.user_id.as_str()]);
+    assert_eq!(found("100%").await, [dave.user_id.as_str()]);
     assert!(found("%").await.len() == 1 && found("_").await.len() == 1);
     assert!(found("b!b").await.is_empty());
 

@@ -316,6 +316,12 @@ impl DirectoryApi {
     ) -> ApiResult<Json<PublicRoomsResponse>> {
         check_server(&state, server.0.as_deref())?;
         let request = body.0;
+        if request.third_party_instance_id.is_some() && request.include_all_networks == Some(true) {
+            return Err(Error::invalid_param(
+                "third_party_instance_id cannot be used with include_all_networks",
+            )
+            .into());
+        }
         if request.third_party_instance_id.is_some() {
             // No application service networks here: none of their rooms to list.
             return Ok(Json(PublishedRoomsPage::default().into()));

@@ -431,15 +431,16 @@ impl RoomService {
             .map(str::trim)
             .filter(|term| !term.is_empty())
             .map(str::to_lowercase);
-        let (rooms, matched) = if term.is_some() || query.room_types.is_some() {
+        // An empty list of room types filters nothing (as Synapse reads it).
+        let room_types = query.room_types.filter(|types| !types.is_empty());
+        let (rooms, matched) = if term.is_some() || room_types.is_some() {
             let mut rooms = Vec::with_capacity(listed.len());
             for (room_id, joined) in listed {
                 rooms.push(self.published_room(room_id, joined).await?);
             }
             rooms.retain(|room| {
                 term.as_deref().is_none_or(|term| room.matches(term))
-                    && query
-                        .room_types
+                    && room_types
                         .as_ref()
                         .is_none_or(|types| types.contains(&room.room_type))
             });
@@ -455,8 +456,9 @@ impl RoomService {
         };
         let end = offset + rooms.len();
         Ok(PublishedRoomsPage {
+            // Never where this page started: a client following it would loop (`limit` 0).
+            next_batch: (end < matched && end > offset).then(|| page_token(end)),
             chunk: rooms,
-            next_batch: (end < matched).then(|| page_token(end)),
             prev_batch: (offset > 0).then(|| page_token(offset.saturating_sub(limit))),
             total_room_count_estimate: i64::try_from(matched).unwrap_or(i64::MAX),
         })
@@ -489,7 +491,13 @@ impl RoomService {
             topic: text("m.room.topic", "topic").await?,
             avatar_url: text("m.room.avatar", "url").await?,
             canonical_alias: text("m.room.canonical_alias", "alias").await?,
-            join_rule: text("m.room.join_rules", "join_rule").await?,
+            // Without a join rules event no one may join: said, as an absent rule reads
+            // as public.
+            join_rule: Some(
+                text("m.room.join_rules", "join_rule")
+                    .await?
+                    .unwrap_or_else(|| "invite".to_owned()),
+            ),
             room_type: text("m.room.create", "type").await?,
             world_readable: text("m.room.history_visibility", "history_visibility")
                 .await?

@@ -155,7 +155,17 @@ impl RoomService {
             return Ok(None);
         };
         let event = self.storage.rooms.get_event(id).await.map_err(internal)?;
-        Ok(event.as_ref().and_then(event_content))
+        let Some(event) = event else {
+            return Ok(None);
+        };
+        if event.redacted_by.is_none() {
+            return Ok(event_content(&event));
+        }
+        // Redacted: what the room version's redaction leaves of it (a join rule, a history
+        // visibility), never the name or topic it had.
+        let rules = self.room_rules(&event.room_id).await?;
+        let mut client = Self::to_client(rules.as_ref(), &event);
+        Ok(client.get_mut("content").map(Value::take))
     }
 
     pub(super) async fn history_visibility(&self, state: &StateMap) -> Result<String> {

@@ -7,7 +7,7 @@ use futures::future::try_join_all;
 
 use super::{ROOMS_PER_UNION, SqlStore, per_room_union, placeholders};
 use crate::{
-    db::{ArrayBind, Bind, DeferredWrites, LockTurn, RoomWriteLock, Text, Tx},
+    db::{ArrayBind, Backend, Bind, DeferredWrites, LockTurn, RoomWriteLock, Text, Tx},
     error::{Result, StorageError},
     model::{
         AliasRecord, Direction, DirectoryUser, EventRecord, MembershipRecord, NewEvent, NewRoom,
@@ -2023,6 +2023,17 @@ impl AliasRepo for SqlStore {
     }
 }
 
+/// SQL for the text at `content.<field>` of a stored PDU (`pdu`, a column of JSON text):
+/// each dialect reads JSON its own way. A text search of the JSON could also match the
+/// field nested elsewhere in the event.
+fn pdu_content_text(backend: Backend, pdu: &str, field: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("(({pdu})::jsonb -> 'content' ->> '{field}')"),
+        Backend::MySql => format!("JSON_UNQUOTE(JSON_EXTRACT({pdu}, '$.content.{field}'))"),
+        Backend::Sqlite => format!("json_extract({pdu}, '$.content.{field}')"),
+    }
+}
+
 #[async_trait]
 impl ProfileRepo for SqlStore {
     async fn get_profile(&self, user_id: &str) -> Result<Option<ProfileRecord>> {
@@ -2087,10 +2098,11 @@ impl ProfileRepo for SqlStore {
         }
         let pattern = format!("%{escaped}%");
         // Rooms whose members anyone may see: published in the directory, or whose current
-        // join rule is public or history world-readable (stored PDUs are canonical JSON, so
-        // the content's pair has this text).
-        let rows: Vec<(Text, Option<Text>, Option<Text>)> = on_pool!(
-            self.db.fresh(),
+        // join rule is public or history world-readable.
+        let backend = self.db.backend();
+        let join_rule = pdu_content_text(backend, "e.pdu_json", "join_rule");
+        let visibility = pdu_content_text(backend, "e.pdu_json", "history_visibility");
+        let query = format!(
             "SELECT found.user_id, p.displayname, p.avatar_url FROM ( \
                 SELECT theirs.user_id FROM room_memberships mine \
                 JOIN room_memberships theirs ON theirs.room_id = mine.room_id \
@@ -2099,21 +2111,23 @@ impl ProfileRepo for SqlStore {
                 SELECT m.user_id FROM room_memberships m JOIN rooms r ON r.room_id = m.room_id \
                 WHERE r.is_public = ? AND m.membership = 'join' \
                 UNION \
-                SELECT m.user_id FROM room_memberships m \
-                JOIN room_current_state cs ON cs.room_id = m.room_id AND cs.state_key = '' \
+                SELECT m.user_id FROM room_current_state cs \
                 JOIN events e ON e.event_id = cs.event_id \
-                WHERE m.membership = 'join' AND ( \
-                    (cs.event_type = 'm.room.join_rules' AND e.pdu_json LIKE '%\"join_rule\":\"public\"%') \
+                JOIN room_memberships m ON m.room_id = cs.room_id AND m.membership = 'join' \
+                WHERE cs.state_key = '' AND ( \
+                    (cs.event_type = 'm.room.join_rules' AND {join_rule} = 'public') \
                     OR (cs.event_type = 'm.room.history_visibility' \
-                        AND e.pdu_json LIKE '%\"history_visibility\":\"world_readable\"%')) \
+                        AND {visibility} = 'world_readable')) \
              ) found \
              LEFT JOIN profiles p ON p.user_id = found.user_id \
              LEFT JOIN users u ON u.user_id = found.user_id \
              WHERE (u.is_deactivated IS NULL OR u.is_deactivated = ?) \
              AND (LOWER(found.user_id) LIKE LOWER(?) ESCAPE '!' \
                   OR LOWER(p.displayname) LIKE LOWER(?) ESCAPE '!') \
-             ORDER BY found.user_id LIMIT ?",
-            |p, sql| {
+             ORDER BY found.user_id LIMIT ?"
+        );
+        let rows: Vec<(Text, Option<Text>, Option<Text>)> =
+            on_pool!(self.db.fresh(), &query, |p, sql| {
                 sqlx::query_as(sql)
                     .bind(searcher)
                     .bind(true)
@@ -2123,8 +2137,7 @@ impl ProfileRepo for SqlStore {
                     .bind(limit)
                     .fetch_all(p)
                     .await?
-            }
-        );
+            });
         Ok(rows
             .into_iter()
             .map(|(user_id, displayname, avatar_url)| DirectoryUser {
