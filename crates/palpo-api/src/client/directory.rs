@@ -47,32 +47,38 @@ pub struct DirectoryVisibility {
 #[derive(Debug, Object)]
 pub struct SetRoomVisibilityRequest {
     /// `public` or `private`; `public` when absent.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub visibility: Option<String>,
 }
 
 #[derive(Debug, Object)]
 pub struct PublicRoomsFilter {
     /// Looked for in the rooms' names, topics, canonical aliases and ids (any case).
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub generic_search_term: Option<String>,
     /// Room types to list; `null` in the list stands for rooms without a type.
-    #[oai(deserialize_with = "crate::strict::optional_nullable_string_list")]
+    #[oai(
+        deserialize_with = "crate::strict::optional_nullable_string_list",
+        nullable
+    )]
     pub room_types: Option<Vec<Option<String>>>,
 }
 
 #[derive(Debug, Object)]
 pub struct PublicRoomsRequest {
     /// Most rooms to answer (100 when absent, at most 500).
+    #[oai(nullable)]
     pub limit: Option<i64>,
     /// A `next_batch` or `prev_batch` of an earlier answer.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub since: Option<String>,
+    #[oai(nullable)]
     pub filter: Option<PublicRoomsFilter>,
     /// Application services' networks: this server has none, so it changes nothing.
+    #[oai(nullable)]
     pub include_all_networks: Option<bool>,
     /// An application service network: this server has none, so nothing is listed.
-    #[oai(deserialize_with = "crate::strict::optional_string")]
+    #[oai(deserialize_with = "crate::strict::optional_string", nullable)]
     pub third_party_instance_id: Option<String>,
 }
 

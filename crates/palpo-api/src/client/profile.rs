@@ -30,6 +30,7 @@ pub struct UserDirectorySearchRequest {
     #[oai(deserialize_with = "crate::strict::string")]
     pub search_term: String,
     /// Most users to answer: 10 when absent, at most 50.
+    #[oai(nullable)]
     pub limit: Option<i64>,
 }
 
