@@ -20,6 +20,20 @@ const DEFAULT_DIRECTORY_RESULTS: i64 = 10;
 pub const MAX_DIRECTORY_RESULTS: i64 = 50;
 
 impl RoomService {
+    /// 403 `M_FORBIDDEN` with `refusal` unless `user` is joined to the room.
+    async fn check_joined(&self, room_id: &str, user: &str, refusal: &str) -> Result<()> {
+        let membership = self
+            .storage
+            .rooms
+            .membership(room_id, user)
+            .await
+            .map_err(internal)?;
+        if membership.as_ref().is_none_or(|m| m.membership != "join") {
+            return Err(Error::forbidden(refusal));
+        }
+        Ok(())
+    }
+
     fn check_local_alias(&self, alias: &str) -> Result<()> {
         let (local, server) = alias
             .strip_prefix('#')
@@ -37,17 +51,8 @@ impl RoomService {
     /// `PUT /directory/room/{roomAlias}`: the creator must be joined to the room.
     pub async fn create_alias(&self, user: &str, alias: &str, room_id: &str) -> Result<()> {
         self.check_local_alias(alias)?;
-        let membership = self
-            .storage
-            .rooms
-            .membership(room_id, user)
-            .await
-            .map_err(internal)?;
-        if membership.as_ref().is_none_or(|m| m.membership != "join") {
-            return Err(Error::forbidden(
-                "You must be joined to the room to alias it",
-            ));
-        }
+        self.check_joined(room_id, user, "You must be joined to the room to alias it")
+            .await?;
         self.storage
             .aliases
             .create_alias(&AliasRecord {
@@ -367,20 +372,14 @@ impl RoomService {
         {
             return Err(Error::not_found("Room not found"));
         }
-        let membership = self
-            .storage
-            .rooms
-            .membership(room_id, user)
-            .await
-            .map_err(internal)?;
-        if membership.as_ref().is_none_or(|m| m.membership != "join") {
-            return Err(Error::forbidden(
-                "You must be joined to the room to publish it",
-            ));
-        }
-        let state_default = self.power_needed(room_id, "state_default", 50).await?;
+        self.check_joined(
+            room_id,
+            user,
+            "You must be joined to the room to publish it",
+        )
+        .await?;
         let needed = self
-            .power_needed_for_event(room_id, "m.room.canonical_alias", state_default)
+            .power_needed_for_state(room_id, "m.room.canonical_alias")
             .await?;
         if self.power_of(room_id, user).await? < needed {
             return Err(Error::forbidden(

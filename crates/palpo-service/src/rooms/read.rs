@@ -873,20 +873,22 @@ impl RoomService {
             .unwrap_or(default))
     }
 
-    /// The level sending an event of `event_type` requires, by the power levels' `events`
-    /// (`default` when they do not name it).
-    pub(super) async fn power_needed_for_event(
+    /// The level sending a state event of `event_type` requires: the power levels' `events`
+    /// entry for it, else their `state_default`, else 50.
+    pub(super) async fn power_needed_for_state(
         &self,
         room_id: &str,
         event_type: &str,
-        default: i64,
     ) -> Result<i64> {
         let state = self.power_state(room_id).await?;
-        Ok(self
+        let levels = self
             .state_content(&state, "m.room.power_levels", "")
             .await?
-            .and_then(|levels| levels["events"][event_type].as_i64())
-            .unwrap_or(default))
+            .unwrap_or_default();
+        Ok(levels["events"][event_type]
+            .as_i64()
+            .or_else(|| levels["state_default"].as_i64())
+            .unwrap_or(50))
     }
 }
 
