@@ -168,17 +168,9 @@ impl EphemeralService {
     }
 
     async fn require_joined(&self, user: &str, room_id: &str) -> Result<()> {
-        let membership = self
-            .storage
-            .rooms
-            .membership(room_id, user)
+        self.rooms
+            .check_joined(room_id, user, "You are not joined to this room")
             .await
-            .map_err(internal)?;
-        if membership.is_some_and(|m| m.membership == "join") {
-            Ok(())
-        } else {
-            Err(Error::forbidden("You are not joined to this room"))
-        }
     }
 
     // -----------------------------------------------------------------------------------------

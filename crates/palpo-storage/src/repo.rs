@@ -77,9 +77,9 @@ pub trait RoomRepo: Send + Sync {
     async fn create_room(&self, room: &NewRoom) -> Result<()>;
     /// The room as the primary sees it (event creation builds on it).
     async fn get_room(&self, room_id: &str) -> Result<Option<RoomRecord>>;
-    /// Publishes the room in the room directory (`is_public`), or takes it out; `false` for
-    /// a room that does not exist.
-    async fn set_room_published(&self, room_id: &str, published: bool) -> Result<bool>;
+    /// Publishes the room in the room directory (`is_public`), or takes it out (nothing for
+    /// a room that does not exist).
+    async fn set_room_published(&self, room_id: &str, published: bool) -> Result<()>;
     /// The rooms published in the room directory, each with its joined member count: the
     /// most joined first, then by room id.
     async fn published_rooms(&self) -> Result<Vec<(String, i64)>>;

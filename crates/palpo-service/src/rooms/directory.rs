@@ -21,7 +21,12 @@ pub const MAX_DIRECTORY_RESULTS: i64 = 50;
 
 impl RoomService {
     /// 403 `M_FORBIDDEN` with `refusal` unless `user` is joined to the room.
-    async fn check_joined(&self, room_id: &str, user: &str, refusal: &str) -> Result<()> {
+    pub(crate) async fn check_joined(
+        &self,
+        room_id: &str,
+        user: &str,
+        refusal: &str,
+    ) -> Result<()> {
         let membership = self
             .storage
             .rooms
@@ -386,16 +391,11 @@ impl RoomService {
                 "Your power level is too low to publish the room",
             ));
         }
-        let found = self
-            .storage
+        self.storage
             .rooms
             .set_room_published(room_id, published)
             .await
-            .map_err(internal)?;
-        if !found {
-            return Err(Error::not_found("Room not found"));
-        }
-        Ok(())
+            .map_err(internal)
     }
 
     /// `GET`/`POST /publicRooms`: the published rooms, the most joined first, a page at a time.
@@ -484,27 +484,29 @@ impl RoomService {
             .current_state_entries(&room_id, &keys)
             .await
             .map_err(internal)?;
-        let text = async |kind: &str, field: &str| self.state_text(&state, kind, field).await;
+        // One read for all of them.
+        let contents = self.state_contents(&state).await?;
+        let text = |kind: &str, field: &str| {
+            contents
+                .get(&(kind.to_owned(), String::new()))
+                .and_then(|content| content.get(field))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
         Ok(PublishedRoom {
-            name: text("m.room.name", "name").await?,
-            topic: text("m.room.topic", "topic").await?,
-            avatar_url: text("m.room.avatar", "url").await?,
-            canonical_alias: text("m.room.canonical_alias", "alias").await?,
+            name: text("m.room.name", "name"),
+            topic: text("m.room.topic", "topic"),
+            avatar_url: text("m.room.avatar", "url"),
+            canonical_alias: text("m.room.canonical_alias", "alias"),
             // Without a join rules event no one may join: said, as an absent rule reads
             // as public.
             join_rule: Some(
-                text("m.room.join_rules", "join_rule")
-                    .await?
-                    .unwrap_or_else(|| "invite".to_owned()),
+                text("m.room.join_rules", "join_rule").unwrap_or_else(|| "invite".to_owned()),
             ),
-            room_type: text("m.room.create", "type").await?,
-            world_readable: text("m.room.history_visibility", "history_visibility")
-                .await?
-                .as_deref()
+            room_type: text("m.room.create", "type"),
+            world_readable: text("m.room.history_visibility", "history_visibility").as_deref()
                 == Some("world_readable"),
-            guest_can_join: text("m.room.guest_access", "guest_access")
-                .await?
-                .as_deref()
+            guest_can_join: text("m.room.guest_access", "guest_access").as_deref()
                 == Some("can_join"),
             num_joined_members: joined,
             room_id,

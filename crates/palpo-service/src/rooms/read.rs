@@ -155,16 +155,46 @@ impl RoomService {
             return Ok(None);
         };
         let event = self.storage.rooms.get_event(id).await.map_err(internal)?;
-        let Some(event) = event else {
-            return Ok(None);
-        };
-        if event.redacted_by.is_none() {
-            return Ok(event_content(&event));
+        match event {
+            Some(event) => self.content_as_seen(&event).await,
+            None => Ok(None),
         }
-        // Redacted: what the room version's redaction leaves of it (a join rule, a history
-        // visibility), never the name or topic it had.
+    }
+
+    /// The contents of several state events of a state map, read at once, by (type, state
+    /// key); entries whose event is missing are left out.
+    pub(super) async fn state_contents(
+        &self,
+        state: &StateMap,
+    ) -> Result<HashMap<(String, String), Value>> {
+        let ids: Vec<String> = state.values().cloned().collect();
+        let events = self
+            .storage
+            .rooms
+            .get_events(&ids)
+            .await
+            .map_err(internal)?;
+        let mut by_id: HashMap<&str, Value> = HashMap::with_capacity(events.len());
+        for event in &events {
+            if let Some(content) = self.content_as_seen(event).await? {
+                by_id.insert(event.event_id.as_str(), content);
+            }
+        }
+        Ok(state
+            .iter()
+            .filter_map(|(key, id)| Some((key.clone(), by_id.remove(id.as_str())?)))
+            .collect())
+    }
+
+    /// A stored event's content as clients see it: once redacted, what the room version's
+    /// redaction leaves of it (a join rule, a history visibility), never the name or topic
+    /// it had.
+    async fn content_as_seen(&self, event: &EventRecord) -> Result<Option<Value>> {
+        if event.redacted_by.is_none() {
+            return Ok(event_content(event));
+        }
         let rules = self.room_rules(&event.room_id).await?;
-        let mut client = Self::to_client(rules.as_ref(), &event);
+        let mut client = Self::to_client(rules.as_ref(), event);
         Ok(client.get_mut("content").map(Value::take))
     }
 

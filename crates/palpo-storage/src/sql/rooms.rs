@@ -1334,16 +1334,7 @@ impl RoomRepo for SqlStore {
         Ok(())
     }
 
-    async fn set_room_published(&self, room_id: &str, published: bool) -> Result<bool> {
-        // Found, changed or not: MySQL counts only the rows an update changed.
-        let found: i64 = on_pool!(
-            self.db.primary(),
-            "SELECT COUNT(*) FROM rooms WHERE room_id = ?",
-            |p, sql| { sqlx::query_scalar(sql).bind(room_id).fetch_one(p).await? }
-        );
-        if found == 0 {
-            return Ok(false);
-        }
+    async fn set_room_published(&self, room_id: &str, published: bool) -> Result<()> {
         on_pool!(
             self.db.primary(),
             "UPDATE rooms SET is_public = ? WHERE room_id = ?",
@@ -1356,7 +1347,7 @@ impl RoomRepo for SqlStore {
                     .rows_affected()
             }
         );
-        Ok(true)
+        Ok(())
     }
 
     async fn published_rooms(&self) -> Result<Vec<(String, i64)>> {
